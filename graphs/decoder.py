@@ -1,0 +1,115 @@
+"""The LLM decoder (InternLM2, Llama/Yi, Qwen2) with paged-KV prefill and decode steps.
+
+All three backbones share one structure once InternLM2's packed wqkv is unpacked at load
+time: RMSNorm, GQA attention with RoPE (Qwen2: q/k/v bias), SwiGLU MLP, untied head.
+Linears are tensor-parallel aware (graphs/parallel.py); with world size 1 they are plain.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import paged_decode_attention, prefill_attention, write_kv
+from .config import LLMConfig
+from .norm import RMSNorm
+from .parallel import (SINGLE, ColumnParallelLinear, ParallelLMHead, RowParallelLinear, TPInfo,
+                       VocabParallelEmbedding)
+from .rotary import RotaryEmbedding, apply_rotary, rope_inv_freq
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer: int, tp: TPInfo):
+        super().__init__()
+        self.layer = layer
+        d = cfg.head_dim
+        self.heads = tp.shard(cfg.num_heads, "num_heads")
+        # KV heads are replicated when there are fewer of them than ranks.
+        self.kv_heads = max(1, cfg.num_kv_heads // tp.world_size)
+        self.head_dim, self.scale = d, d ** -0.5
+        self.q_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * d, cfg.qkv_bias, tp)
+        kv_tp = tp if cfg.num_kv_heads >= tp.world_size else SINGLE
+        kv_out = cfg.num_kv_heads * d if kv_tp is tp else d
+        self.k_proj = ColumnParallelLinear(cfg.hidden_size, kv_out, cfg.qkv_bias, kv_tp)
+        self.v_proj = ColumnParallelLinear(cfg.hidden_size, kv_out, cfg.qkv_bias, kv_tp)
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, False, tp)
+
+    def qkv(self, x, cos, sin):
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def prefill(self, x, cos, sin, slot_mapping, k_cache, v_cache):
+        q, k, v = self.qkv(x, cos, sin)
+        write_kv(k_cache, self.layer, slot_mapping, k)
+        write_kv(v_cache, self.layer, slot_mapping, v)
+        out = prefill_attention(q, k, v, self.scale)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+    def decode(self, x, cos, sin, slot_mapping, block_tables, context_lens, k_cache, v_cache):
+        q, k, v = self.qkv(x, cos, sin)
+        write_kv(k_cache, self.layer, slot_mapping, k)
+        write_kv(v_cache, self.layer, slot_mapping, v)
+        out = paged_decode_attention(q, k_cache, v_cache, self.layer, block_tables, context_lens, self.scale)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LLMConfig, tp: TPInfo):
+        super().__init__()
+        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, False, tp)
+        self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, False, tp)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer: int, tp: TPInfo):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer, tp)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, tp)
+
+
+class LanguageModel(nn.Module):
+    """Token ids (+ image embeddings) -> last-position logits, K/V written to the paged pool."""
+
+    def __init__(self, cfg: LLMConfig, tp: TPInfo = SINGLE, max_seq_len: int = 0):
+        super().__init__()
+        self.cfg, self.tp = cfg, tp
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tp)
+        self.rotary = RotaryEmbedding(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                                    cfg.max_position_embeddings,
+                                                    max_seq_len or cfg.max_position_embeddings))
+
+    def embed(self, input_ids, image_embeds=None, image_mask=None):
+        x = self.embed_tokens(input_ids)
+        if image_embeds is not None:
+            x = torch.where(image_mask[:, None], image_embeds.to(x.dtype), x)
+        return x
+
+    def prefill(self, input_ids, positions, image_embeds, image_mask, slot_mapping, last_index,
+                k_cache, v_cache):
+        x = self.embed(input_ids, image_embeds, image_mask)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.layers:
+            x = x + layer.self_attn.prefill(layer.input_layernorm(x), cos, sin, slot_mapping, k_cache, v_cache)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.norm(x.index_select(0, last_index)))
+
+    def decode(self, input_ids, positions, slot_mapping, block_tables, context_lens, k_cache, v_cache):
+        x = self.embed(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.layers:
+            x = x + layer.self_attn.decode(layer.input_layernorm(x), cos, sin, slot_mapping, block_tables,
+                                           context_lens, k_cache, v_cache)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.norm(x))
