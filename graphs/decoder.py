@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import paged_decode_attention, prefill_attention, write_kv
+from .attention import paged_attention, write_kv
 from .config import LLMConfig
 from .norm import RMSNorm
 from .parallel import (SINGLE, ColumnParallelLinear, ParallelLMHead, RowParallelLinear, TPInfo,
@@ -34,26 +34,17 @@ class Attention(nn.Module):
         self.v_proj = ColumnParallelLinear(cfg.hidden_size, kv_out, cfg.qkv_bias, kv_tp)
         self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, False, tp)
 
-    def qkv(self, x, cos, sin):
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
-
-    def prefill(self, x, cos, sin, slot_mapping, k_cache, v_cache):
-        q, k, v = self.qkv(x, cos, sin)
+    def forward(self, x, cos, sin, positions, slot_mapping, block_tables, k_cache, v_cache):
+        """x [B, T, hidden] -> [B, T, hidden]; this step's K/V land in the cache first."""
+        b, t, _ = x.shape
+        q = apply_rotary(self.q_proj(x).view(b * t, self.heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(b * t, self.kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(b * t, self.kv_heads, self.head_dim)
         write_kv(k_cache, self.layer, slot_mapping, k)
         write_kv(v_cache, self.layer, slot_mapping, v)
-        out = prefill_attention(q, k, v, self.scale)
-        return self.o_proj(out.reshape(x.shape[0], -1))
-
-    def decode(self, x, cos, sin, slot_mapping, block_tables, context_lens, k_cache, v_cache):
-        q, k, v = self.qkv(x, cos, sin)
-        write_kv(k_cache, self.layer, slot_mapping, k)
-        write_kv(v_cache, self.layer, slot_mapping, v)
-        out = paged_decode_attention(q, k_cache, v_cache, self.layer, block_tables, context_lens, self.scale)
-        return self.o_proj(out.reshape(x.shape[0], -1))
+        out = paged_attention(q.view(b, t, self.heads, self.head_dim), k_cache, v_cache, self.layer,
+                              block_tables, positions, self.scale)
+        return self.o_proj(out.reshape(b, t, -1))
 
 
 class MLP(nn.Module):
@@ -96,20 +87,25 @@ class LanguageModel(nn.Module):
             x = torch.where(image_mask[:, None], image_embeds.to(x.dtype), x)
         return x
 
-    def prefill(self, input_ids, positions, image_embeds, image_mask, slot_mapping, last_index,
-                k_cache, v_cache):
-        x = self.embed(input_ids, image_embeds, image_mask)
-        cos, sin = self.rotary(positions, x.dtype)
+    def forward(self, x, positions, slot_mapping, block_tables, k_cache, v_cache):
+        """x [B, T, hidden] embeddings at positions [B, T] -> final hidden states [B, T, hidden]."""
+        cos, sin = self.rotary(positions.reshape(-1), x.dtype)
+        flat_slots = slot_mapping.reshape(-1)
         for layer in self.layers:
-            x = x + layer.self_attn.prefill(layer.input_layernorm(x), cos, sin, slot_mapping, k_cache, v_cache)
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, positions, flat_slots, block_tables,
+                                    k_cache, v_cache)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.norm(x.index_select(0, last_index)))
+        return x
 
-    def decode(self, input_ids, positions, slot_mapping, block_tables, context_lens, k_cache, v_cache):
-        x = self.embed(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
-        for layer in self.layers:
-            x = x + layer.self_attn.decode(layer.input_layernorm(x), cos, sin, slot_mapping, block_tables,
-                                           context_lens, k_cache, v_cache)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.norm(x))
+    def prefill(self, input_ids, positions, image_embeds, image_mask, slot_mapping, block_table, last_index,
+                k_cache, v_cache):
+        """One chunk of one sequence: [T] tokens -> logits [1, V] of the token at last_index."""
+        x = self.embed(input_ids, image_embeds, image_mask)[None]
+        h = self(x, positions[None], slot_mapping[None], block_table, k_cache, v_cache)[0]
+        return self.lm_head(self.norm(h.index_select(0, last_index)))
+
+    def decode(self, input_ids, positions, slot_mapping, block_tables, k_cache, v_cache):
+        """One token for each of B sequences -> logits [B, V]."""
+        x = self.embed(input_ids)[:, None]
+        h = self(x, positions[:, None], slot_mapping[:, None], block_tables, k_cache, v_cache)[:, 0]
+        return self.lm_head(self.norm(h))

@@ -43,9 +43,10 @@ class PrefillStage(nn.Module):
         super().__init__()
         self.language_model = model.language_model
 
-    def forward(self, input_ids, positions, image_embeds, image_mask, slot_mapping, last_index, k_cache, v_cache):
+    def forward(self, input_ids, positions, image_embeds, image_mask, slot_mapping, block_table, last_index,
+                k_cache, v_cache):
         return self.language_model.prefill(input_ids, positions, image_embeds, image_mask, slot_mapping,
-                                           last_index, k_cache, v_cache)
+                                           block_table, last_index, k_cache, v_cache)
 
 
 class DecodeStage(nn.Module):
@@ -53,9 +54,8 @@ class DecodeStage(nn.Module):
         super().__init__()
         self.language_model = model.language_model
 
-    def forward(self, input_ids, positions, slot_mapping, block_tables, context_lens, k_cache, v_cache):
-        return self.language_model.decode(input_ids, positions, slot_mapping, block_tables, context_lens,
-                                          k_cache, v_cache)
+    def forward(self, input_ids, positions, slot_mapping, block_tables, k_cache, v_cache):
+        return self.language_model.decode(input_ids, positions, slot_mapping, block_tables, k_cache, v_cache)
 
 
 def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], tp: TPInfo = SINGLE,

@@ -145,7 +145,7 @@ class Sampler:
             vocab = scores.shape[-1]
             ks = [min(k, vocab) for k in top_ks]
             kth = torch.topk(scores, max(ks), dim=-1).values           # sorted, descending
-            col = torch.tensor([k - 1 for k in ks], device=scores.device)
+            col = torch.tensor([max(k - 1, 0) for k in ks], device=scores.device)
             threshold = kth.gather(1, col[:, None])
             off = torch.tensor([k == 0 for k in top_ks], device=scores.device)
             threshold = threshold.masked_fill(off[:, None], float("-inf"))   # nothing is < -inf

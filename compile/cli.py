@@ -1,0 +1,114 @@
+"""internvl-compile: a checkpoint (or a registry model with random weights) -> an artifact.
+
+    internvl-compile --model internvl2-2b --weights /ckpt/InternVL2-2B --dtype bf16 --out artifacts/x
+    internvl-compile --model /ckpt/InternVL2-2B
+    internvl-compile --model internvl2-2b --weights random
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .buckets import Buckets
+
+
+def default_backend() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def find_checkpoint(name: str) -> Path:
+    """$INTERNVL_WEIGHTS/<name>, then the Hugging Face cache (offline); a clear error listing both."""
+    from .registry import registry_entry
+    looked = []
+    root = os.environ.get("INTERNVL_WEIGHTS")
+    if root:
+        cand = Path(root) / name
+        looked.append(str(cand))
+        if (cand / "config.json").is_file():
+            return cand
+    else:
+        looked.append("$INTERNVL_WEIGHTS/<name> ($INTERNVL_WEIGHTS is not set)")
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
+    try:
+        repo = registry_entry(name).hf_repo
+    except KeyError:
+        repo = None
+    if repo:
+        snaps = hub / f"models--{repo.replace('/', '--')}" / "snapshots"
+        looked.append(str(snaps / "*"))
+        for snap in sorted(snaps.glob("*")) if snaps.is_dir() else []:
+            if (snap / "config.json").is_file():
+                return snap
+    raise FileNotFoundError(f"no checkpoint for {name!r}; looked in: {'; '.join(looked)}. "
+                            f"Pass WEIGHTS=<checkpoint dir>, or WEIGHTS=random for a random-weight build")
+
+
+def resolve(model: str, weights: str | None, dtype: str, work: Path):
+    """-> (config, canonical weights, tokenizer dir, source description)."""
+    from .checkpoint import checkpoint_fingerprint, load_checkpoint, random_weights
+    from .registry import registry_config
+    from .spec import DTYPE_NAMES
+    from .pipeline import DTYPES
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"DTYPE must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    if weights == "random":
+        if Path(model).is_dir():
+            from .checkpoint import load_config
+            cfg = load_config(model)
+        else:
+            cfg = registry_config(model)
+        from .synthetic_tokenizer import write_synthetic_tokenizer
+        tok_dir = write_synthetic_tokenizer(cfg, work / "tokenizer")
+        return cfg, random_weights(cfg, DTYPES[dtype]), tok_dir, {"weights": "random", "model": model}
+    path = Path(weights) if weights else (Path(model) if Path(model).is_dir() else find_checkpoint(model))
+    cfg, state = load_checkpoint(path, dtype=DTYPES[dtype])
+    if not Path(model).is_dir():
+        cfg.name = model
+    return cfg, state, path, {"path": str(path.resolve()), "fingerprint": checkpoint_fingerprint(path)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="internvl-compile", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="registry name (e.g. internvl2-2b) or a checkpoint directory")
+    ap.add_argument("--weights", default=None, help="checkpoint directory, or 'random' for random weights")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--backend", default=None, choices=["cpu", "cuda", "npu"])
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--out", default=None, help="default: artifacts/<model>-tp<n>-<backend>-<dtype>")
+    ap.add_argument("--buckets", default=None,
+                    help="e.g. 'vision=1,4;prefill=64,512;batch=1,2,4,8;context=1024,4096;block_size=32'")
+    ap.add_argument("--passes", default=None, help="comma-separated pass names (default: all); 'none' for none")
+    args = ap.parse_args(argv)
+    backend = args.backend or default_backend()
+    if backend == "npu":
+        print("error: BACKEND=npu (torchair) is not implemented yet", file=sys.stderr)
+        return 2
+    name = Path(args.model).name if Path(args.model).is_dir() else args.model
+    out = Path(args.out or f"artifacts/{name}-tp{args.tp}-{backend}-{args.dtype}")
+    passes = None if args.passes is None else ([] if args.passes == "none" else args.passes.split(","))
+    try:
+        if args.tp != 1:
+            raise NotImplementedError(f"TP={args.tp}: tensor-parallel artifacts are not implemented yet; use TP=1")
+        buckets = Buckets.parse(args.buckets)
+        work = out.parent / f".{out.name}.work"
+        work.mkdir(parents=True, exist_ok=True)
+        cfg, weights, tok_dir, source = resolve(args.model, args.weights, args.dtype, work)
+        from .pipeline import compile_model
+        compile_model(cfg, weights, Path(tok_dir), out, buckets, dtype=args.dtype, backend=backend, tp=args.tp,
+                      source=source, passes=passes)
+    except (FileNotFoundError, ValueError, NotImplementedError, RuntimeError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import shutil
+        shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Known InternVL models: their real architecture, chat template and input defaults.
+
+`make compile MODEL=<name>` resolves a registry name here; `WEIGHTS=random` builds
+random weights from the same config. A real checkpoint's own config.json always wins
+over this table (see compile/checkpoint.py): the table only has to be right enough
+for the shapes, and it is, as far as public sources let us check.
+
+Sources (checked 2026 through the `search` tool, i.e. stored copies of public files):
+- InternVL2-8B and InternVL2-26B: full copies of the real config.json (llm_config and
+  vision_config, template, ps_version, select_layer, dynamic patch settings).
+- LLM layer counts of every InternVL2 size: OpenGVLab's `split_model` helper
+  (1B 24, 2B 24, 4B 32, 8B 32, 26B 48, 40B 60, 76B 80).
+- InternViT-6B-448px-V1-5 model card: 45 blocks ("InternViT-6B originally had 48 blocks
+  ... we simply discarded the last 3 blocks ... please make use of the features from
+  the last layer"). It is built on InternViT-6B-448px-V1-2, which already had those
+  45 blocks: the V1-2 fine-tune script uses `--vision_select_layer -1` with it.
+- OpenGVLab fine-tune scripts: templates (`Hermes-2` for 1B, 40B and V1-2,
+  `internlm2-chat` for V1-5/2B/8B/26B) and `--ps_version 'v2'` for 1B/40B/V1-5.
+- Yi-34B shape (60 layers, 7168 hidden, 56 heads, 8 KV heads, 20480 mlp, vocab 64000).
+- InternVLChatConfig defaults (ps_version 'v1', dynamic_image_size False, ...) for
+  configs, like InternVL-Chat-V1-2's, that omit a field.
+Everything else is from the base LLMs' published configs; a value marked UNVERIFIED
+below could not be checked against a stored copy of the real config.json.
+
+Added tokens: InternVL appends 9 tokens to the base tokenizer in this order:
+<img>, </img>, <IMG_CONTEXT>, <quad>, </quad>, <ref>, </ref>, <box>, </box>. So
+vocab_size = base tokenizer length + 9 and <IMG_CONTEXT> = base length + 2
+(InternLM2: 92544 + 2 = 92546, also what transformers' converter hard-codes;
+Qwen2: 151646 + 2 = 151648).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from internvl_aot.graphs.config import LLMConfig, ModelConfig, VisionConfig
+
+
+class UnsupportedModelError(ValueError):
+    """A model the registry knows but the compiler cannot build yet."""
+
+
+# ---------------------------------------------------------------- vision towers
+
+def intern_vit_300m() -> VisionConfig:
+    """InternViT-300M-448px (InternVL2-1B/2B/4B/8B). Verified: InternVL2-8B config.json."""
+    return VisionConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
+                        norm_type="layer_norm", qkv_bias=True, qk_normalization=False,
+                        layer_norm_eps=1e-6)
+
+
+def intern_vit_6b(num_layers: int = 45) -> VisionConfig:
+    """InternViT-6B-448px-V1-2 / V1-5 (45 of the original 48 blocks).
+
+    Verified for V1-5: InternVL2-26B config.json. V1-2: 45 blocks per the V1-5 model
+    card (V1-5 continues V1-2's pre-training and keeps its block count).
+    """
+    return VisionConfig(hidden_size=3200, num_layers=num_layers, num_heads=25, intermediate_size=12800,
+                        norm_type="rms_norm", qkv_bias=False, qk_normalization=True,
+                        layer_norm_eps=1e-6)
+
+
+# ---------------------------------------------------------------- language models
+
+def internlm2_chat_1_8b() -> LLMConfig:
+    # Shape: internlm2-chat-1_8b. UNVERIFIED against InternVL2-2B's own config.json:
+    # rope_scaling (dynamic, factor 2.0, as in the 8B's) and rms_norm_eps 1e-5.
+    return LLMConfig(arch="internlm2", vocab_size=92553, hidden_size=2048, num_layers=24,
+                     num_heads=16, num_kv_heads=8, intermediate_size=8192, rms_norm_eps=1e-5,
+                     rope_theta=1_000_000.0, rope_scaling={"type": "dynamic", "factor": 2.0},
+                     max_position_embeddings=32768)
+
+
+def internlm2_5_7b_chat() -> LLMConfig:
+    # Verified: InternVL2-8B config.json llm_config.
+    return LLMConfig(arch="internlm2", vocab_size=92553, hidden_size=4096, num_layers=32,
+                     num_heads=32, num_kv_heads=8, intermediate_size=14336, rms_norm_eps=1e-5,
+                     rope_theta=1_000_000.0, rope_scaling={"type": "dynamic", "factor": 2.0},
+                     max_position_embeddings=32768)
+
+
+def internlm2_chat_20b(rope_factor: float = 3.0) -> LLMConfig:
+    # Verified for InternVL2-26B (dynamic rope factor 3.0). InternVL-Chat-V1-5 uses the
+    # same LLM; its rope factor is UNVERIFIED (2.0 assumed, internlm2-chat-20b's own).
+    return LLMConfig(arch="internlm2", vocab_size=92553, hidden_size=6144, num_layers=48,
+                     num_heads=48, num_kv_heads=8, intermediate_size=16384, rms_norm_eps=1e-5,
+                     rope_theta=1_000_000.0, rope_scaling={"type": "dynamic", "factor": rope_factor},
+                     max_position_embeddings=32768)
+
+
+def qwen2_0_5b_instruct() -> LLMConfig:
+    # Shape: Qwen2-0.5B-Instruct, vocab resized to 151643 + 3 specials + 9 InternVL tokens.
+    # UNVERIFIED: vocab 151655 (derived) and untied lm_head (InternVL2-1B is "0.9B", which
+    # fits an untied head; a tied checkpoint still loads: the loader copies embed_tokens).
+    return LLMConfig(arch="qwen2", vocab_size=151655, hidden_size=896, num_layers=24,
+                     num_heads=14, num_kv_heads=2, intermediate_size=4864, rms_norm_eps=1e-6,
+                     rope_theta=1_000_000.0, rope_scaling=None, max_position_embeddings=32768,
+                     qkv_bias=True, tie_word_embeddings=False)
+
+
+def nous_hermes_2_yi_34b() -> LLMConfig:
+    # Shape verified (Yi-34B). UNVERIFIED: vocab 64009 (= 64000 + 9 added tokens,
+    # derived), rope_theta 5e6 and max_position_embeddings 4096 (Yi-34B's own values).
+    return LLMConfig(arch="llama", vocab_size=64009, hidden_size=7168, num_layers=60,
+                     num_heads=56, num_kv_heads=8, intermediate_size=20480, rms_norm_eps=1e-5,
+                     rope_theta=5_000_000.0, rope_scaling=None, max_position_embeddings=4096)
+
+
+def hermes_2_theta_llama_3_70b() -> LLMConfig:
+    # Shape: Llama-3-70B. UNVERIFIED: vocab 128265 (= 128256 + 9, derived).
+    return LLMConfig(arch="llama", vocab_size=128265, hidden_size=8192, num_layers=80,
+                     num_heads=64, num_kv_heads=8, intermediate_size=28672, rms_norm_eps=1e-5,
+                     rope_theta=500_000.0, rope_scaling=None, max_position_embeddings=8192)
+
+
+def phi3_mini_128k() -> LLMConfig:
+    # Shape: Phi-3-mini-128k-instruct (fused qkv_proj / gate_up_proj, LongRoPE).
+    # UNVERIFIED: vocab 32020 (32011 + 9).
+    return LLMConfig(arch="phi3", vocab_size=32020, hidden_size=3072, num_layers=32,
+                     num_heads=32, num_kv_heads=32, intermediate_size=8192, rms_norm_eps=1e-5,
+                     rope_theta=10000.0, rope_scaling={"type": "longrope"},
+                     max_position_embeddings=131072)
+
+
+# ---------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    hf_repo: str                          # where the original checkpoint lives on the Hub
+    vision: Callable[[], VisionConfig]
+    llm: Callable[[], LLMConfig]
+    template: str
+    ps_version: str = "v2"
+    select_layer: int = -1
+    dynamic_image_size: bool = True
+    use_thumbnail: bool = True
+    max_dynamic_patch: int = 12
+    image_context_token_id: int = -1      # -1: not known for this tokenizer
+    unsupported: Optional[str] = None     # why the compiler cannot build it yet
+
+
+_ENTRIES = [
+    RegistryEntry(
+        "internvl-chat-v1-2", "OpenGVLab/InternVL-Chat-V1-2", intern_vit_6b, nous_hermes_2_yi_34b,
+        template="Hermes-2",
+        # Single 448 tile. ps_version: the config has none, so InternVLChatConfig's default
+        # 'v1' applies (UNVERIFIED beyond that default and the pixel-shuffle warning).
+        ps_version="v1", dynamic_image_size=False, use_thumbnail=False, max_dynamic_patch=6),
+    RegistryEntry(
+        "internvl-chat-v1-5", "OpenGVLab/InternVL-Chat-V1-5", intern_vit_6b,
+        lambda: internlm2_chat_20b(rope_factor=2.0),
+        # ps_version 'v2' from OpenGVLab's V1-5 fine-tune script (UNVERIFIED in config.json).
+        template="internlm2-chat", image_context_token_id=92546),
+    RegistryEntry(
+        "internvl2-1b", "OpenGVLab/InternVL2-1B", intern_vit_300m, qwen2_0_5b_instruct,
+        template="Hermes-2", image_context_token_id=151648),  # derived, see module doc
+    RegistryEntry(
+        "internvl2-2b", "OpenGVLab/InternVL2-2B", intern_vit_300m, internlm2_chat_1_8b,
+        template="internlm2-chat", image_context_token_id=92546),
+    RegistryEntry(
+        "internvl2-4b", "OpenGVLab/InternVL2-4B", intern_vit_300m, phi3_mini_128k,
+        template="phi3-chat", image_context_token_id=-1,
+        unsupported="its Phi-3 language model (Phi3ForCausalLM: fused qkv_proj/gate_up_proj, "
+                    "LongRoPE) is not supported yet"),
+    RegistryEntry(
+        "internvl2-8b", "OpenGVLab/InternVL2-8B", intern_vit_300m, internlm2_5_7b_chat,
+        template="internlm2-chat", image_context_token_id=92546),
+    RegistryEntry(
+        "internvl2-26b", "OpenGVLab/InternVL2-26B", intern_vit_6b, internlm2_chat_20b,
+        template="internlm2-chat", image_context_token_id=92546),
+    RegistryEntry(
+        "internvl2-40b", "OpenGVLab/InternVL2-40B", intern_vit_6b, nous_hermes_2_yi_34b,
+        template="Hermes-2"),
+    RegistryEntry(
+        "internvl2-76b", "OpenGVLab/InternVL2-Llama3-76B", intern_vit_6b, hermes_2_theta_llama_3_70b,
+        # UNVERIFIED: template (Hermes-2-Theta speaks ChatML like Hermes-2).
+        template="Hermes-2"),
+]
+
+REGISTRY: dict[str, RegistryEntry] = {e.name: e for e in _ENTRIES}
+
+
+def _normalize(name: str) -> str:
+    return name.strip().rstrip("/").lower()
+
+
+def registry_entry(name: str) -> RegistryEntry:
+    """The entry for a registry name or its Hub repo id (case-insensitive), supported or not."""
+    key = _normalize(name)
+    for entry in _ENTRIES:
+        if key in (entry.name, entry.hf_repo.lower(), entry.hf_repo.split("/")[-1].lower()):
+            return entry
+    raise KeyError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
+
+
+def is_registry_name(name: str) -> bool:
+    try:
+        registry_entry(name)
+        return True
+    except KeyError:
+        return False
+
+
+def registry_config(name: str, allow_unsupported: bool = False) -> ModelConfig:
+    """The canonical ModelConfig of a known model.
+
+    Raises KeyError for an unknown name and UnsupportedModelError for a known model the
+    compiler cannot build (unless allow_unsupported, e.g. to inspect its shapes).
+    """
+    e = registry_entry(name)
+    if e.unsupported and not allow_unsupported:
+        raise UnsupportedModelError(f"{e.name} ({e.hf_repo}) is not supported: {e.unsupported}")
+    return ModelConfig(
+        name=e.name, vision=e.vision(), llm=e.llm(), select_layer=e.select_layer,
+        ps_version=e.ps_version, downsample_ratio=0.5, template=e.template,
+        dynamic_image_size=e.dynamic_image_size, use_thumbnail=e.use_thumbnail,
+        min_dynamic_patch=1, max_dynamic_patch=e.max_dynamic_patch,
+        image_context_token_id=e.image_context_token_id,
+        extra={"source": "registry", "hf_repo": e.hf_repo},
+    )
+
+
+def list_models(include_unsupported: bool = True) -> list[str]:
+    return [e.name for e in _ENTRIES if include_unsupported or not e.unsupported]

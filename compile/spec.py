@@ -1,0 +1,45 @@
+"""The runtime spec: the manifest fields the engine runs from (model, buckets, chat, image,
+generation defaults). Built here from a checkpoint's config and tokenizer; the artifact writer
+stores it in manifest.json and the eager engine of the tests uses it directly."""
+from __future__ import annotations
+
+from ..graphs.config import ModelConfig
+from ..graphs.parallel import TPInfo
+from ..runtime import templates
+from ..runtime.tokenizer import Tokenizer
+from .buckets import Buckets
+
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+
+
+def build_spec(cfg: ModelConfig, buckets: Buckets, dtype: str, tokenizer: Tokenizer, tp: TPInfo = TPInfo()) -> dict:
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"DTYPE must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    template = templates.get_template(cfg.template)
+    stop_ids = []
+    for s in template.stop_strings():
+        tid = tokenizer.token_to_id(s)
+        if tid is None:
+            raise ValueError(f"the tokenizer has no token for the template's stop string {s!r}")
+        stop_ids.append(tid)
+    if tokenizer.eos_id is not None and tokenizer.eos_id not in stop_ids:
+        stop_ids.append(tokenizer.eos_id)
+    img_ctx = tokenizer.token_to_id(templates.IMG_CONTEXT_TOKEN)
+    if img_ctx is None:
+        raise ValueError(f"the tokenizer has no {templates.IMG_CONTEXT_TOKEN} token")
+    if cfg.image_context_token_id not in (-1, img_ctx):
+        raise ValueError(f"config image_context_token_id {cfg.image_context_token_id} != tokenizer's {img_ctx}")
+    cfg.image_context_token_id = img_ctx
+    llm = cfg.llm
+    return {
+        "model": {"name": cfg.name, "config": cfg.to_dict()},
+        "dtype": dtype,
+        "buckets": buckets.to_dict(),
+        "tp": tp.world_size,
+        "rank": {"kv_heads": max(1, llm.num_kv_heads // tp.world_size)},
+        "chat": {"template": cfg.template, "system": template.system_message},
+        "image": {"image_size": cfg.vision.image_size, "num_image_token": cfg.num_image_token,
+                  "dynamic_image_size": cfg.dynamic_image_size, "use_thumbnail": cfg.use_thumbnail,
+                  "min_dynamic_patch": cfg.min_dynamic_patch, "max_dynamic_patch": cfg.max_dynamic_patch},
+        "generation": {"stop_token_ids": stop_ids, "stop_strings": template.stop_strings()},
+    }

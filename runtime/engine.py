@@ -1,0 +1,172 @@
+"""The offline engine: requests in, text out, through an artifact's graphs.
+
+`Engine.from_artifact(dir)` is what `internvl-run`, the server and the benchmark use. The
+engine needs only the artifact's manifest fields (model config, buckets, dtype, chat and
+image settings, stop tokens), a tokenizer and a dict of graph callables, so tests can also
+drive it with the eager modules (compile/eager.py).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from . import image_tiling, templates
+from .kv_cache import GiB, BlockAllocator, KVPool
+from .model_runner import ModelRunner
+from .sampler import Sampler, SamplingParams, make_generator
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+from .tokenizer import Tokenizer
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class RequestError(ValueError):
+    """A request that cannot run (too long, bad image, bad parameters), refused before any work."""
+
+
+@dataclass
+class Request:
+    prompt: str = ""
+    images: list = field(default_factory=list)      # paths, bytes or PIL images, in placeholder order
+    system: Optional[str] = None                   # None: the template's default system message
+    history: list = field(default_factory=list)    # [(user, assistant), ...]
+    max_tiles: Optional[int] = None                 # None: the checkpoint's max_dynamic_patch
+    params: SamplingParams = field(default_factory=SamplingParams)
+    raw_prompt: bool = False                        # prompt is already templated text
+
+
+@dataclass
+class Result:
+    text: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    num_tiles: list[int]
+    finish_reason: str
+    timings: dict
+
+
+class Engine:
+    def __init__(self, spec: dict, graphs: dict, tokenizer: Tokenizer, device: str | torch.device = "cpu",
+                 kv_cache_gb: float | None = None, kv_cache_fraction: float = 0.5):
+        self.spec, self.tokenizer, self.device = spec, tokenizer, torch.device(device)
+        cfg = spec["model"]["config"]
+        self.cfg, self.buckets = cfg, spec["buckets"]
+        self.dtype = DTYPES[spec["dtype"]]
+        self.num_image_token = spec["image"]["num_image_token"]
+        llm = cfg["llm"]
+        rank_kv_heads = spec["rank"]["kv_heads"]
+        max_ctx = max(self.buckets["context"])
+        block_size = self.buckets["block_size"]
+        per_seq = -(-max_ctx // block_size)
+        # Without an explicit budget: enough for the largest batch at the largest context, capped
+        # by a fraction of free memory.
+        budget = None if kv_cache_gb is None else int(kv_cache_gb * GiB)
+        self.pool = KVPool.from_budget(
+            llm["num_layers"], rank_kv_heads, llm["head_dim"], block_size, self.dtype, self.device,
+            budget_bytes=budget, fraction_of_free=None if budget else kv_cache_fraction,
+            max_blocks=None if budget else per_seq * max(self.buckets["batch"]) + 1, blocks_per_seq=per_seq)
+        self.allocator = BlockAllocator(self.pool.k_cache.shape[1], block_size)
+        self.runner = ModelRunner(graphs, self.buckets, self.pool, self.allocator, llm["hidden_size"],
+                                  cfg["image_context_token_id"], self.dtype, self.device)
+        self.stop_ids = set(spec["generation"]["stop_token_ids"])
+        self.scheduler = Scheduler(self.runner, self.allocator, Sampler(vocab_limit=llm["vocab_size"]),
+                                   self._stop_reason)
+
+    # -- loading ------------------------------------------------------------------------------------
+    @classmethod
+    def from_artifact(cls, path: str | Path, device: str | None = None, kv_cache_gb: float | None = None,
+                      skip_verify: bool = False, rank: int = 0) -> "Engine":
+        from .artifact import load_artifact
+        spec, graphs, tokenizer, dev = load_artifact(Path(path), device=device, skip_verify=skip_verify, rank=rank)
+        return cls(spec, graphs, tokenizer, dev, kv_cache_gb=kv_cache_gb)
+
+    # -- requests -----------------------------------------------------------------------------------
+    def _stop_reason(self, seq: Sequence, token: int) -> Optional[str]:
+        if token in self.stop_ids and not seq.params.ignore_eos:
+            return "stop"
+        if token in seq.params.stop_token_ids:
+            return "stop"
+        if len(seq.output_ids) >= seq.params.max_new_tokens or len(seq) >= self.runner.max_context:
+            return "length"
+        return None
+
+    def make_sequence(self, req: Request, on_token: Callable | None = None) -> Sequence:
+        """Tile images, build and tokenize the prompt, check it fits: everything before the graphs run."""
+        img = self.spec["image"]
+        max_tiles = req.max_tiles or img["max_dynamic_patch"]
+        if max_tiles < 1:
+            raise RequestError(f"max_tiles must be >= 1, got {max_tiles}")
+        tiles, counts = [], []
+        for image in req.images:
+            try:
+                t = image_tiling.preprocess(image, dynamic=img["dynamic_image_size"], use_thumbnail=img["use_thumbnail"],
+                                            min_num=img["min_dynamic_patch"], max_num=max_tiles,
+                                            image_size=img["image_size"])
+            except (ValueError, OSError) as e:
+                raise RequestError(str(e)) from None
+            tiles.append(torch.from_numpy(t))
+            counts.append(t.shape[0])
+        if req.raw_prompt:
+            text = req.prompt
+        else:
+            try:
+                text = templates.build_prompt(self.spec["chat"]["template"], req.prompt, counts,
+                                              self.num_image_token,
+                                              system=req.system if req.system is not None else self.spec["chat"]["system"],
+                                              history=[tuple(h) for h in req.history])
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+        ids = self.tokenizer.encode(text, add_bos=True)
+        if len(ids) >= self.runner.max_context:
+            raise RequestError(f"prompt is {len(ids)} tokens; this artifact's largest context bucket is "
+                               f"{self.runner.max_context} (use fewer tiles with --max-tiles, or compile with a "
+                               f"larger context bucket)")
+        n_img = sum(1 for i in ids if i == self.cfg["image_context_token_id"])
+        if n_img != sum(counts) * self.num_image_token:
+            raise RequestError(f"prompt holds {n_img} image-context tokens, the images need "
+                               f"{sum(counts) * self.num_image_token}: do not type {templates.IMG_CONTEXT_TOKEN} yourself")
+        params = req.params
+        return Sequence(prompt_ids=ids, params=params, pixel_values=torch.cat(tiles) if tiles else None,
+                        num_tiles=counts, on_token=on_token, generator=make_generator(params, self.device))
+
+    def add(self, req: Request, on_token: Callable | None = None) -> Sequence:
+        seq = self.make_sequence(req, on_token)
+        self.scheduler.add(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        self.scheduler.cancel(seq)
+
+    def step(self) -> None:
+        self.scheduler.step()
+
+    def run_until_done(self, seqs: Iterable[Sequence]) -> None:
+        seqs = list(seqs)
+        with torch.inference_mode():
+            while any(s.status is not Status.FINISHED for s in seqs):
+                self.scheduler.step()
+
+    def generate(self, requests: list[Request], on_token: Callable | None = None) -> list[Result]:
+        """Batched offline generation: every request shares the decode batches."""
+        seqs = [self.make_sequence(r, on_token) for r in requests]   # all validated before any work
+        for s in seqs:
+            self.scheduler.add(s)
+        self.run_until_done(seqs)
+        return [self.result(s) for s in seqs]
+
+    def result(self, seq: Sequence) -> Result:
+        out = [t for t in seq.output_ids if t not in self.stop_ids]
+        n = len(seq.output_ids)
+        decode_s = (seq.t_finish - seq.t_first_token) if seq.t_first_token else 0.0
+        return Result(
+            text=self.tokenizer.decode(out, skip_special_tokens=True),
+            prompt_token_ids=seq.prompt_ids, output_token_ids=seq.output_ids, num_tiles=seq.num_tiles,
+            finish_reason=seq.finish_reason or "",
+            timings={"ttft_s": round((seq.t_first_token or seq.t_finish) - seq.t_arrival, 6),
+                     "decode_tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 and decode_s > 0 else 0.0,
+                     "total_s": round(seq.t_finish - seq.t_arrival, 6)})

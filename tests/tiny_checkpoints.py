@@ -1,0 +1,422 @@
+"""Tiny random InternVL checkpoints in every format the compiler reads, for tests.
+
+Each spec is first built as a transformers `InternVLForConditionalGeneration` (-hf format,
+fp32, every parameter randomized with a fixed seed, lm_head untied), saved with
+`save_pretrained`, and then rewritten by hand into OpenGVLab's original format:
+- a Llama-backbone spec gives an InternLM2 checkpoint (q/k/v packed into `wqkv` per KV
+  head, InternLM2 names, like InternVL2-2B/8B/26B) and a Llama one (like V1-2 / 40B);
+- a Qwen2-backbone spec gives a Qwen2 checkpoint (like InternVL2-1B).
+Plus a sharded variant (index + 2 shards) and the -hf checkpoint with the other key
+layout: save_pretrained writes 4.5x names (`vision_tower.`, `language_model.model.`,
+`language_model.lm_head.`), the variant uses the 5.x module names (`model.vision_tower.`, ...).
+
+The conversion here is written independently of compile/checkpoint.py (explicit per-head
+row copies, its own name tables), so the loader's tests are not circular.
+
+Tokenizers: a tiny SentencePiece BPE model (InternLM2 / Llama style: tokenizer.model +
+tokenizer_config.json + added_tokens.json) or a tiny byte-level BPE (Qwen2 style:
+vocab.json + merges.txt + added_tokens.json), each followed by InternVL's 9 added tokens,
+so <IMG_CONTEXT> has a real id and the LLM vocab is exactly the tokenizer's length.
+
+Use `build_all(root)` (cached per directory) or the pytest fixtures in conftest.py.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+
+# Vision / LLM sizes shared by every spec. The 448 grid stays: 1 + 32*32 position embeddings.
+VISION = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, image_size=448, patch_size=14,
+              layer_norm_eps=1e-6)
+LLM = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+           num_hidden_layers=2)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    name: str
+    text: str            # "llama" | "qwen2": the -hf backbone
+    vit: str             # "300m": layer_norm, qkv bias, no qk-norm | "6b": rms_norm, no bias, qk-norm
+    vision_layers: int
+    select_layer: int    # = HF vision_feature_layer
+    seed: int
+    originals: tuple     # original-format LLM flavours written from it
+
+
+SPECS = {s.name: s for s in [
+    TinySpec("llama_vit300m", "llama", "300m", 2, -1, 11, ("internlm2", "llama")),
+    TinySpec("llama_vit6b", "llama", "6b", 3, -2, 12, ("internlm2", "llama")),
+    TinySpec("qwen2_vit300m", "qwen2", "300m", 3, -2, 13, ("qwen2",)),
+    TinySpec("qwen2_vit6b", "qwen2", "6b", 2, -1, 14, ("qwen2",)),
+]}
+
+
+@dataclass
+class TinyCheckpoint:
+    spec: TinySpec
+    hf_dir: Path                                               # as save_pretrained writes it
+    original_dirs: dict = field(default_factory=dict)          # "internlm2"|"llama"|"qwen2" -> dir
+    image_token_id: int = -1
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def load_hf_model(self, attn_implementation: str = "eager"):
+        return load_hf_model(self.hf_dir, attn_implementation)
+
+
+# ================================================================ tokenizers
+
+_CORPUS = ["The quick brown fox jumps over the lazy dog.", "Describe the image in detail.",
+           "What is shown in this picture?", "A cat sits on a red mat near the window.",
+           "Hello, world! 123 456 7890", "InternVL is a vision language model.",
+           "Please answer the question briefly.", "There are two people walking in the park."] * 30
+
+
+def _added(first_id: int, names) -> dict:
+    return {str(first_id + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                "single_word": False, "special": True} for i, t in enumerate(names)}
+
+
+def write_sentencepiece_tokenizer(out: Path) -> int:
+    """InternLM2-style tokenizer: SP BPE with <|im_start|>/<|im_end|> inside, then InternVL's
+    tokens. Returns the total vocab size."""
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS), model_writer=model, vocab_size=320, model_type="bpe",
+        byte_fallback=True, user_defined_symbols=["<|im_start|>", "<|im_end|>"], character_coverage=1.0,
+        normalization_rule_name="identity", num_threads=1, hard_vocab_limit=False, minloglevel=2)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    base = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
+    decoder = _added(0, ["<unk>"]) | _added(1, ["<s>"]) | _added(2, ["</s>"]) | _added(base, INTERNVL_TOKENS)
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "InternLM2Tokenizer", "added_tokens_decoder": decoder,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>",
+        "add_bos_token": True, "add_eos_token": False, "model_max_length": 8192,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"] + INTERNVL_TOKENS}, indent=2))
+    (out / "added_tokens.json").write_text(json.dumps({t: base + i for i, t in enumerate(INTERNVL_TOKENS)}))
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}))
+    return base + len(INTERNVL_TOKENS)
+
+
+def write_bpe_tokenizer(out: Path) -> int:
+    """Qwen2-style tokenizer: byte-level BPE vocab.json + merges.txt, then <|endoftext|>,
+    <|im_start|>, <|im_end|>, then InternVL's tokens, listed in added_tokens.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_CORPUS, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.model.save(str(out))  # vocab.json, merges.txt
+    base = tok.get_vocab_size()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + INTERNVL_TOKENS
+    (out / "added_tokens.json").write_text(json.dumps({t: base + i for i, t in enumerate(specials)}))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": _added(base, specials),
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+        "model_max_length": 8192, "additional_special_tokens": specials[1:]}, indent=2))
+    return base + len(specials)
+
+
+def _copy_tokenizer(src: Path, dst: Path):
+    for name in ("tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
+                 "added_tokens.json", "special_tokens_map.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)
+
+
+# ================================================================ the -hf checkpoint
+
+def _randomize(model: torch.nn.Module, seed: int):
+    """Non-trivial values for every parameter (transformers leaves ones/zeros/constants in
+    norms, layer scales, biases, cls/position embeddings), so no mapping bug can hide."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lambda_" in name:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.9 + 0.1)            # layer scale 0.1..1
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)                  # norms 0.5..1.5
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif p.dim() >= 2 and "embed" not in name and "cls_token" not in name:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)               # embeddings, cls, pos
+
+
+def build_hf_checkpoint(spec: TinySpec, out: Path) -> int:
+    """Write a tiny random -hf checkpoint (+ tokenizer) of `spec` into `out`; return the
+    image token id."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, LlamaConfig, Qwen2Config
+    out.mkdir(parents=True, exist_ok=True)
+    if spec.text == "llama":
+        vocab = write_sentencepiece_tokenizer(out)
+        base = vocab - len(INTERNVL_TOKENS)
+        text = LlamaConfig(vocab_size=vocab, rms_norm_eps=1e-5, max_position_embeddings=32768,
+                           rope_theta=1_000_000.0, rope_scaling={"type": "dynamic", "factor": 2.0},
+                           bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **LLM)
+    else:
+        vocab = write_bpe_tokenizer(out)
+        base = vocab - len(INTERNVL_TOKENS)
+        text = Qwen2Config(vocab_size=vocab, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                           rope_theta=1_000_000.0, tie_word_embeddings=False, use_sliding_window=False,
+                           bos_token_id=None, eos_token_id=base - 1, **LLM)
+    image_token_id = base + INTERNVL_TOKENS.index("<IMG_CONTEXT>")
+    vit6b = spec.vit == "6b"
+    vision = dict(VISION, num_hidden_layers=spec.vision_layers, norm_type="rms_norm" if vit6b else "layer_norm",
+                  attention_bias=not vit6b, use_qk_norm=vit6b, hidden_act="gelu")
+    cfg = InternVLConfig(text_config=text, vision_config=vision, image_token_id=image_token_id,
+                         downsample_ratio=0.5, projector_hidden_act="gelu",
+                         vision_feature_layer=spec.select_layer, vision_feature_select_strategy="default",
+                         tie_word_embeddings=False)  # top level: transformers 5 ties otherwise
+    torch.manual_seed(spec.seed)
+    model = InternVLForConditionalGeneration(cfg)
+    _randomize(model, spec.seed)
+    model.save_pretrained(out)
+    return image_token_id
+
+
+def load_hf_model(hf_dir: Path, attn_implementation: str = "eager"):
+    """The transformers model of an -hf dir, fp32, eval, checked to hold exactly the file's weights."""
+    from transformers import InternVLForConditionalGeneration
+    model = InternVLForConditionalGeneration.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation=attn_implementation).eval()
+    sd = model.state_dict()
+    disk = to_module_layout(read_safetensors_dir(Path(hf_dir)))
+    assert set(disk) == set(sd), set(disk) ^ set(sd)
+    for k, x in disk.items():
+        assert torch.equal(x, sd[k]), f"transformers did not load {k} from {hf_dir}"
+    return model
+
+
+def read_safetensors_dir(d: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for p in sorted(Path(d).glob("*.safetensors")):
+        with safe_open(str(p), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+# ================================================================ -hf -> original
+
+def pack_wqkv_by_hand(q, k, v, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """InternLM2's wqkv rows: for each KV head, its q_per_kv query heads, then its k head,
+    then its v head (written row block by row block, independently of the loader)."""
+    g = num_heads // num_kv_heads
+    blocks = []
+    for j in range(num_kv_heads):
+        for i in range(g):
+            h = j * g + i
+            blocks.append(q[h * head_dim:(h + 1) * head_dim])
+        blocks.append(k[j * head_dim:(j + 1) * head_dim])
+        blocks.append(v[j * head_dim:(j + 1) * head_dim])
+    return torch.cat(blocks, dim=0)
+
+
+_VISION_LAYER_TO_ORIGINAL = {
+    "lambda_1": "ls1", "lambda_2": "ls2",
+    "attention.projection_layer.weight": "attn.proj.weight", "attention.projection_layer.bias": "attn.proj.bias",
+    "attention.q_norm.weight": "attn.q_norm.weight", "attention.k_norm.weight": "attn.k_norm.weight",
+    "layernorm_before.weight": "norm1.weight", "layernorm_before.bias": "norm1.bias",
+    "layernorm_after.weight": "norm2.weight", "layernorm_after.bias": "norm2.bias",
+    "mlp.fc1.weight": "mlp.fc1.weight", "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.weight": "mlp.fc2.weight", "mlp.fc2.bias": "mlp.fc2.bias",
+}
+_INTERNLM2_LAYER = {
+    "input_layernorm.weight": "attention_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight", "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight", "mlp.down_proj.weight": "feed_forward.w2.weight",
+}
+
+
+def hf_state_to_original(sd: dict, hf_cfg: dict, flavour: str) -> dict[str, torch.Tensor]:
+    """transformers-5 -hf keys -> OpenGVLab keys (the inverse of transformers' converter)."""
+    v, t = hf_cfg["vision_config"], hf_cfg["text_config"]
+    out: dict[str, torch.Tensor] = {}
+    out["vision_model.embeddings.class_embedding"] = sd["model.vision_tower.embeddings.cls_token"]
+    out["vision_model.embeddings.position_embedding"] = sd["model.vision_tower.embeddings.position_embeddings"]
+    for n in ("weight", "bias"):
+        out[f"vision_model.embeddings.patch_embedding.{n}"] = \
+            sd[f"model.vision_tower.embeddings.patch_embeddings.projection.{n}"]
+    for i in range(v["num_hidden_layers"]):
+        src, dst = f"model.vision_tower.encoder.layer.{i}.", f"vision_model.encoder.layers.{i}."
+        for n in ("weight", "bias"):
+            if src + f"attention.q_proj.{n}" in sd:
+                out[dst + f"attn.qkv.{n}"] = torch.cat([sd[src + f"attention.{x}_proj.{n}"] for x in "qkv"])
+        for a, b in _VISION_LAYER_TO_ORIGINAL.items():
+            if src + a in sd:
+                out[dst + b] = sd[src + a]
+    for a, b in (("layer_norm", 0), ("linear_1", 1), ("linear_2", 3)):
+        for n in ("weight", "bias"):
+            out[f"mlp1.{b}.{n}"] = sd[f"model.multi_modal_projector.{a}.{n}"]
+    lm = {k[len("model.language_model."):]: x for k, x in sd.items() if k.startswith("model.language_model.")}
+    if flavour in ("llama", "qwen2"):
+        out.update({"language_model.model." + k: x for k, x in lm.items()})
+        out["language_model.lm_head.weight"] = sd["lm_head.weight"]
+        return out
+    heads, kv = t["num_attention_heads"], t["num_key_value_heads"]
+    hd = t["hidden_size"] // heads
+    out["language_model.model.tok_embeddings.weight"] = lm["embed_tokens.weight"]
+    out["language_model.model.norm.weight"] = lm["norm.weight"]
+    out["language_model.output.weight"] = sd["lm_head.weight"]
+    for i in range(t["num_hidden_layers"]):
+        src, dst = f"layers.{i}.", f"language_model.model.layers.{i}."
+        out[dst + "attention.wqkv.weight"] = pack_wqkv_by_hand(
+            *(lm[src + f"self_attn.{x}_proj.weight"] for x in "qkv"), heads, kv, hd)
+        for a, b in _INTERNLM2_LAYER.items():
+            out[dst + b] = lm[src + a]
+    return out
+
+
+def original_config(hf_cfg: dict, flavour: str, template: str) -> dict:
+    """A config.json shaped like a real OpenGVLab InternVL2 one."""
+    v, t = hf_cfg["vision_config"], hf_cfg["text_config"]
+    rope = t.get("rope_parameters") or {}
+    common = dict(hidden_act="silu", hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+                  initializer_range=0.02, max_position_embeddings=t["max_position_embeddings"],
+                  num_attention_heads=t["num_attention_heads"], num_hidden_layers=t["num_hidden_layers"],
+                  num_key_value_heads=t["num_key_value_heads"], rms_norm_eps=t["rms_norm_eps"],
+                  rope_theta=rope.get("rope_theta", t.get("rope_theta")), tie_word_embeddings=False,
+                  torch_dtype="float32", use_cache=True, vocab_size=t["vocab_size"],
+                  bos_token_id=t.get("bos_token_id"), eos_token_id=t.get("eos_token_id"))
+    scaling = None
+    if rope.get("rope_type", "default") != "default":
+        scaling = {"factor": rope["factor"], "type": rope["rope_type"]}
+    if flavour == "internlm2":
+        llm = dict(common, _name_or_path="internlm/internlm2-chat-tiny", architectures=["InternLM2ForCausalLM"],
+                   model_type="internlm2", bias=False, attn_implementation="eager", pad_token_id=2,
+                   rope_scaling=scaling, auto_map={
+                       "AutoConfig": "configuration_internlm2.InternLM2Config",
+                       "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+                       "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"})
+    elif flavour == "llama":
+        llm = dict(common, _name_or_path="NousResearch/Nous-Hermes-2-tiny", architectures=["LlamaForCausalLM"],
+                   model_type="llama", attention_bias=False, pretraining_tp=1, rope_scaling=scaling)
+    else:
+        llm = dict(common, _name_or_path="Qwen/Qwen2-tiny-Instruct", architectures=["Qwen2ForCausalLM"],
+                   model_type="qwen2", use_sliding_window=False, sliding_window=32768,
+                   max_window_layers=t["num_hidden_layers"], attention_dropout=0.0, rope_scaling=scaling)
+    image = v["image_size"][0] if isinstance(v["image_size"], list) else v["image_size"]
+    patch = v["patch_size"][0] if isinstance(v["patch_size"], list) else v["patch_size"]
+    vision = dict(architectures=["InternVisionModel"], attention_dropout=0.0, drop_path_rate=0.0, dropout=0.0,
+                  hidden_act=v["hidden_act"], hidden_size=v["hidden_size"], image_size=image,
+                  initializer_factor=1.0, initializer_range=0.02, intermediate_size=v["intermediate_size"],
+                  layer_norm_eps=v["layer_norm_eps"], model_type="intern_vit_6b", norm_type=v["norm_type"],
+                  num_attention_heads=v["num_attention_heads"], num_channels=3,
+                  num_hidden_layers=v["num_hidden_layers"], patch_size=patch, qk_normalization=v["use_qk_norm"],
+                  qkv_bias=v["attention_bias"], torch_dtype="float32", use_flash_attn=False)
+    return {
+        "_commit_hash": None, "architectures": ["InternVLChatModel"],
+        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                     "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+                     "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"},
+        "downsample_ratio": hf_cfg["downsample_ratio"], "dynamic_image_size": True, "force_image_size": image,
+        "llm_config": llm, "max_dynamic_patch": 12, "min_dynamic_patch": 1, "model_type": "internvl_chat",
+        "ps_version": "v2", "select_layer": hf_cfg["vision_feature_layer"], "template": template,
+        "torch_dtype": "float32", "use_backbone_lora": 0, "use_llm_lora": 0, "use_thumbnail": True,
+        "vision_config": vision,
+    }
+
+
+TEMPLATES = {"internlm2": "internlm2-chat", "llama": "Hermes-2", "qwen2": "Hermes-2"}
+
+
+def write_original(hf_dir: Path, out: Path, flavour: str, shards: int = 1) -> Path:
+    """Write the original-format twin of an -hf dir: config.json, weights, tokenizer."""
+    out.mkdir(parents=True, exist_ok=True)
+    hf_cfg = json.loads((hf_dir / "config.json").read_text())
+    sd = hf_state_to_original(to_module_layout(read_safetensors_dir(hf_dir)), hf_cfg, flavour)
+    (out / "config.json").write_text(json.dumps(original_config(hf_cfg, flavour, TEMPLATES[flavour]), indent=2))
+    write_weights(sd, out, shards)
+    _copy_tokenizer(hf_dir, out)
+    return out
+
+
+def write_weights(sd: dict, out: Path, shards: int = 1):
+    """model.safetensors, or `shards` files plus model.safetensors.index.json (keys split in order)."""
+    sd = {k: x.contiguous() for k, x in sd.items()}
+    if shards == 1:
+        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    keys = list(sd)
+    per = -(-len(keys) // shards)
+    weight_map = {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: sd[k] for k in keys[s * per:(s + 1) * per]}
+        save_file(part, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    total = sum(x.numel() * x.element_size() for x in sd.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+_LAYOUT_RENAMES = [  # transformers 4.5x on-disk names (what save_pretrained writes) <-> in-memory 5.x names
+    ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head.")]
+
+
+def to_module_layout(sd: dict) -> dict:
+    """-hf keys as the transformers 5 module names them (model.vision_tower..., lm_head...)."""
+    out = {}
+    for k, x in sd.items():
+        for a, b in _LAYOUT_RENAMES:
+            if k.startswith(a):
+                k = b + k[len(a):]
+                break
+        out[k] = x
+    return out
+
+
+def write_hf_module_layout(hf_dir: Path, out: Path) -> Path:
+    """The same -hf checkpoint with the in-memory transformers 5 key names
+    (save_pretrained itself writes the 4.5x names: vision_tower., language_model.model., ...)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_weights(to_module_layout(read_safetensors_dir(hf_dir)), out)
+    shutil.copy(hf_dir / "config.json", out / "config.json")
+    _copy_tokenizer(hf_dir, out)
+    return out
+
+
+# ================================================================ all of them
+
+_CACHE: dict = {}
+
+
+def build_all(root: Path) -> dict[str, TinyCheckpoint]:
+    """Every spec under `root` (built once per root per process):
+    root/<spec>/hf, root/<spec>/original-<flavour>; also root/llama_vit300m/original-internlm2-sharded
+    (2 shards) and root/llama_vit6b/hf-module-layout, reachable as extra entries of original_dirs."""
+    root = Path(root)
+    if root in _CACHE:
+        return _CACHE[root]
+    out = {}
+    for spec in SPECS.values():
+        base = root / spec.name
+        ck = TinyCheckpoint(spec, base / "hf")
+        ck.image_token_id = build_hf_checkpoint(spec, ck.hf_dir)
+        for flavour in spec.originals:
+            ck.original_dirs[flavour] = write_original(ck.hf_dir, base / f"original-{flavour}", flavour)
+        out[spec.name] = ck
+    ck = out["llama_vit300m"]
+    ck.original_dirs["internlm2-sharded"] = write_original(
+        ck.hf_dir, root / "llama_vit300m" / "original-internlm2-sharded", "internlm2", shards=2)
+    out["llama_vit6b"].original_dirs["hf-module-layout"] = write_hf_module_layout(
+        out["llama_vit6b"].hf_dir, root / "llama_vit6b" / "hf-module-layout")
+    _CACHE[root] = out
+    return out
