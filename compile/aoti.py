@@ -98,7 +98,8 @@ def compile_graphs(
     `merged_extra_weights(result)`.
     """
     os.makedirs(out_dir, exist_ok=True)
-    opts = {**DEFAULT_OPTIONS, **_weights_return_option(), **(options or {}), "aot_inductor.package": True}
+    defaults = {k: v for k, v in DEFAULT_OPTIONS.items() if _known_option(k)}  # torch 2.11 lacks some
+    opts = {**defaults, **_weights_return_option(), **(options or {}), "aot_inductor.package": True}
     if opts.get("aot_inductor.package_constants_in_so"):
         raise ValueError("compile_graphs never embeds weights: drop aot_inductor.package_constants_in_so")
     results: dict[str, CompiledGraph] = {}
@@ -145,6 +146,15 @@ def merged_extra_weights(compiled: dict[str, CompiledGraph]) -> dict[str, torch.
     return merged
 
 
+def _known_option(key: str) -> bool:
+    obj = torch._inductor.config
+    for part in key.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
 def _weights_return_option() -> dict[str, object]:
     # Asks aot_compile to hand back the constants it compiled against (a `Weights` object).
     # torch >= 2.10 spells it package_constants_on_disk_format; 2.8/2.9 had a bool.
@@ -183,7 +193,7 @@ def _constant_map(ep: ExportedProgram, weights: dict[str, torch.Tensor]):
             key = fqn
         else:
             key = f"{EXTRA_WEIGHT_PREFIX}{fqn}.{_digest(value)}"
-            extra[key] = value.detach()
+            extra[key] = value.detach().clone()  # its own storage, as safetensors wants
         constants[fqn] = key
         specs[fqn] = {"key": key, "dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape)}
     return constants, specs, extra

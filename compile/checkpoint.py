@@ -155,8 +155,8 @@ def _config_hf(c: dict, path: Path) -> ModelConfig:
     return ModelConfig(
         name=path.name, vision=vision, llm=_llm_config(t, _HF_TEXT_TYPES[text_type], tie),
         select_layer=layer, ps_version="v2", downsample_ratio=float(c.get("downsample_ratio", 0.5)),
-        # The -hf chat template is plain ChatML without InternVL's default system prompt.
-        template="chatml", dynamic_image_size=dynamic, use_thumbnail=dynamic,
+        # -hf checkpoints are conversions of InternVL2.5/3, whose template is internvl2_5 (ChatML).
+        template="internvl2_5", dynamic_image_size=dynamic, use_thumbnail=dynamic,
         min_dynamic_patch=pre.get("min_patches", 1), max_dynamic_patch=pre.get("max_patches", 12),
         image_context_token_id=image_token_id, extra={"format": "hf", "source_arch": text_type})
 
@@ -176,11 +176,16 @@ def load_config(path: PathLike) -> ModelConfig:
     if c is None:
         raise CheckpointError(f"no config.json in {path}")
     if c.get("model_type") == "internvl" or "InternVLForConditionalGeneration" in (c.get("architectures") or []):
-        return _config_hf(c, path)
-    if "llm_config" in c and "vision_config" in c:
-        return _config_original(c, path)
-    raise CheckpointError(f"{path / 'config.json'} is neither an OpenGVLab InternVL (llm_config/vision_config) "
-                          f"nor a transformers InternVL (model_type 'internvl') config")
+        cfg = _config_hf(c, path)
+    elif "llm_config" in c and "vision_config" in c:
+        cfg = _config_original(c, path)
+    else:
+        raise CheckpointError(f"{path / 'config.json'} is neither an OpenGVLab InternVL (llm_config/vision_config) "
+                              f"nor a transformers InternVL (model_type 'internvl') config")
+    n = cfg.vision.num_layers  # hidden_states[select_layer] of (embeddings, layer 1, ..., layer n)
+    if not -(n + 1) <= cfg.select_layer <= n:
+        raise CheckpointError(f"select_layer {cfg.select_layer} is out of range for {n} vision layers")
+    return cfg
 
 
 def find_image_context_token_id(path: PathLike) -> Optional[int]:
@@ -400,23 +405,14 @@ def _fmt_keys(keys) -> str:
     return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
 
-def load_checkpoint(path: PathLike, dtype: Optional[torch.dtype] = None
-                    ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(canonical config, canonical state dict) of an InternVL checkpoint directory.
-
-    `dtype` casts the floating tensors as they are read (None keeps the stored dtype).
-    """
-    path = Path(path)
-    cfg = load_config(path)
-    fmt, arch, l = cfg.extra["format"], cfg.llm.arch, cfg.llm
-    expected = canonical_shapes(cfg)
-    reader = _SafetensorsReader(_weight_files(path))
-
-    copies: dict[str, str] = {}                  # canonical <- source key
-    qkv_parts: dict[str, list] = {}              # canonical qkv <- [q, k, v] source keys
-    wqkv: dict[str, str] = {}                    # layer prefix <- packed InternLM2 key
+def _plan(keys, fmt: str, arch: str):
+    """Source keys -> (canonical <- key copies, canonical qkv <- [q, k, v] keys,
+    layer prefix <- packed wqkv key, unexpected keys)."""
+    copies: dict[str, str] = {}
+    qkv_parts: dict[str, list] = {}
+    wqkv: dict[str, str] = {}
     unexpected = []
-    for key in reader.file_of:
+    for key in keys:
         m = _map_key(key, fmt, arch)
         if m is None:
             unexpected.append(key)
@@ -428,6 +424,23 @@ def load_checkpoint(path: PathLike, dtype: Optional[torch.dtype] = None
             qkv_parts.setdefault(m[1], [None, None, None])[m[2]] = key
         elif m[0] == "wqkv":
             wqkv[m[1]] = key
+    return copies, qkv_parts, wqkv, unexpected
+
+
+def load_checkpoint(path: PathLike, dtype: Optional[torch.dtype] = None
+                    ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(canonical config, canonical state dict) of an InternVL checkpoint directory.
+
+    `dtype` casts the floating tensors as they are read (None keeps the stored dtype).
+    Names, shapes and completeness are all checked before any tensor is read.
+    """
+    path = Path(path)
+    cfg = load_config(path)
+    l = cfg.llm
+    expected = canonical_shapes(cfg)
+    reader = _SafetensorsReader(_weight_files(path))
+    copies, qkv_parts, wqkv, unexpected = _plan(reader.file_of, cfg.extra["format"], l.arch)
+
     produced = set(copies) | set(qkv_parts)
     for prefix in wqkv:
         produced |= {prefix + f"{n}_proj.weight" for n in "qkv"}
@@ -435,6 +448,7 @@ def load_checkpoint(path: PathLike, dtype: Optional[torch.dtype] = None
                       and "language_model.embed_tokens.weight" in produced)
     if tie_from_embed:
         produced.add("language_model.lm_head.weight")
+
     def source_of(canon: str) -> str:
         if canon in qkv_parts:
             return next(k for k in qkv_parts[canon] if k)

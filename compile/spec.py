@@ -17,7 +17,7 @@ def build_spec(cfg: ModelConfig, buckets: Buckets, dtype: str, tokenizer: Tokeni
         raise ValueError(f"DTYPE must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     template = templates.get_template(cfg.template)
     stop_ids = []
-    for s in template.stop_strings():
+    for s in template.stop_strings:
         tid = tokenizer.token_to_id(s)
         if tid is None:
             raise ValueError(f"the tokenizer has no token for the template's stop string {s!r}")
@@ -41,5 +41,5 @@ def build_spec(cfg: ModelConfig, buckets: Buckets, dtype: str, tokenizer: Tokeni
         "image": {"image_size": cfg.vision.image_size, "num_image_token": cfg.num_image_token,
                   "dynamic_image_size": cfg.dynamic_image_size, "use_thumbnail": cfg.use_thumbnail,
                   "min_dynamic_patch": cfg.min_dynamic_patch, "max_dynamic_patch": cfg.max_dynamic_patch},
-        "generation": {"stop_token_ids": stop_ids, "stop_strings": template.stop_strings()},
+        "generation": {"stop_token_ids": stop_ids, "stop_strings": template.stop_strings},
     }

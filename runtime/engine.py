@@ -104,9 +104,11 @@ class Engine:
         tiles, counts = [], []
         for image in req.images:
             try:
-                t = image_tiling.preprocess(image, dynamic=img["dynamic_image_size"], use_thumbnail=img["use_thumbnail"],
-                                            min_num=img["min_dynamic_patch"], max_num=max_tiles,
-                                            image_size=img["image_size"])
+                if not isinstance(image, image_tiling.Image.Image):
+                    image = image_tiling.load_image(image)
+                t = image_tiling.image_to_tiles(image, dynamic_image_size=img["dynamic_image_size"],
+                                                use_thumbnail=img["use_thumbnail"], min_num=img["min_dynamic_patch"],
+                                                max_num=max_tiles, image_size=img["image_size"])
             except (ValueError, OSError) as e:
                 raise RequestError(str(e)) from None
             tiles.append(torch.from_numpy(t))

@@ -45,7 +45,10 @@ class AddedToken:
 # transformers' `clean_up_tokenization`: InternLM2Tokenizer.convert_tokens_to_string applies it on every decode
 _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
-_CLEANUP_PREFIXES = {old[:k] for old, _ in _CLEANUP for k in range(1, len(old))}
+# Characters that are a non-final part of some clean-up pattern. The clean-up only deletes spaces, so when the
+# text is cut just after any other character, no pattern can span the cut in any replacement step and
+# clean(a + b) == clean(a) + clean(b): a stream can return clean(text up to there) and never take it back.
+_CLEANUP_UNSAFE_END = frozenset(" 'nvr")
 
 
 def clean_up_tokenization(text: str) -> str:
@@ -53,14 +56,6 @@ def clean_up_tokenization(text: str) -> str:
     for old, new in _CLEANUP:
         text = text.replace(old, new)
     return text
-
-
-def _cleanup_pending(text: str) -> int:
-    """Length of the longest end of `text` that a later token could complete into a clean-up pattern."""
-    for k in (3, 2, 1):
-        if text[-k:] in _CLEANUP_PREFIXES and len(text) >= k:
-            return k
-    return 0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -109,10 +104,12 @@ class _Config:
             content = _token_content(tc.get(key)) or _token_content(stm.get(key))
             if content is not None:
                 named[key] = content
-        additional = [
-            _token_content(t)
-            for t in (tc.get("additional_special_tokens") or stm.get("additional_special_tokens") or [])
-        ]
+        # transformers 5.x writes `extra_special_tokens` where 4.x wrote `additional_special_tokens`
+        extra = (tc.get("additional_special_tokens") or tc.get("extra_special_tokens")
+                 or stm.get("additional_special_tokens") or [])
+        if isinstance(extra, dict):
+            extra = list(extra.values())
+        additional = [_token_content(t) for t in extra]
         specials = set(named.values()) | set(additional)
         known = {t.content for t in added.values()}
         for content, tid in _read_json(d / "added_tokens.json").items():
@@ -490,8 +487,8 @@ class StreamDecoder:
 
     Decodes a short window (from the start of the previous delta) rather than the whole sequence, as vLLM's
     incremental detokenizer does, so a step costs O(window), not O(sequence). When the checkpoint's decode
-    cleans up tokenization spaces (InternLM2Tokenizer), the end of the text that could still turn into one
-    of those patterns (a trailing " ", " n", " '" ...) is held back too.
+    cleans up tokenization spaces (InternLM2Tokenizer), a trailing space, apostrophe, "n", "v" or "r" is held
+    back until the next tokens show whether the clean-up changes it.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
@@ -532,8 +529,10 @@ class StreamDecoder:
         if not self.clean_up:
             out = self._raw
         else:
-            raw = self._raw if final else self._raw[: len(self._raw) - _cleanup_pending(self._raw)]
-            out = clean_up_tokenization(raw)
+            end = len(self._raw)
+            while not final and end > 0 and self._raw[end - 1] in _CLEANUP_UNSAFE_END:
+                end -= 1
+            out = clean_up_tokenization(self._raw[:end])
         if not out.startswith(self.text):
             return ""
         delta = out[len(self.text) :]

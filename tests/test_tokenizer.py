@@ -245,7 +245,7 @@ def test_internlm2_vs_transformers5_fast(work):
     underline = tok.token_to_id(SPIECE_UNDERLINE)
     for text in TEXTS:
         assert tok.encode(text) == ref.encode(text), text
-        assert tok.decode(tok.encode(text), skip_special_tokens=True) == \
+        assert tok.decode(tok.encode(text), skip_special_tokens=True, clean_up_tokenization_spaces=False) == \
             ref.decode(ref.encode(text), skip_special_tokens=True), text
     # known difference 1: a segment starting with whitespace gets one more "▁" from sentencepiece
     for text in LEADING_WS:
@@ -308,13 +308,44 @@ def test_nmt_nfkc_follows_sentencepiece_not_transformers5(work):
 def test_sentencepiece_decode(work):
     tok = Tokenizer.from_dir(work["internlm2"])
     for text in TEXTS + LEADING_WS[:3]:
-        assert tok.decode(tok.encode(text, add_bos=False)) == text, text
+        assert tok.decode(tok.encode(text, add_bos=False), clean_up_tokenization_spaces=False) == text, text
     ids = tok.encode("😀")
     assert _pieces(tok, ids)[-4:] == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
     assert tok.decode(ids) == "<s>😀"
     assert tok.decode(ids, skip_special_tokens=True) == "😀"
     prompt = "<|im_start|>assistant\nA cat.<|im_end|>"
     assert tok.decode(tok.encode(prompt), skip_special_tokens=True) == "assistant\nA cat."
+
+
+CLEANUP_TEXT = "Yes , it 's a cat . Isn 't it ? They 're here ' ok ' ! I 'm sure n't"
+
+
+def test_internlm2_decode_cleans_up_tokenization_spaces(work):
+    """InternLM2Tokenizer.convert_tokens_to_string applies transformers' clean_up_tokenization on every decode
+    (whatever clean_up_tokenization_spaces says); LlamaTokenizer follows the config (False here)."""
+    tok = Tokenizer.from_dir(work["internlm2"])
+    ids = tok.encode(CLEANUP_TEXT, add_bos=False)
+    assert tok.clean_up_tokenization_spaces
+    cleaned = transformers.PreTrainedTokenizerBase.clean_up_tokenization(None, CLEANUP_TEXT)
+    assert cleaned == "Yes, it's a cat. Isn 't it? They're here'ok '! I'm suren't"
+    assert tok.decode(ids) == cleaned
+    assert tok.decode(ids, clean_up_tokenization_spaces=False) == CLEANUP_TEXT
+    llama = Tokenizer.from_dir(work["nonlegacy"])
+    assert not llama.clean_up_tokenization_spaces
+    assert llama.decode(llama.encode(CLEANUP_TEXT, add_bos=False)) == CLEANUP_TEXT
+
+
+def test_stream_with_cleanup_never_takes_text_back(work):
+    tok = Tokenizer.from_dir(work["internlm2"])
+    rng = random.Random(0)
+    pool = list(" .'ntsmvrea?,!") + [" ' ", " n't", " 's", "<|im_end|>", "😀", "你"]
+    texts = [CLEANUP_TEXT] + ["".join(rng.choice(pool) for _ in range(30)) for _ in range(200)]
+    for text in texts:
+        ids = tok.encode(text, add_bos=False)
+        for skip in (False, True):
+            stream = tok.stream(skip_special_tokens=skip)
+            out = "".join(stream.feed(i) for i in ids) + stream.finish()
+            assert out == tok.decode(ids, skip_special_tokens=skip), text
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -424,12 +455,16 @@ def test_stream_decode(which, skip, work, json_dir, qwen_dir):
     assert sum(1 for d in deltas if d == "") >= 3  # multi-byte characters were held back
 
 
-def test_stream_incomplete_tail_is_flushed(work):
-    tok = Tokenizer.from_dir(work["internlm2"])
+@pytest.mark.parametrize("which", ["internlm2", "nonlegacy"])
+def test_stream_incomplete_tail_is_flushed(work, which):
+    tok = Tokenizer.from_dir(work[which])
     ids = tok.encode("ok 😀", add_bos=False)[:-1]  # cut inside the emoji
     stream = tok.stream()
-    assert "".join(stream.feed(i) for i in ids) == "ok "
-    assert stream.finish() == tok.decode(ids)[len("ok "):]
+    held = "".join(stream.feed(i) for i in ids)
+    # the incomplete emoji is held back (and, with InternLM2's clean-up, the space before it)
+    assert held == ("ok" if which == "internlm2" else "ok ")
+    tail = stream.finish()
+    assert held + tail == tok.decode(ids) and tail.endswith("\ufffd")
 
 
 def test_missing_tokenizer_files(tmp_path):

@@ -60,6 +60,11 @@ SPECS = {s.name: s for s in [
 ]}
 
 
+# Every checkpoint dir build_all writes besides each spec's hf dir: (spec, key in original_dirs).
+EXTRA_DIRS = [("llama_vit300m", "internlm2-sharded"), ("llama_vit6b", "hf-module-layout")]
+VARIANTS = [(s.name, f) for s in SPECS.values() for f in s.originals] + EXTRA_DIRS
+
+
 @dataclass
 class TinyCheckpoint:
     spec: TinySpec
@@ -98,8 +103,11 @@ def write_sentencepiece_tokenizer(out: Path) -> int:
         byte_fallback=True, user_defined_symbols=["<|im_start|>", "<|im_end|>"], character_coverage=1.0,
         normalization_rule_name="identity", num_threads=1, hard_vocab_limit=False, minloglevel=2)
     (out / "tokenizer.model").write_bytes(model.getvalue())
-    base = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    base = sp.get_piece_size()
     decoder = _added(0, ["<unk>"]) | _added(1, ["<s>"]) | _added(2, ["</s>"]) | _added(base, INTERNVL_TOKENS)
+    for t in ("<|im_start|>", "<|im_end|>"):  # pieces of the SP model, listed like InternLM2's
+        decoder |= _added(sp.piece_to_id(t), [t])
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "InternLM2Tokenizer", "added_tokens_decoder": decoder,
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>",

@@ -1,18 +1,47 @@
 """Fusion passes over exported FX graphs, applied in order before AOTInductor lowering.
 
 Each pass is one module with `apply(ep) -> (ep, report)`; `report` says what it changed.
+A pass never modifies the program it is given (it returns a new one, or the same one when
+there was nothing to do). Helpers shared by passes: program_edit.py (graph + signature +
+state-dict surgery), linear_fusion.py (sibling linears -> one).
+
+Order, and why:
+1. qkv_fusion, 2. gate_up_fusion: weight re-layouts. They key on parameter names and on
+   `aten.linear` exactly as export produced it, so they run before any pass that could
+   rewrite linears (a small-M GEMV lowering, quantisation, folding a norm's weight into
+   the next linear's columns): such a pass then sees, and transforms, the fused weight
+   once instead of three (two) times, and the artifact stores the fused layout only.
+   They are independent of each other.
+3. add_rmsnorm: rewrites the residual add + norm feeding those linears. It needs the
+   norm's `weight * x` still in place, so it comes before any weight-folding pass; it
+   does not care whether the linears after it are fused (the fused linear has the same
+   input node).
+4. rope_table: touches only the rotary subgraph (positions -> cos/sin); last, so its
+   tables are built once per program whatever the passes before it did.
 """
 from __future__ import annotations
 
+import importlib
+
 from torch.export import ExportedProgram
 
-PASS_ORDER: list[str] = []
+PASS_ORDER: list[str] = ["qkv_fusion", "gate_up_fusion", "add_rmsnorm", "rope_table"]
 
 
-def run_passes(ep: ExportedProgram, names: list[str] | None = None) -> tuple[ExportedProgram, dict]:
-    import importlib
+def run_passes(ep: ExportedProgram, names: list[str] | None = None,
+               options: dict[str, dict] | None = None) -> tuple[ExportedProgram, dict]:
+    """Apply `names` (default PASS_ORDER) in order. options: pass name -> keyword arguments
+    for its `apply` (e.g. {"rope_table": {"max_context": 4096}})."""
     reports = {}
     for name in (PASS_ORDER if names is None else names):
         mod = importlib.import_module(f"{__name__}.{name}")
-        ep, reports[name] = mod.apply(ep)
+        before = count_ops(ep)
+        ep, report = mod.apply(ep, **(options or {}).get(name, {}))
+        reports[name] = {**report, "ops": [before, count_ops(ep)]}
     return ep, reports
+
+
+def count_ops(ep: ExportedProgram) -> int:
+    """call_function nodes, export's `_assert_tensor_metadata` checks excluded."""
+    return sum(1 for n in ep.graph.nodes if n.op == "call_function"
+               and "_assert_tensor_metadata" not in str(n.target))

@@ -1,0 +1,42 @@
+# Every target uses the venv at .venv (created by `make setup`, which the others depend on).
+PY      := .venv/bin/python
+MODEL   ?= internvl2-2b
+WEIGHTS ?=
+TP      ?= 1
+BACKEND ?= $(shell [ -x $(PY) ] && $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
+DTYPE   ?= bf16
+BUCKETS ?=
+OUT     ?= artifacts/$(notdir $(MODEL))-tp$(TP)-$(BACKEND)-$(DTYPE)
+TORCH   ?= torch==2.13.0
+
+.PHONY: setup compile run demo test clean
+
+setup: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"           # first: the CPU wheel, before anything can pull a CUDA build
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+compile: setup
+	.venv/bin/internvl-compile --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) --tp $(TP) \
+		--backend $(BACKEND) --dtype $(DTYPE) --out $(OUT) $(if $(BUCKETS),--buckets "$(BUCKETS)")
+
+# The main job on a fresh machine: generate a tiny InternVL checkpoint (original OpenGVLab
+# format), compile it for the CPU, and answer a question about a bundled picture with it.
+DEMO_CKPT := build/demo-checkpoint
+DEMO_ART  := artifacts/demo-tiny-tp1-cpu-fp32
+demo: setup
+	$(PY) tools/make_tiny_checkpoint.py $(DEMO_CKPT)
+	.venv/bin/internvl-compile --model $(DEMO_CKPT) --dtype fp32 --backend cpu --out $(DEMO_ART) \
+		--buckets "vision=1;prefill=64;batch=1;context=1024;block_size=32"
+	.venv/bin/internvl-run --artifact $(DEMO_ART) --image tools/assets/demo.png \
+		--prompt "What is in the picture?" --max-new-tokens 24 --json
+
+test: setup
+	.venv/bin/pytest -q tests
+
+clean:
+	rm -rf build artifacts/*/ .pytest_cache
