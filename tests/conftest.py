@@ -36,3 +36,43 @@ def tiny_hf_model(tiny_checkpoints):
         return cache[name]
 
     return get
+
+
+# ---------------------------------------------------------------- compiled tiny artifacts
+# AOTInductor takes ~15 s per tiny graph on 2 cores, so each artifact is compiled once per
+# session, with few buckets: 5 graphs (a 1-tile vision graph, two prefill chunk sizes,
+# decode batch 1 and 4 over one context bucket).
+ARTIFACT_BUCKETS = "vision=1;prefill=32,128;batch=1,4;context=2048;block_size=16"
+ARTIFACT_CASES = {
+    # name: (spec, checkpoint format): InternLM2, Llama and Qwen2 backbones, both ViT kinds
+    "internlm2_vit300m": ("llama_vit300m", "internlm2"),
+    "llama_vit6b": ("llama_vit6b", "llama"),
+    "qwen2_vit300m": ("qwen2_vit300m", "hf"),
+}
+
+
+def checkpoint_dir(ck, fmt):
+    return ck.hf_dir if fmt == "hf" else ck.original_dirs[fmt]
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_checkpoints, tmp_path_factory):
+    from internvl_aot.compile.buckets import Buckets
+    from internvl_aot.compile.checkpoint import load_checkpoint
+    from internvl_aot.compile.pipeline import compile_model
+
+    root = tmp_path_factory.mktemp("artifacts")
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            spec, fmt = ARTIFACT_CASES[name]
+            src = checkpoint_dir(tiny_checkpoints[spec], fmt)
+            cfg, weights = load_checkpoint(src)
+            out = root / name
+            compile_model(cfg, weights, src, out, Buckets.parse(ARTIFACT_BUCKETS), dtype="fp32",
+                          source={"path": str(src)}, log=lambda m: None)
+            cache[name] = out
+        return cache[name]
+
+    return get

@@ -1,0 +1,273 @@
+"""compile/passes: each fusion pass alone and all together on tiny exported InternVL graphs.
+
+For each pass: (a) the passed program computes what the exported one does (logits and the
+in-place KV-cache writes, with a non-trivial cache, block tables and positions), (b) the
+pattern it targets is gone and its new inputs exist, (c) graphs of different buckets get
+the same fused weights / RoPE tables under the same names. One passed decode graph goes
+through AOTInductor and the runtime loader to show the result still lowers and binds.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from internvl_aot.compile import aoti
+from internvl_aot.compile.buckets import Buckets
+from internvl_aot.compile.checkpoint import random_weights
+from internvl_aot.compile.export import export_graph
+from internvl_aot.compile.passes import PASS_ORDER, add_rmsnorm, count_ops, rope_table, run_passes
+from internvl_aot.graphs.config import LLMConfig, ModelConfig, VisionConfig
+from internvl_aot.graphs.model import build_model
+
+BLOCK = 16
+BUCKETS = Buckets(vision=(1,), prefill=(16,), batch=(2,), context=(32, 64), block_size=BLOCK)
+GRAPHS = ("prefill_t16", "decode_b2_c64", "decode_b2_c32")
+NUM_BLOCKS = 10          # != the export example's 8: the pool size is a dynamic dimension
+LAYERS, HEADS, KV_HEADS, HEAD_DIM, HIDDEN, VOCAB = 2, 4, 2, 16, 64, 128
+aten = torch.ops.aten
+
+
+def tiny_config(arch: str, vit: str = "300m") -> ModelConfig:
+    vision = VisionConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                          norm_type="rms_norm" if vit == "6b" else "layer_norm", qkv_bias=vit != "6b",
+                          qk_normalization=vit == "6b")
+    llm = LLMConfig(arch=arch, vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
+                    num_kv_heads=KV_HEADS, intermediate_size=96, qkv_bias=arch == "qwen2",
+                    rope_theta=10000.0, rms_norm_eps=1e-6)
+    return ModelConfig(name=f"tiny-{arch}", vision=vision, llm=llm)
+
+
+_CACHE: dict = {}
+
+
+def programs(arch: str, dtype=torch.float32) -> dict:
+    """Exported (unpassed) prefill/decode programs of one tiny model, built once per session."""
+    key = (arch, dtype)
+    if key not in _CACHE:
+        cfg = tiny_config(arch)
+        model = build_model(cfg, random_weights(cfg, dtype, seed=3), max_seq_len=BUCKETS.max_context)
+        _CACHE[key] = {name: export_graph(model, BUCKETS, name, dtype, "cpu") for name in GRAPHS}
+    return _CACHE[key]
+
+
+def graph_inputs(name: str, dtype, seed: int = 0) -> list[torch.Tensor]:
+    """A mid-sequence state: random cache contents, scattered blocks, padded rows/tokens."""
+    g = torch.Generator().manual_seed(seed)
+    pool = (LAYERS, NUM_BLOCKS, BLOCK, KV_HEADS, HEAD_DIM)
+    k, v = torch.randn(pool, generator=g).to(dtype), torch.randn(pool, generator=g).to(dtype)
+
+    def slot(table, p):
+        return int(table[p // BLOCK]) * BLOCK + p % BLOCK
+
+    if name.startswith("decode"):
+        width = int(name.rsplit("_c", 1)[1]) // BLOCK
+        tables = torch.zeros(2, width, dtype=torch.long)
+        tables[0, :width] = torch.tensor([3, 7, 1, 5][:width])
+        tables[1, :1] = 2
+        positions = torch.tensor([width * BLOCK - 3, 9])
+        slots = torch.tensor([slot(tables[0], int(positions[0])), slot(tables[1], 9)])
+        return [torch.randint(0, VOCAB, (2,), generator=g), positions, slots, tables, k, v]
+    t, real = 16, 12                                  # second chunk of a 28-token prompt, 4 pad tokens
+    table = torch.tensor([[4, 6, 0, 0]])
+    positions = torch.cat([torch.arange(16, 16 + real), torch.zeros(t - real, dtype=torch.long)])
+    slots = torch.tensor([slot(table[0], int(p)) for p in positions[:real]] + list(range(t - real)))
+    image_mask = torch.zeros(t, dtype=torch.bool)
+    image_mask[2:7] = True
+    return [torch.randint(0, VOCAB, (t,), generator=g), positions, torch.randn(t, HIDDEN, generator=g).to(dtype),
+            image_mask, slots, table, torch.tensor([real - 1]), k, v]
+
+
+def run(ep, inputs):
+    inputs = [x.clone() for x in inputs]
+    with torch.no_grad():
+        out = ep.module()(*inputs)
+    return out, inputs[-2], inputs[-1]
+
+
+def assert_same_results(ep_ref, ep_new, name, dtype, atol, rtol):
+    inputs = graph_inputs(name, dtype)
+    ref, new = run(ep_ref, inputs), run(ep_new, inputs)
+    for what, a, b in zip(("logits", "k_cache", "v_cache"), ref, new):
+        torch.testing.assert_close(b.float(), a.float(), atol=atol, rtol=rtol, msg=lambda m: f"{name} {what}: {m}")
+    # The step wrote its K/V: the cache differs from the input somewhere.
+    assert not torch.equal(ref[1], inputs[-2])
+
+
+def linear_weight_names(ep) -> list[str]:
+    specs = {s.arg.name: s.target for s in ep.graph_signature.input_specs}
+    return [specs.get(n.args[1].name) for n in ep.graph.nodes if n.op == "call_function"
+            and n.target is aten.linear.default]
+
+
+def count_targets(ep, *targets) -> int:
+    return sum(1 for n in ep.graph.nodes if n.op == "call_function" and n.target in targets)
+
+
+# ---------------------------------------------------------------- (a) numerics, each pass and all
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("passes", [[p] for p in PASS_ORDER] + [PASS_ORDER], ids=lambda p: "+".join(p))
+def test_passes_keep_numerics_fp32(arch, passes):
+    for name, ep in programs(arch).items():
+        new, reports = run_passes(ep, passes)
+        assert new is not ep
+        for p in passes:
+            assert reports[p]["ops"][1] <= reports[p]["ops"][0] + 8, reports  # nothing balloons
+        assert_same_results(ep, new, name, torch.float32, atol=1e-5, rtol=1e-5)
+
+
+def test_all_passes_bf16_within_tolerance():
+    for name, ep in programs("qwen2", torch.bfloat16).items():
+        new, _ = run_passes(ep)
+        # add_rmsnorm rounds the normalised output once instead of twice: ~1 bf16 ulp.
+        assert_same_results(ep, new, name, torch.bfloat16, atol=6e-2, rtol=2e-2)
+
+
+def test_input_program_is_not_modified():
+    ep = programs("qwen2")["decode_b2_c64"]
+    nodes, params = len(ep.graph.nodes), sorted(ep.state_dict)
+    run_passes(ep)
+    assert len(ep.graph.nodes) == nodes and sorted(ep.state_dict) == params
+
+
+# ---------------------------------------------------------------- (b) patterns gone, new inputs present
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_qkv_and_gate_up_fusion_relayout_weights(arch):
+    ep = programs(arch)["decode_b2_c64"]
+    new, reports = run_passes(ep, ["qkv_fusion", "gate_up_fusion"])
+    assert reports["qkv_fusion"]["fused"] == LAYERS and reports["gate_up_fusion"]["fused"] == LAYERS
+    names = linear_weight_names(new)
+    for old in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        assert not any(f".{old}." in n for n in names), names
+        assert not any(f".{old}." in k for k in new.state_dict)
+    # 3 linears per layer + lm_head, instead of 6 per layer + lm_head
+    assert count_targets(new, aten.linear.default) == 3 * LAYERS + 1
+    assert count_targets(ep, aten.linear.default) == 6 * LAYERS + 1
+    sd = ep.state_dict
+    for i in range(LAYERS):
+        p = f"language_model.layers.{i}."
+        qkv = new.state_dict[p + "self_attn.qkv_proj.weight"]
+        assert isinstance(qkv, torch.nn.Parameter)
+        assert qkv.shape == ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN)
+        torch.testing.assert_close(qkv, torch.cat([sd[p + f"self_attn.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj")]),
+                                   atol=0, rtol=0)
+        if arch == "qwen2":
+            torch.testing.assert_close(new.state_dict[p + "self_attn.qkv_proj.bias"],
+                                       torch.cat([sd[p + f"self_attn.{n}.bias"] for n in ("q_proj", "k_proj", "v_proj")]),
+                                       atol=0, rtol=0)
+        else:
+            assert p + "self_attn.qkv_proj.bias" not in new.state_dict
+        torch.testing.assert_close(new.state_dict[p + "mlp.gate_up_proj.weight"],
+                                   torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]),
+                                   atol=0, rtol=0)
+    kinds = {s.target: s.kind.name for s in new.graph_signature.input_specs if s.target}
+    assert kinds["language_model.layers.0.self_attn.qkv_proj.weight"] == "PARAMETER"
+    assert kinds["language_model.layers.1.mlp.gate_up_proj.weight"] == "PARAMETER"
+
+
+def test_add_rmsnorm_pattern_gone():
+    ep = programs("qwen2")["decode_b2_c64"]
+    # Every norm after a residual add: post-attention of each layer, input norm of layers 1.. .
+    assert add_rmsnorm.count(ep) == 2 * LAYERS - 1
+    new, reports = run_passes(ep, ["add_rmsnorm"])
+    assert reports["add_rmsnorm"]["fused"] == 2 * LAYERS - 1
+    assert add_rmsnorm.count(new) == 0
+    # The pow(x, 2) of the fused norms is gone; the two norms without a preceding add stay.
+    assert count_targets(ep, aten.pow.Tensor_Scalar) == 2 * LAYERS + 1
+    assert count_targets(new, aten.pow.Tensor_Scalar) == 2
+    assert reports["add_rmsnorm"]["norms_left"] == 2
+
+
+def test_add_rmsnorm_in_vit_6b():
+    """InternViT-6B's `x + attn(norm1(x)) * ls1; norm2(x)` is the same pattern; 300M uses LayerNorm."""
+    cfg = tiny_config("llama", vit="6b")
+    model = build_model(cfg, random_weights(cfg, torch.float32, seed=5), max_seq_len=BUCKETS.max_context)
+    ep = export_graph(model, BUCKETS, "vision_n1", torch.float32, "cpu")
+    assert add_rmsnorm.count(ep) == 2 * cfg.vision.num_layers - 1
+    new, reports = run_passes(ep)
+    assert reports["add_rmsnorm"]["fused"] == 2 * cfg.vision.num_layers - 1
+    for p in ("qkv_fusion", "gate_up_fusion", "rope_table"):   # ViT qkv is fused already; no RoPE
+        assert reports[p].get("fused", reports[p].get("replaced")) == 0
+    assert add_rmsnorm.count(new) == 0
+    pixels = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(new.module()(pixels), ep.module()(pixels), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_table_replaces_trigonometry():
+    ep = programs("qwen2")["decode_b2_c64"]
+    assert rope_table.count(ep) == 2
+    new, reports = run_passes(ep, ["rope_table"])
+    assert reports["rope_table"]["max_context"] == 64
+    assert rope_table.count(new) == 0
+    assert count_targets(new, aten.cos.default, aten.sin.default) == 0
+    assert count_targets(new, aten.index_select.default) == 2
+    specs = {s.target: s for s in new.graph_signature.input_specs if s.target}
+    assert "language_model.rotary.inv_freq" not in specs and "language_model.rotary.inv_freq" not in new.constants
+    inv = ep.constants["language_model.rotary.inv_freq"]
+    for kind, fn in (("cos", torch.cos), ("sin", torch.sin)):
+        fqn = f"language_model.rotary.{kind}_table"
+        assert specs[fqn].kind.name == "BUFFER" and specs[fqn].persistent is False
+        table = new.constants[fqn]
+        assert fqn not in new.state_dict and table.shape == (64, HEAD_DIM) and table.dtype == torch.float32
+        freqs = torch.arange(64).float()[:, None] * inv[None, :]
+        torch.testing.assert_close(table, fn(torch.cat([freqs, freqs], -1)), atol=0, rtol=0)
+
+
+def test_rope_table_in_model_dtype():
+    ep = programs("qwen2", torch.bfloat16)["prefill_t16"]
+    new, _ = run_passes(ep, ["rope_table"])
+    assert new.constants["language_model.rotary.cos_table"].dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- (c) same keys, same content across graphs
+
+def test_graphs_share_fused_weights_and_tables():
+    passed = {name: run_passes(ep)[0] for name, ep in programs("qwen2").items()}
+    prefill, dec64, dec32 = (passed[n] for n in GRAPHS)
+    fused = [k for k in prefill.state_dict if "qkv_proj" in k or "gate_up_proj" in k]
+    assert len(fused) == 3 * LAYERS       # qkv weight + bias, gate_up weight
+    assert sorted(prefill.state_dict) == sorted(dec64.state_dict) == sorted(dec32.state_dict)
+    for k in prefill.state_dict:
+        a, b, c = prefill.state_dict[k], dec64.state_dict[k], dec32.state_dict[k]
+        assert torch.equal(a, b) and torch.equal(a, c)
+        assert a.data_ptr() == b.data_ptr() == c.data_ptr()   # one tensor in memory, not one per graph
+    # Prefill and decode at the largest context: identical tables, so one artifact key.
+    for kind in ("cos", "sin"):
+        fqn = f"language_model.rotary.{kind}_table"
+        assert torch.equal(prefill.constants[fqn], dec64.constants[fqn])
+        assert aoti._digest(prefill.constants[fqn]) == aoti._digest(dec64.constants[fqn])
+        # The smaller context bucket gets the leading rows of the same table.
+        assert dec32.constants[fqn].shape[0] == 32
+        assert torch.equal(dec32.constants[fqn], dec64.constants[fqn][:32])
+
+
+# ---------------------------------------------------------------- AOTInductor lowering + binding
+
+def test_passed_decode_graph_compiles_and_binds(tmp_path):
+    from internvl_aot.compile.artifact import collect_weights
+    from internvl_aot.runtime.graph_loader import load_graph, load_weights
+
+    name = "decode_b2_c64"
+    ep = programs("qwen2")[name]
+    passed, _ = run_passes(ep)
+    compiled = aoti.compile_graphs({name: passed}, tmp_path / "graphs")
+    keys = compiled[name].constants
+    assert "language_model.layers.0.self_attn.qkv_proj.weight" in keys.values()
+    assert "language_model.layers.1.mlp.gate_up_proj.weight" in keys.values()
+    assert not any(".q_proj." in k or ".gate_proj." in k for k in keys.values())
+    tables = [k for k in keys.values() if k.startswith("_aoti.language_model.rotary.")]
+    assert sorted(t.split(".")[-2] for t in tables) == ["cos_table", "sin_table"], keys
+    weights = collect_weights({name: passed}, compiled)
+    save_file(weights, str(tmp_path / "weights.safetensors"))
+    graph = load_graph(tmp_path / "graphs" / compiled[name].package, load_weights(tmp_path / "weights.safetensors"))
+    inputs = graph_inputs(name, torch.float32, seed=7)
+    want_logits, want_k, want_v = run(ep, inputs)
+    got = [x.clone() for x in inputs]
+    logits = graph(*got)
+    torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[-2], want_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[-1], want_v, atol=1e-5, rtol=1e-5)
+    assert count_ops(passed) < count_ops(ep)
