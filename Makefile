@@ -31,9 +31,9 @@ DEMO_ART  := artifacts/demo-tiny-tp1-cpu-fp32
 demo: setup
 	$(PY) tools/make_tiny_checkpoint.py $(DEMO_CKPT)
 	.venv/bin/internvl-compile --model $(DEMO_CKPT) --dtype fp32 --backend cpu --out $(DEMO_ART) \
-		--buckets "vision=1;prefill=64;batch=1;context=1024;block_size=32"
+		--buckets "vision=1;prefill=64,512;batch=1;context=2048;block_size=32"
 	.venv/bin/internvl-run --artifact $(DEMO_ART) --image tools/assets/demo.png \
-		--prompt "What is in the picture?" --max-new-tokens 24 --json
+		--prompt "What is in the picture?" --max-tiles 6 --max-new-tokens 24
 
 test: setup
 	.venv/bin/pytest -q tests

@@ -86,6 +86,10 @@ def main(argv=None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     sys.stdout.write(stream.finish() + "\n")
+    t = result.timings
+    print(f"[{len(result.prompt_token_ids)} prompt tokens, tiles {result.num_tiles}, {len(result.output_token_ids)} "
+          f"new tokens ({result.finish_reason}); load {load_s:.2f} s, first token {t['ttft_s']:.2f} s, "
+          f"decode {t['decode_tokens_per_s']:.1f} tok/s]", file=sys.stderr)
     if args.json:
         result.timings["load_s"] = round(load_s, 3)
         print(json.dumps({"text": result.text, "prompt_token_ids": result.prompt_token_ids,
