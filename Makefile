@@ -9,7 +9,7 @@ BUCKETS ?=
 OUT     ?= artifacts/$(notdir $(MODEL))-tp$(TP)-$(BACKEND)-$(DTYPE)
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup compile run demo test clean
+.PHONY: setup compile run demo test clean check-runtime-venv
 
 setup: .venv/.installed
 
@@ -40,3 +40,15 @@ test: setup
 
 clean:
 	rm -rf build artifacts/*/ .pytest_cache
+
+# Ship check: a fresh venv with only the runtime's dependencies (no transformers, no test extras)
+# runs the demo artifact after it was copied elsewhere. Needs `make demo` first.
+RT_VENV := build/runtime-venv
+check-runtime-venv: $(DEMO_ART)/manifest.json
+	rm -rf $(RT_VENV) build/shipped && python3 -m venv $(RT_VENV)
+	$(RT_VENV)/bin/pip install -q "$(TORCH)"
+	$(RT_VENV)/bin/pip install -q .
+	cp -r $(DEMO_ART) build/shipped
+	$(RT_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('transformers') is not None)"
+	cd /tmp && $(CURDIR)/$(RT_VENV)/bin/internvl-run --artifact $(CURDIR)/build/shipped \
+		--image $(CURDIR)/tools/assets/demo.png --prompt "What is in the picture?" --max-tiles 6 --max-new-tokens 8

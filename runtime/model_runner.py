@@ -27,6 +27,8 @@ def smallest_at_least(buckets: list[int], n: int) -> int | None:
 
 
 class ModelRunner:
+    CALL_COST = 32   # per-call overhead of a prefill chunk, in token-equivalents (weights re-read)
+
     def __init__(self, graphs: dict[str, Graph], buckets: dict, pool: KVPool, allocator: BlockAllocator,
                  hidden_size: int, image_token_id: int, dtype: torch.dtype, device: torch.device):
         self.graphs, self.pool, self.allocator = graphs, pool, allocator
@@ -80,7 +82,7 @@ class ModelRunner:
         while seq.num_cached < len(ids):
             start = seq.num_cached
             left = len(ids) - start
-            t = smallest_at_least(self.prefill_buckets, left) or self.prefill_buckets[-1]
+            t = self.prefill_chunk(left)
             n = min(t, left)
             pos = list(range(start, start + n))
             chunk_ids = ids[start:start + n] + [0] * (t - n)
@@ -97,6 +99,14 @@ class ModelRunner:
                 block_table, self._long([n - 1]), self.pool.k_cache, self.pool.v_cache))
             seq.num_cached = start + n
         return logits
+
+    def prefill_chunk(self, left: int) -> int:
+        """Chunk size for the next prefill call: full largest chunks first, then the bucket that
+        pads the rest least, counting each extra call as CALL_COST tokens of work."""
+        largest = self.prefill_buckets[-1]
+        if left >= largest:
+            return largest
+        return min(self.prefill_buckets, key=lambda b: (-(-left // b) * (b + self.CALL_COST), -b))
 
     def _image_rows(self, seq: Sequence, ids: list[int]) -> torch.Tensor | None:
         """For each token, the row of seq.image_embeds it takes, or -1."""

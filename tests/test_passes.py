@@ -142,9 +142,9 @@ def test_qkv_and_gate_up_fusion_relayout_weights(arch):
     for old in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
         assert not any(f".{old}." in n for n in names), names
         assert not any(f".{old}." in k for k in new.state_dict)
-    # 3 linears per layer + lm_head, instead of 6 per layer + lm_head
-    assert count_targets(new, aten.linear.default) == 3 * LAYERS + 1
-    assert count_targets(ep, aten.linear.default) == 6 * LAYERS + 1
+    # qkv, o, gate_up, down per layer + lm_head, instead of q, k, v, o, gate, up, down + lm_head
+    assert count_targets(new, aten.linear.default) == 4 * LAYERS + 1
+    assert count_targets(ep, aten.linear.default) == 7 * LAYERS + 1
     sd = ep.state_dict
     for i in range(LAYERS):
         p = f"language_model.layers.{i}."

@@ -10,9 +10,9 @@ RMSNorm is, as export records it (the reference models' formulation):
 
 This pass rewrites each such pair as
 
-    sf = x.to(fp32) + delta.to(fp32)    # the sum, once, in fp32
+    sf = x + delta.to(fp32)             # the sum, once, in fp32 (x is promoted)
     s  = sf.to(dtype)                   # the residual stream: bit-identical to before
-    h  = (sf * rsqrt(mean(sf * sf, -1, keepdim) + eps) * weight.to(fp32)).to(dtype)
+    h  = (sf * rsqrt(mean(sf * sf, -1, keepdim) + eps) * weight).to(dtype)   # fp32 math
 
 so the residual output and the normalised output come from one fp32 sum, with one
 rounding at the end instead of dtype round trips in between. In fp32 graphs the casts
@@ -112,19 +112,17 @@ def _rewrite(ed: ProgramEditor, s, f, eps, weight, out, out_dtype) -> None:
     x, delta = s.args
     dtype = val(s).dtype
     with ed.graph.inserting_before(s.next):
+        # Type promotion does the other up-casts: x + fp32 delta and fp32 * weight are exact fp32 ops.
         if dtype == FP32:
             sf = s_new = ed.call(aten.add.Tensor, (x, delta), like=s)
         else:
-            xf = ed.call(aten.to.dtype, (x, FP32), like=s)
-            df = ed.call(aten.to.dtype, (delta, FP32), like=s)
-            sf = ed.call(aten.add.Tensor, (xf, df), like=s)
+            sf = ed.call(aten.add.Tensor, (x, ed.call(aten.to.dtype, (delta, FP32), like=s)), like=s)
             s_new = ed.call(aten.to.dtype, (sf, dtype), like=s)
         sq = ed.call(aten.mul.Tensor, (sf, sf), like=out)
         ms = ed.call(aten.mean.dim, (sq, [-1], True), like=out)
         r = ed.call(aten.rsqrt.default, (ed.call(aten.add.Tensor, (ms, eps), like=out),), like=out)
-        w = weight if val(weight).dtype == FP32 else ed.call(aten.to.dtype, (weight, FP32), like=out)
-        h = ed.call(aten.mul.Tensor, (ed.call(aten.mul.Tensor, (sf, r), like=out), w), like=out)
-        if out_dtype != FP32:
+        h = ed.call(aten.mul.Tensor, (ed.call(aten.mul.Tensor, (sf, r), like=out), weight), like=out)
+        if val(h).dtype != out_dtype:
             h = ed.call(aten.to.dtype, (h, out_dtype), like=out)
     out.replace_all_uses_with(h)
     # The residual stream reads the new sum. Whatever else read `f` (in fp32 graphs export

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 import weakref
 from typing import Any, Callable
 
@@ -166,10 +167,13 @@ class ProgramEditor:
                 spec = OutputSpec(kind=spec.kind, arg=TensorArgument(name=value.name), target=spec.target)
             output_specs.append(spec)
         signature = ExportGraphSignature(input_specs=input_specs, output_specs=output_specs)
+        with warnings.catch_warnings():   # torch 2.13 deep-copying a TreeSpec warns about LeafSpec
+            warnings.simplefilter("ignore", FutureWarning)
+            call_graph = copy.deepcopy(self.ep.module_call_graph)
         return ExportedProgram(
             root=gm, graph=gm.graph, graph_signature=signature, state_dict=self.state_dict,
             range_constraints=copy.deepcopy(self.ep.range_constraints),
-            module_call_graph=copy.deepcopy(self.ep.module_call_graph),
+            module_call_graph=call_graph,
             example_inputs=self.ep.example_inputs, constants=self.constants, verifiers=self.ep.verifiers)
 
 
