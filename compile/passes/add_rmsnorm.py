@@ -93,7 +93,7 @@ def _match(specs, p) -> dict | None:
     weight = next((a for a in scale.args if a is not head), None)
     if input_fqn(specs, weight, InputKind.PARAMETER, InputKind.BUFFER) is None or val(weight).dim() != 1:
         return None
-    # f = s.to(fp32) (or s itself when the norm has no cast), s = x + delta of one dtype and shape.
+    # f = s.to(fp32) (or s itself when the norm has no cast), s = x + delta, all of one dtype.
     s = f.args[0] if cast_dtype(f) == FP32 else f
     if not is_op(s, aten.add.Tensor) or s.kwargs or len(s.args) != 2:
         return None
@@ -101,7 +101,7 @@ def _match(specs, p) -> dict | None:
     vs, vx, vd = val(s), val(x), val(delta)
     if not all(isinstance(v, torch.Tensor) for v in (vs, vx, vd)):
         return None
-    if vx.dtype != vs.dtype or vd.dtype != vs.dtype or vx.shape != vs.shape or vd.shape != vs.shape:
+    if vx.dtype != vs.dtype or vd.dtype != vs.dtype:   # broadcasting is fine (ViT: + position_embedding)
         return None
     if val(f).dtype != FP32 or not vs.dtype.is_floating_point:
         return None

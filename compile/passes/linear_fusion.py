@@ -81,7 +81,8 @@ def _fuse(ed: ProgramEditor, x, module: str, linears: list, fused: str) -> str:
             continue
         fqn = f"{module}.{fused}.{kind}"
         parts = [ed.tensor(n) for n in nodes]
-        tensor = _FUSED.get(fqn, parts, lambda parts=parts: torch.cat([p.detach() for p in parts], dim=0))
+        tensor = _FUSED.get(fqn, parts, lambda parts=parts: torch.nn.Parameter(
+            torch.cat([p.detach() for p in parts], dim=0), requires_grad=False))
         new_inputs.append(ed.add_parameter(fqn, tensor, before=first_input))
     sizes = [int(ed.tensor(n).shape[0]) for n in w_nodes]
     first_linear = min(linears, key=_position(ed))

@@ -80,9 +80,6 @@ class ProgramEditor:
         self.fake_mode = torch._guards.detect_fake_mode([val(n) for n in placeholders])
 
     # ------------------------------------------------------------------ inputs
-    def placeholder(self, name: str) -> Node | None:
-        return next((n for n in self.graph.nodes if n.op == "placeholder" and n.name == name), None)
-
     def input_spec(self, node: Any) -> InputSpec | None:
         if not isinstance(node, Node) or node.op != "placeholder":
             return None

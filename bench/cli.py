@@ -1,0 +1,258 @@
+"""internvl-bench: the original system's performance sweep over a compiled artifact.
+
+    internvl-bench --artifact artifacts/internvl2-2b-tp1-cpu-bf16                     # batch 1..10, 256 tokens
+    internvl-bench --artifact DIR --batch-sizes 1,8 --output-tokens 32 --compare transformers
+    internvl-bench --artifact DIR --compare transformers,transformers-compile --hf-dtype bf16,fp32
+
+One image, B identical requests submitted together, N output tokens each (EOS ignored, greedy).
+Writes OUT/benchmark.csv (one row per engine and batch size) and OUT/benchmark.json (the rows
+plus the machine, versions, bandwidth and command), and prints the table. Every engine runs in
+its own subprocess, one after the other, so each row's peak memory is that engine's own.
+Column definitions: docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+COLUMNS = ["engine", "dtype", "batch_size", "input_tokens", "output_tokens", "num_tiles",
+           "ttft_s", "ttft_max_s", "decode_ms_mean", "decode_ms_p99", "decode_tok_s", "e2e_tok_s", "total_s",
+           "peak_rss_mb", "peak_gpu_mb", "weights_mb", "kv_mb", "rss_over_weights_kv",
+           "step_read_mb", "copy_gbs", "roofline_ms", "roofline_frac",
+           "match_tokens", "ratio_ttft", "ratio_decode_tok_s", "ratio_e2e_tok_s", "ratio_peak_rss",
+           "threads", "load_s", "warmup_s", "rss_mode", "error"]
+ENGINES = ("transformers", "transformers-compile")
+DEFAULT_PROMPT = "Please describe the image in detail."
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """'1-10', '1,8', '1-4,8' -> sorted unique positive ints."""
+    out = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        a, b = int(lo), int(hi or lo)
+        if a < 1 or b < a:
+            raise ValueError(f"bad batch size range {part!r}")
+        out.update(range(a, b + 1))
+    if not out:
+        raise ValueError("no batch sizes")
+    return sorted(out)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="internvl-bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifact", required=True, help="compiled artifact directory")
+    ap.add_argument("--batch-sizes", default="1-10", help="e.g. 1-10 (default, the original sweep), 1,8")
+    ap.add_argument("--output-tokens", type=int, default=256, help="new tokens per sequence (EOS ignored)")
+    ap.add_argument("--compare", default="", help=f"comma-separated: {', '.join(ENGINES)} (default: none)")
+    ap.add_argument("--hf-dtype", default=None,
+                    help="dtypes for the transformers runs, e.g. bf16,fp32 (default: the artifact's)")
+    ap.add_argument("--image", default=None, help="the image (default: a synthetic 640x480 picture)")
+    ap.add_argument("--max-tiles", type=int, default=6, help="tiles per image (default 6; a thumbnail is added)")
+    ap.add_argument("--prompt", default=DEFAULT_PROMPT)
+    ap.add_argument("--out", default=".", help="directory for benchmark.csv and benchmark.json")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in every engine (default: torch's)")
+    ap.add_argument("--kv-cache-gb", type=float, default=None, help="our KV pool (default: sized to the buckets)")
+    ap.add_argument("--skip-verify", action="store_true", help="skip the sha256 check of the artifact")
+    ap.add_argument("--device", default=None, help="device for the transformers runs (default: cuda if present)")
+    return ap.parse_args(argv)
+
+
+def synthetic_image(path: Path, width: int = 640, height: int = 480) -> Path:
+    """A deterministic picture with structure at every scale (gradients, stripes, noise)."""
+    import numpy as np
+    from PIL import Image
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rng = np.random.RandomState(0)
+    r = 127 + 127 * np.sin(x / 23.0) * np.cos(y / 37.0)
+    g = 255 * x / width
+    b = 255 * ((x // 40 + y // 40) % 2) * 0.6 + rng.rand(height, width) * 100
+    img = np.stack([r, g, b], -1).clip(0, 255).astype("uint8")
+    Image.fromarray(img).save(path)
+    return path
+
+
+def machine_info() -> dict:
+    import torch
+    from ..runtime.manifest import cpu_isa
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "isa": cpu_isa()}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                info["mem_gb"] = round(int(line.split()[1]) / 1024 ** 2, 1)
+    except OSError:
+        pass
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_worker(spec: dict, work: Path, tag: str) -> list[dict]:
+    spec_path, rows_path = work / f"{tag}.spec.json", work / f"{tag}.rows.jsonl"
+    spec_path.write_text(json.dumps(spec))
+    rows_path.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "internvl_aot.bench.worker", str(spec_path), str(rows_path)])
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+    if proc.returncode != 0 and not any("error" in r for r in rows):
+        rows.append({"error": f"worker exited with status {proc.returncode}"})
+    for r in rows:
+        r.setdefault("engine", spec["engine"])
+        r.setdefault("dtype", spec.get("hf_dtype"))
+    return rows
+
+
+def _ratio(a, b, digits=3):
+    return round(a / b, digits) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def finish_rows(rows: list[dict], manifest: dict, copy_gbs: float) -> list[dict]:
+    """Add the roofline, memory and ratio columns."""
+    from ..compile.checkpoint import canonical_shapes
+    from ..graphs.config import ModelConfig
+    from .measure import decode_read_bytes, roofline
+    import math
+
+    cfg = ModelConfig.from_dict(manifest["model"]["config"])
+    shapes = canonical_shapes(cfg)
+    llm_params = sum(math.prod(s) for k, s in shapes.items() if k.startswith("language_model."))
+    embed = math.prod(shapes["language_model.embed_tokens.weight"])
+    llm = manifest["model"]["config"]["llm"]
+    ours = {r["batch_size"]: r for r in rows if r.get("engine") == "ours" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            continue
+        rb = decode_read_bytes(llm, llm_params, embed, r["dtype"], r["batch_size"], r["input_tokens"],
+                               r["output_tokens"])
+        r.update(roofline(rb, copy_gbs, r["decode_ms_mean"]), copy_gbs=copy_gbs)
+        r["rss_over_weights_kv"] = _ratio(r["peak_rss_mb"], r["weights_mb"] + r["kv_mb"])
+        o = ours.get(r["batch_size"])
+        if r["engine"] != "ours" and o is not None:
+            r["match_tokens"] = _common_prefix(o["output_ids"], r["output_ids"])
+            r["ratio_ttft"] = _ratio(o["ttft_s"], r["ttft_s"])
+            r["ratio_decode_tok_s"] = _ratio(o["decode_tok_s"], r["decode_tok_s"])
+            r["ratio_e2e_tok_s"] = _ratio(o["e2e_tok_s"], r["e2e_tok_s"])
+            r["ratio_peak_rss"] = _ratio(o["peak_rss_mb"], r["peak_rss_mb"])
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'batch':>5} {'engine':<22} {'in':>5} {'out':>4} {'ttft s':>8} {'ms/tok':>8} {'p99 ms':>8} "
+            f"{'tok/s':>8} {'e2e tok/s':>9} {'RSS MB':>8} {'roofline':>8} | {'ttft':>6} {'decode':>6} {'RSS':>5}")
+    lines = [head, "-" * len(head)]
+
+    def f(v, spec):
+        return format(v, spec) if isinstance(v, (int, float)) else "-"
+    for r in sorted((r for r in rows if "error" not in r), key=lambda r: (r["batch_size"], r["engine"] != "ours")):
+        name = r["engine"] + " " + r["dtype"]
+        ratios = "" if r["engine"] == "ours" else (
+            f" | {f(r.get('ratio_ttft'), '6.2f')} {f(r.get('ratio_decode_tok_s'), '6.2f')} "
+            f"{f(r.get('ratio_peak_rss'), '5.2f')}")
+        lines.append(f"{r['batch_size']:>5} {name:<22} {r['input_tokens']:>5} {r['output_tokens']:>4} "
+                     f"{f(r['ttft_s'], '8.3f')} {f(r['decode_ms_mean'], '8.1f')} {f(r['decode_ms_p99'], '8.1f')} "
+                     f"{f(r['decode_tok_s'], '8.2f')} {f(r['e2e_tok_s'], '9.2f')} {f(r['peak_rss_mb'], '8.0f')} "
+                     f"{f(r.get('roofline_frac'), '8.2f')}{ratios}")
+    for r in rows:
+        if "error" in r:
+            lines.append(f"  {r.get('engine')} {r.get('dtype')}: ERROR {r['error']}")
+    lines.append("ratios are ours / theirs at the same batch size (ttft: lower is better; decode tok/s: higher; "
+                 "RSS: lower); roofline = fraction of the copy-bandwidth bound")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    art = Path(args.artifact)
+    try:
+        manifest = json.loads((art / "manifest.json").read_text())
+        batch_sizes = parse_batch_sizes(args.batch_sizes)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    compare = [c.strip() for c in args.compare.split(",") if c.strip() and c.strip() != "none"]
+    bad = [c for c in compare if c not in ENGINES]
+    if bad:
+        print(f"error: unknown --compare engine(s) {bad}; known: {', '.join(ENGINES)}", file=sys.stderr)
+        return 2
+    hf_dtypes = [d.strip() for d in (args.hf_dtype or manifest["dtype"]).split(",") if d.strip()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .measure import measure_bandwidth, measure_gpu_bandwidth
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if manifest["backend"] == "cuda" or (compare and (args.device or "").startswith("cuda")):
+        bw = measure_gpu_bandwidth()
+    else:
+        bw = measure_bandwidth()
+    print(f"[bench] copy bandwidth {bw['copy_gbs']} GB/s (2 x bytes / s)"
+          + (f", read {bw['read_gbs']} GB/s" if "read_gbs" in bw else ""), file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="internvl-bench-") as tmp:
+        work = Path(tmp)
+        image = Path(args.image) if args.image else synthetic_image(work / "image.png")
+        base = {"artifact": str(art.resolve()), "batch_sizes": batch_sizes, "output_tokens": args.output_tokens,
+                "image": str(image), "max_tiles": args.max_tiles, "prompt": args.prompt, "threads": args.threads,
+                "inputs": str(work / "inputs.pt"), "kv_cache_gb": args.kv_cache_gb, "skip_verify": args.skip_verify,
+                "device": args.device}
+        rows = run_worker(dict(base, engine="ours"), work, "ours")
+        if any("error" in r for r in rows) and not (work / "inputs.pt").exists():
+            compare = []
+        for engine in compare:
+            for dt in hf_dtypes:
+                rows += run_worker(dict(base, engine=engine, hf_dtype=dt), work, f"{engine}-{dt}")
+
+    rows = finish_rows(rows, manifest, bw["copy_gbs"])
+    write_csv(rows, out / "benchmark.csv")
+    meta = {"command": "internvl-bench " + " ".join(sys.argv[1:] if argv is None else argv), "date": started,
+            "machine": machine_info(), "bandwidth": bw,
+            "artifact": {"path": str(art), "model": manifest["model"]["name"], "dtype": manifest["dtype"],
+                         "buckets": manifest["buckets"], "source": manifest.get("source"),
+                         "device": manifest.get("device")},
+            "settings": {k: base[k] for k in ("batch_sizes", "output_tokens", "max_tiles", "prompt", "threads")},
+            "rows": rows}
+    (out / "benchmark.json").write_text(json.dumps(meta, indent=1))
+    print(format_table(rows))
+    print(f"[bench] wrote {out / 'benchmark.csv'} and {out / 'benchmark.json'}", file=sys.stderr)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""What the benchmark measures, and how: bandwidth, peak memory, step statistics, roofline.
+
+Definitions (also in docs/performance.md):
+- copy bandwidth (`copy_gbs`): STREAM "Copy" convention, 2 x bytes / seconds (each byte read
+  once and written once) for `dst.copy_(src)` over two 256 MiB fp32 buffers (well past any L3),
+  with the thread count the engines use, best of several runs. `read_gbs` (bytes / seconds of
+  `src.sum()`) is recorded alongside; decode mostly reads, so read bandwidth is the tighter bound.
+- roofline of a decode step: the bytes the step must read (the LLM's weights except the token
+  embedding, of which only B rows are read, plus the K/V of every sequence at its mean context
+  length over the run) divided by the copy bandwidth. `roofline_frac` = roofline time / measured
+  mean step time (1.0 = running at the copy bandwidth).
+- peak resident memory: the process's high-water RSS during one row. Linux lets a process reset
+  its high-water mark (`echo 5 > /proc/self/clear_refs`), so each row reports its own peak
+  (weights resident at that point included). Where that is not possible, ru_maxrss is used and
+  the peak is cumulative over the rows (the CSV says which in `rss_mode`).
+"""
+from __future__ import annotations
+
+import os
+import re
+import resource
+import time
+
+import torch
+
+MiB = 1 << 20
+
+
+def measure_bandwidth(mib: int = 256, repeats: int = 7) -> dict:
+    """{'copy_gbs', 'read_gbs', 'mib', 'threads'} on the CPU with torch's current thread count."""
+    n = mib * MiB // 4
+    src = torch.ones(n, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch every page first
+    copy_s, read_s = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        copy_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        float(src.sum())
+        read_s.append(time.perf_counter() - t0)
+    nbytes = n * 4
+    return {"copy_gbs": round(2 * nbytes / min(copy_s) / 1e9, 2), "read_gbs": round(nbytes / min(read_s) / 1e9, 2),
+            "mib": mib, "threads": torch.get_num_threads()}
+
+
+def measure_gpu_bandwidth(mib: int = 1024, repeats: int = 10) -> dict | None:
+    if not torch.cuda.is_available():
+        return None
+    n = mib * MiB // 4
+    src = torch.ones(n, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return {"copy_gbs": round(2 * n * 4 / best / 1e9, 1), "mib": mib, "device": torch.cuda.get_device_name()}
+
+
+# ---------------------------------------------------------------- peak memory
+
+def _status_kb(field: str) -> int | None:
+    try:
+        m = re.search(rf"^{field}:\s+(\d+) kB", open("/proc/self/status").read(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+class PeakMemory:
+    """Per-row peak RSS (and CUDA memory): call reset() before a row and read() after it."""
+
+    def __init__(self):
+        self.mode = "per_row" if self._try_reset() else "cumulative"
+
+    @staticmethod
+    def _try_reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return _status_kb("VmHWM") is not None
+        except OSError:
+            return False
+
+    def reset(self) -> None:
+        if self.mode == "per_row":
+            self._try_reset()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def rss_mb(self) -> float:
+        kb = _status_kb("VmHWM") if self.mode == "per_row" else None
+        if kb is None:
+            kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+        return round(kb / 1024, 1)
+
+    @staticmethod
+    def gpu_mb() -> float | None:
+        if not torch.cuda.is_available():
+            return None
+        return round(torch.cuda.max_memory_allocated() / MiB, 1)
+
+
+# ---------------------------------------------------------------- statistics
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default), q in [0, 100]."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    k = (len(xs) - 1) * q / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def step_stats(step_s: list[float], tokens_per_step: list[int]) -> dict:
+    """Decode-step durations (one token per running sequence each) -> per-token latency and throughput."""
+    if not step_s:
+        return {"decode_ms_mean": None, "decode_ms_p99": None, "decode_tok_s": None}
+    total = sum(step_s)
+    return {"decode_ms_mean": round(1000 * total / len(step_s), 2),
+            "decode_ms_p99": round(1000 * percentile(step_s, 99), 2),
+            "decode_tok_s": round(sum(tokens_per_step) / total, 3) if total > 0 else None}
+
+
+# ---------------------------------------------------------------- roofline
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def decode_read_bytes(llm: dict, llm_params: int, embed_params: int, dtype: str, batch: int,
+                      input_tokens: int, output_tokens: int) -> int:
+    """Bytes one decode step must read at batch `batch`, averaged over the run's steps.
+
+    llm_params: every language-model weight element (embedding included); the embedding is
+    replaced by the `batch` rows a step looks up. Steps 1..N-1 attend over input + i tokens,
+    so the mean context is input + N/2.
+    """
+    b = DTYPE_BYTES[dtype]
+    hidden = llm["hidden_size"]
+    weights = (llm_params - embed_params + batch * hidden) * b
+    kv_per_token = 2 * llm["num_layers"] * llm["num_kv_heads"] * llm["head_dim"] * b
+    mean_ctx = input_tokens + output_tokens / 2
+    return int(weights + batch * mean_ctx * kv_per_token)
+
+
+def kv_bytes(llm: dict, dtype: str, tokens: int) -> int:
+    return 2 * llm["num_layers"] * llm["num_kv_heads"] * llm["head_dim"] * DTYPE_BYTES[dtype] * tokens
+
+
+def roofline(read_bytes: int, copy_gbs: float, decode_ms_mean: float | None) -> dict:
+    ms = read_bytes / (copy_gbs * 1e9) * 1000
+    return {"step_read_mb": round(read_bytes / 1e6, 1), "roofline_ms": round(ms, 2),
+            "roofline_frac": round(ms / decode_ms_mean, 3) if decode_ms_mean else None}

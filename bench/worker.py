@@ -1,0 +1,47 @@
+"""One engine's sweep in its own process (so its peak memory is its own):
+
+    python -m internvl_aot.bench.worker SPEC.json ROWS.jsonl
+
+Each finished row is appended to ROWS.jsonl at once, so a run cut short keeps its rows.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec_path, rows_path = argv
+    spec = json.loads(open(spec_path).read())
+    import torch
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    label = f"{spec['engine']}" + (f" {spec['hf_dtype']}" if spec.get("hf_dtype") else "")
+
+    def emit(row: dict) -> None:
+        with open(rows_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"[bench] {label} batch {row['batch_size']}: ttft {row['ttft_s']} s, decode "
+              f"{row['decode_ms_mean']} ms/step, {row['decode_tok_s']} tok/s, peak RSS {row['peak_rss_mb']} MB",
+              file=sys.stderr, flush=True)
+
+    try:
+        if spec["engine"] == "ours":
+            from . import ours
+            ours.run(spec, emit)
+        else:
+            from . import hf
+            hf.run(spec, emit)
+    except Exception as e:  # recorded in the CSV: "where it works"
+        traceback.print_exc()
+        with open(rows_path, "a") as f:
+            f.write(json.dumps({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]})
+                    + "\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""internvl-bench on a tiny compiled artifact: the CSV's shape, and transformers fed the
+artifact's own (un-fused) weights producing our exact greedy tokens in fp32."""
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import ARTIFACT_CASES, checkpoint_dir
+from internvl_aot.bench.cli import COLUMNS, main, parse_batch_sizes
+from internvl_aot.bench.hf_weights import canonical_from_artifact, canonical_to_hf
+from internvl_aot.bench.measure import percentile, step_stats
+from internvl_aot.compile.checkpoint import load_checkpoint
+
+
+def test_parse_batch_sizes():
+    assert parse_batch_sizes("1-10") == list(range(1, 11))
+    assert parse_batch_sizes("8,1") == [1, 8]
+    assert parse_batch_sizes("1-3,8") == [1, 2, 3, 8]
+    with pytest.raises(ValueError):
+        parse_batch_sizes("3-1")
+
+
+def test_step_statistics():
+    assert percentile([1, 2, 3, 4, 5], 50) == 3
+    assert percentile([0.0, 1.0], 99) == pytest.approx(0.99)
+    s = step_stats([0.1, 0.1, 0.2, 0.2], [4, 4, 4, 4])
+    assert s["decode_ms_mean"] == 150 and s["decode_tok_s"] == pytest.approx(16 / 0.6, rel=1e-3)
+
+
+def test_unfused_artifact_weights_equal_the_checkpoint(tiny_artifact, tiny_checkpoints):
+    """The artifact holds fused q/k/v and gate/up weights; un-fusing gives back the checkpoint's."""
+    from safetensors.torch import load_file
+    art = tiny_artifact("internlm2_vit300m")
+    manifest = json.loads((art / "manifest.json").read_text())
+    stored = load_file(str(art / manifest["ranks"][0]["weights"]))
+    canonical = canonical_from_artifact(manifest, stored)
+    spec, fmt = ARTIFACT_CASES["internlm2_vit300m"]
+    _, want = load_checkpoint(checkpoint_dir(tiny_checkpoints[spec], fmt))
+    assert set(canonical) == set(want)
+    for k, t in want.items():
+        assert torch.equal(canonical[k], t), k
+    hf = canonical_to_hf(canonical)
+    assert len(hf) == len(canonical) + 2 * sum(1 for k in canonical if k.endswith("attn.qkv.weight")) \
+        + 2 * sum(1 for k in canonical if k.endswith("attn.qkv.bias"))
+
+
+def test_bench_against_transformers(tiny_artifact, tmp_path):
+    art = tiny_artifact("internlm2_vit300m")
+    rc = main(["--artifact", str(art), "--batch-sizes", "1,2", "--output-tokens", "8", "--max-tiles", "1",
+               "--compare", "transformers", "--out", str(tmp_path), "--threads", "2"])
+    assert rc == 0
+    with open(tmp_path / "benchmark.csv") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    assert [(r["engine"], int(r["batch_size"])) for r in rows] == \
+        [("ours", 1), ("ours", 2), ("transformers", 1), ("transformers", 2)]
+    for r in rows:
+        assert r["error"] == ""
+        assert r["dtype"] == "fp32"
+        assert int(r["output_tokens"]) == 8
+        assert int(r["num_tiles"]) == 1 and int(r["input_tokens"]) > 256
+        for col in ("ttft_s", "decode_ms_mean", "decode_ms_p99", "decode_tok_s", "e2e_tok_s", "peak_rss_mb",
+                    "roofline_ms", "roofline_frac", "copy_gbs", "rss_over_weights_kv"):
+            assert float(r[col]) > 0, col
+        assert float(r["decode_ms_p99"]) >= float(r["decode_ms_mean"]) * 0.5
+    ours = {int(r["batch_size"]): r for r in rows if r["engine"] == "ours"}
+    for r in rows:
+        if r["engine"] == "transformers":
+            assert int(r["match_tokens"]) == 8, "transformers with the un-fused weights gives other tokens"
+            o = ours[int(r["batch_size"])]
+            assert r["input_tokens"] == o["input_tokens"]
+            assert float(r["ratio_decode_tok_s"]) == pytest.approx(
+                float(o["decode_tok_s"]) / float(r["decode_tok_s"]), rel=1e-2)
+            for col in ("ratio_ttft", "ratio_e2e_tok_s", "ratio_peak_rss"):
+                assert float(r[col]) > 0
+        else:
+            assert r["ratio_decode_tok_s"] == "" and r["match_tokens"] == ""
+    meta = json.loads((tmp_path / "benchmark.json").read_text())
+    assert meta["bandwidth"]["copy_gbs"] > 0 and meta["machine"]["torch"] == torch.__version__
+    assert meta["settings"]["batch_sizes"] == [1, 2]
