@@ -50,7 +50,8 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
         t0 = time.perf_counter()
         ep = export_graph(model, buckets, name, tdtype, device)
         nodes_before = _count_calls(ep)
-        ep, report = run_passes(ep, passes)
+        # One RoPE table sized for the largest context, shared by every graph of the artifact.
+        ep, report = run_passes(ep, passes, {"rope_table": {"max_context": buckets.max_context}})
         programs[name] = ep
         pass_reports[name] = {"ops_before": nodes_before, "ops_after": _count_calls(ep), "passes": report}
         log(f"[export {i}/{len(names)}] {name}: {nodes_before} -> {_count_calls(ep)} ops "
