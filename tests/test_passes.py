@@ -272,3 +272,25 @@ def test_passed_decode_graph_compiles_and_binds(tmp_path):
     torch.testing.assert_close(got[-2], want_k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[-1], want_v, atol=1e-5, rtol=1e-5)
     assert count_ops(passed) < count_ops(ep)
+
+
+# ---------------------------------------------------------------- small-M linear lowering
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_small_m_linear_lowers_decode_only(arch):
+    progs = programs(arch, torch.bfloat16)
+    dec, _ = run_passes(progs["decode_b2_c64"], PASS_ORDER)
+    low, report = run_passes(dec, ["small_m_linear"])
+    assert report["small_m_linear"]["lowered"] == count_targets(dec, aten.linear.default) > 0
+    assert count_targets(low, aten.linear.default) == 0
+    assert_same_results(dec, low, "decode_b2_c64", torch.bfloat16, atol=0.05, rtol=0.02)
+    # The same computation in fp32 arithmetic: the lowered graph is at least as close to it.
+    pre, _ = run_passes(progs["prefill_t16"], PASS_ORDER)
+    low_pre, report = run_passes(pre, ["small_m_linear"])
+    # 16 token rows > max_rows: the layers keep their GEMMs; only the output head runs on one row.
+    assert report["small_m_linear"]["lowered"] == 1
+    assert count_targets(low_pre, aten.linear.default) == count_targets(pre, aten.linear.default) - 1
+    assert_same_results(pre, low_pre, "prefill_t16", torch.bfloat16, atol=0.05, rtol=0.02)
+    fp32 = programs(arch, torch.float32)["decode_b2_c64"]
+    kept, report = run_passes(fp32, ["small_m_linear"])
+    assert report["small_m_linear"]["lowered"] == 0                      # fp32 keeps MKL's GEMV
