@@ -9,7 +9,7 @@ BUCKETS ?=
 OUT     ?= artifacts/$(notdir $(MODEL))-tp$(TP)-$(BACKEND)-$(DTYPE)
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup compile run demo test clean check-runtime-venv
+.PHONY: setup compile run demo test bench clean check-runtime-venv
 
 setup: .venv/.installed
 
@@ -37,6 +37,23 @@ demo: setup
 
 test: setup
 	.venv/bin/pytest -q tests
+
+# The original system's performance sweep (one image, batch 1..10, 256 tokens, EOS ignored)
+# against transformers, on the artifact OUT (compiled first if it is not there yet):
+#   make bench MODEL=internvl2-2b WEIGHTS=random
+#   make bench MODEL=internvl2-2b WEIGHTS=random BATCH_SIZES=1,8 OUTPUT_TOKENS=32 COMPARE=transformers HF_DTYPE=bf16,fp32
+# Writes $(BENCH_OUT)/benchmark.csv and benchmark.json; column meanings: docs/performance.md.
+COMPARE       ?= transformers
+BATCH_SIZES   ?= 1-10
+OUTPUT_TOKENS ?= 256
+HF_DTYPE      ?=
+BENCH_ARGS    ?=
+BENCH_OUT     ?= build/bench/$(notdir $(OUT))
+bench: setup
+	test -f $(OUT)/manifest.json || $(MAKE) compile MODEL=$(MODEL) WEIGHTS=$(WEIGHTS) TP=$(TP) BACKEND=$(BACKEND) \
+		DTYPE=$(DTYPE) OUT=$(OUT) $(if $(BUCKETS),BUCKETS="$(BUCKETS)")
+	.venv/bin/internvl-bench --artifact $(OUT) --batch-sizes $(BATCH_SIZES) --output-tokens $(OUTPUT_TOKENS) \
+		$(if $(COMPARE),--compare $(COMPARE)) $(if $(HF_DTYPE),--hf-dtype $(HF_DTYPE)) --out $(BENCH_OUT) $(BENCH_ARGS)
 
 clean:
 	rm -rf build artifacts/*/ .pytest_cache

@@ -154,7 +154,12 @@ def kv_bytes(llm: dict, dtype: str, tokens: int) -> int:
     return 2 * llm["num_layers"] * llm["num_kv_heads"] * llm["head_dim"] * DTYPE_BYTES[dtype] * tokens
 
 
+def sig(x: float, digits: int = 4) -> float:
+    """x rounded to `digits` significant digits (tiny test models give tiny fractions)."""
+    return float(f"{x:.{digits}g}")
+
+
 def roofline(read_bytes: int, copy_gbs: float, decode_ms_mean: float | None) -> dict:
     ms = read_bytes / (copy_gbs * 1e9) * 1000
-    return {"step_read_mb": round(read_bytes / 1e6, 1), "roofline_ms": round(ms, 2),
-            "roofline_frac": round(ms / decode_ms_mean, 3) if decode_ms_mean else None}
+    return {"step_read_mb": sig(read_bytes / 1e6), "roofline_ms": sig(ms),
+            "roofline_frac": sig(ms / decode_ms_mean, 3) if decode_ms_mean else None}

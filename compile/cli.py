@@ -20,8 +20,12 @@ def default_backend() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]     # the checkout, when installed with `pip install -e`
+
+
 def find_checkpoint(name: str) -> Path:
-    """$INTERNVL_WEIGHTS/<name>, then the Hugging Face cache (offline); a clear error listing both."""
+    """$INTERNVL_WEIGHTS/<name>, then a checkpoint that ships in the repository (the demo model),
+    then the Hugging Face cache (offline); a clear error listing where it looked."""
     from .registry import registry_entry
     looked = []
     root = os.environ.get("INTERNVL_WEIGHTS")
@@ -32,6 +36,16 @@ def find_checkpoint(name: str) -> Path:
             return cand
     else:
         looked.append("$INTERNVL_WEIGHTS/<name> ($INTERNVL_WEIGHTS is not set)")
+    try:
+        local = registry_entry(name).local_dir
+    except KeyError:
+        local = None
+    if local:
+        for base in (REPO_ROOT, Path.cwd()):
+            cand = base / local
+            looked.append(str(cand))
+            if (cand / "config.json").is_file():
+                return cand
     hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
     try:
         repo = registry_entry(name).hf_repo
@@ -71,6 +85,23 @@ def resolve(model: str, weights: str | None, dtype: str, work: Path):
     return cfg, state, path, {"path": str(path.resolve()), "fingerprint": checkpoint_fingerprint(path)}
 
 
+def check_tp_early(model: str, weights: str | None, tp: int) -> None:
+    """Refuse a TP size that does not fit the model before any weight is read (the message lists
+    the TP values that do); the compile pipeline checks again with the final config."""
+    from .checkpoint import load_config
+    from .registry import is_registry_name, registry_config
+    from .tp import check_tp
+    if weights and weights != "random" and Path(weights).is_dir():
+        cfg = load_config(weights)
+    elif Path(model).is_dir():
+        cfg = load_config(model)
+    elif is_registry_name(model):
+        cfg = registry_config(model)
+    else:
+        return                      # resolve() says what is wrong with the name
+    check_tp(cfg, tp)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="internvl-compile", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,7 +124,7 @@ def main(argv=None) -> int:
     passes = None if args.passes is None else ([] if args.passes == "none" else args.passes.split(","))
     try:
         if args.tp != 1:
-            raise NotImplementedError(f"TP={args.tp}: tensor-parallel artifacts are not implemented yet; use TP=1")
+            check_tp_early(args.model, args.weights, args.tp)
         buckets = Buckets.parse(args.buckets)
         work = out.parent / f".{out.name}.work"
         work.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """checkpoint -> graphs -> export per bucket -> passes -> AOTInductor -> artifact."""
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Callable
@@ -9,6 +10,7 @@ import torch
 
 from ..graphs.config import ModelConfig
 from ..graphs.model import build_model
+from ..graphs.parallel import SINGLE, TPInfo
 from ..runtime.tokenizer import Tokenizer
 from .aoti import compile_graphs
 from .artifact import collect_weights, dir_size, write_artifact
@@ -16,6 +18,8 @@ from .buckets import Buckets
 from .export import export_graph
 from .passes import run_passes
 from .spec import build_spec
+from .tp import (TP_COMPILE_OPTIONS, check_outputs, check_tp, count_collectives, fake_process_group, rank_shard,
+                 reuse_compiled)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -23,20 +27,19 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Path, buckets: Buckets,
                   dtype: str = "bf16", backend: str = "cpu", tp: int = 1, source: dict | None = None,
                   passes: list[str] | None = None, log: Callable[[str], None] = print) -> dict:
-    if tp != 1:
-        raise NotImplementedError("TP>1 is not implemented yet (tensor-parallel artifacts are a later issue): use TP=1")
+    if tp > 1:
+        check_tp(cfg, tp)
     if backend == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("BACKEND=cuda needs a visible CUDA device on the compiling machine")
     t_start = time.perf_counter()
     device = torch.device("cuda" if backend == "cuda" else "cpu")
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
-    spec = build_spec(cfg, buckets, dtype, tokenizer)
     tdtype = DTYPES[dtype]
     weights = {k: (v.to(device=device, dtype=tdtype) if v.is_floating_point() else v.to(device))
                for k, v in weights.items()}
-    model = build_model(cfg, weights, max_seq_len=buckets.max_context)
     names = buckets.graph_names()
-    log(f"[compile] {cfg.name}: {len(names)} graphs ({', '.join(names)}), dtype {dtype}, backend {backend}")
+    log(f"[compile] {cfg.name}: {len(names)} graphs ({', '.join(names)}), dtype {dtype}, backend {backend}"
+        + (f", TP={tp} ({tp} ranks)" if tp > 1 else ""))
 
     out = Path(out)
     staging = out.parent / f".{out.name}.partial"
@@ -45,33 +48,72 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
         shutil.rmtree(staging)
     (staging / "rank0" / "graphs").mkdir(parents=True)
 
-    programs, pass_reports = {}, {}
-    for i, name in enumerate(names, 1):
-        t0 = time.perf_counter()
-        ep = export_graph(model, buckets, name, tdtype, device)
-        nodes_before = _count_calls(ep)
-        # One RoPE table sized for the largest context, shared by every graph of the artifact.
-        ep, report = run_passes(ep, passes, {"rope_table": {"max_context": buckets.max_context}})
-        programs[name] = ep
-        pass_reports[name] = {"ops_before": nodes_before, "ops_after": _count_calls(ep), "passes": report}
-        log(f"[export {i}/{len(names)}] {name}: {nodes_before} -> {_count_calls(ep)} ops "
-            f"in {time.perf_counter() - t0:.1f} s (elapsed {time.perf_counter() - t_start:.0f} s)")
-
     def progress(msg):
         log(f"[aoti] {msg} (elapsed {time.perf_counter() - t_start:.0f} s)")
 
-    compiled = compile_graphs(programs, staging / "rank0" / "graphs", device=backend, progress=progress)
-    rank_weights = collect_weights(programs, compiled)
+    ranks, pass_reports, graph_s, tp_info = [], {}, {}, {}
+    base_programs: dict = {}
+    # A fake process group of the runtime's size and group name while Inductor compiles (compile/tp.py).
+    with (fake_process_group(tp) if tp > 1 else contextlib.nullcontext("")) as group_name:
+        spec = build_spec(cfg, buckets, dtype, tokenizer, TPInfo(0, tp, group_name))
+        for r in range(tp):
+            tpi = TPInfo(r, tp, group_name) if tp > 1 else SINGLE
+            rank_weights = weights if tp == 1 else rank_shard(cfg, weights, r, tp)
+            model = build_model(cfg, rank_weights, tpi, max_seq_len=buckets.max_context)
+            where = f" rank {r}" if tp > 1 else ""
+            programs = {}
+            for i, name in enumerate(names, 1):
+                t0 = time.perf_counter()
+                ep = export_graph(model, buckets, name, tdtype, device)
+                nodes_before = _count_calls(ep)
+                # One RoPE table sized for the largest context, shared by every graph of the artifact.
+                ep, report = run_passes(ep, passes, {"rope_table": {"max_context": buckets.max_context}})
+                programs[name] = ep
+                if r == 0:
+                    pass_reports[name] = {"ops_before": nodes_before, "ops_after": _count_calls(ep), "passes": report}
+                log(f"[export{where} {i}/{len(names)}] {name}: {nodes_before} -> {_count_calls(ep)} ops "
+                    f"in {time.perf_counter() - t0:.1f} s (elapsed {time.perf_counter() - t_start:.0f} s)")
+            graphs_dir = staging / f"rank{r}" / "graphs"
+            options = TP_COMPILE_OPTIONS if tp > 1 else None
+            if r == 0:
+                compiled = compile_graphs(programs, graphs_dir, device=backend, progress=progress, options=options)
+                base_programs = programs
+                if tp > 1:
+                    tp_info["collectives"] = {n: count_collectives(ep) for n, ep in programs.items()}
+                    for n in compiled:
+                        check_outputs(graphs_dir / compiled[n].package)
+            else:
+                compiled = {}
+                for name, ep in programs.items():
+                    reused = reuse_compiled(ranks[0]["graphs"][name], staging / "rank0" / "graphs",
+                                            base_programs[name], ep, graphs_dir)
+                    if reused is None:      # a program that differs from rank 0's: compile it for this rank
+                        log(f"[aoti] rank {r} {name}: program differs from rank 0's, compiling it")
+                        reused = compile_graphs({name: ep}, graphs_dir, device=backend, progress=progress,
+                                                options=options)[name]
+                        check_outputs(graphs_dir / reused.package)
+                    compiled[name] = reused
+                tp_info.setdefault("reused_rank0_graphs", {})[f"rank{r}"] = sum(
+                    1 for g in compiled.values() if g.compile_s == 0.0)
+            ranks.append({"weights": collect_weights(programs, compiled), "graphs": compiled})
+            graph_s.update({(n if tp == 1 else f"rank{r}/{n}"): round(g.compile_s, 1) for n, g in compiled.items()})
+            del model, programs, rank_weights
+    if tp > 1:
+        decode = next((n for n in names if n.startswith("decode_")), None)
+        if decode:
+            log(f"[tp] collectives per decode step: {tp_info['collectives'][decode]}")
     compile_s = time.perf_counter() - t_start
-    info = {"seconds": round(compile_s, 1), "passes": pass_reports,
-            "graph_compile_s": {n: round(g.compile_s, 1) for n, g in compiled.items()}}
-    write_artifact(out, staging, spec, [{"weights": rank_weights, "graphs": compiled}], Path(tokenizer_dir),
-                   source or {}, backend, info)
+    info = {"seconds": round(compile_s, 1), "passes": pass_reports, "graph_compile_s": graph_s}
+    if tp > 1:
+        info["tp"] = tp_info
+    write_artifact(out, staging, spec, ranks, Path(tokenizer_dir), source or {}, backend, info)
     size = dir_size(out)
-    wbytes = sum(t.numel() * t.element_size() for t in rank_weights.values())
-    log(f"[done] {out}: {len(compiled)} graphs, {size / 1e6:.1f} MB ({wbytes / 1e6:.1f} MB weights), "
-        f"compiled in {compile_s:.0f} s")
-    return {"out": str(out), "graphs": len(compiled), "bytes": size, "weight_bytes": wbytes, "seconds": compile_s}
+    wbytes = sum(t.numel() * t.element_size() for r in ranks for t in r["weights"].values())
+    per_rank = f" x {tp} ranks" if tp > 1 else ""
+    log(f"[done] {out}: {len(ranks[0]['graphs'])} graphs{per_rank}, {size / 1e6:.1f} MB "
+        f"({wbytes / 1e6:.1f} MB weights), compiled in {compile_s:.0f} s")
+    return {"out": str(out), "graphs": len(ranks[0]["graphs"]), "bytes": size, "weight_bytes": wbytes,
+            "seconds": compile_s}
 
 
 def _count_calls(ep) -> int:

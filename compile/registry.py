@@ -122,6 +122,26 @@ def phi3_mini_128k() -> LLMConfig:
                      max_position_embeddings=131072)
 
 
+# ---------------------------------------------------------------- the demo model
+
+def demo_vit() -> VisionConfig:
+    """models/internvl-demo's encoder: InternViT-300M's kind (LayerNorm, qkv bias) at toy width."""
+    return VisionConfig(hidden_size=96, num_layers=2, num_heads=3, intermediate_size=384,
+                        norm_type="layer_norm", qkv_bias=True, qk_normalization=False,
+                        layer_norm_eps=1e-6)
+
+
+def demo_llm() -> LLMConfig:
+    # models/internvl-demo/config.json's llm_config (tools/train_demo_model.py): InternLM2, toy width.
+    return LLMConfig(arch="internlm2", vocab_size=DEMO_VOCAB, hidden_size=192, num_layers=3,
+                     num_heads=6, num_kv_heads=3, intermediate_size=512, rms_norm_eps=1e-5,
+                     rope_theta=1_000_000.0, rope_scaling=None, max_position_embeddings=4096)
+
+
+DEMO_VOCAB = 609                  # its SentencePiece model's 600 pieces + InternVL's 9 added tokens
+DEMO_IMAGE_CONTEXT_ID = 602
+
+
 # ---------------------------------------------------------------- the table
 
 @dataclass(frozen=True)
@@ -138,9 +158,16 @@ class RegistryEntry:
     max_dynamic_patch: int = 12
     image_context_token_id: int = -1      # -1: not known for this tokenizer
     unsupported: Optional[str] = None     # why the compiler cannot build it yet
+    local_dir: Optional[str] = None       # a checkpoint that ships in this repository (relative to its root)
 
 
 _ENTRIES = [
+    RegistryEntry(
+        # A small trained model of InternVL2's architecture (InternLM2 backbone), in the repository:
+        # it answers questions about synthetic pictures (shapes, colours, counts, words, numbers).
+        # One 448x448 tile per picture.
+        "internvl-demo", "", demo_vit, demo_llm, template="internlm2-chat", max_dynamic_patch=1,
+        image_context_token_id=DEMO_IMAGE_CONTEXT_ID, local_dir="models/internvl-demo"),
     RegistryEntry(
         "internvl-chat-v1-2", "OpenGVLab/InternVL-Chat-V1-2", intern_vit_6b, nous_hermes_2_yi_34b,
         template="Hermes-2",
@@ -189,7 +216,8 @@ def registry_entry(name: str) -> RegistryEntry:
     """The entry for a registry name or its Hub repo id (case-insensitive), supported or not."""
     key = _normalize(name)
     for entry in _ENTRIES:
-        if key in (entry.name, entry.hf_repo.lower(), entry.hf_repo.split("/")[-1].lower()):
+        repo = entry.hf_repo.lower()
+        if key == entry.name or (repo and key in (repo, repo.split("/")[-1])):
             return entry
     raise KeyError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
 

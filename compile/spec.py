@@ -37,6 +37,9 @@ def build_spec(cfg: ModelConfig, buckets: Buckets, dtype: str, tokenizer: Tokeni
         "buckets": buckets.to_dict(),
         "tp": tp.world_size,
         "rank": {"kv_heads": max(1, llm.num_kv_heads // tp.world_size)},
+        # The process group name the graphs' collectives were compiled against; the runtime's
+        # default group must have it (checked at start-up).
+        **({"tp_group": tp.group_name} if tp.world_size > 1 else {}),
         "chat": {"template": cfg.template, "system": template.system_message},
         "image": {"image_size": cfg.vision.image_size, "num_image_token": cfg.num_image_token,
                   "dynamic_image_size": cfg.dynamic_image_size, "use_thumbnail": cfg.use_thumbnail,

@@ -50,9 +50,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LLMConfig, tp: TPInfo):
         super().__init__()
-        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, False, tp)
-        self.up_proj = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, False, tp)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp)
+        inner = tp.padded(cfg.intermediate_size)            # zero-padded when it does not divide
+        self.gate_proj = ColumnParallelLinear(cfg.hidden_size, inner, False, tp)
+        self.up_proj = ColumnParallelLinear(cfg.hidden_size, inner, False, tp)
+        self.down_proj = RowParallelLinear(inner, cfg.hidden_size, False, tp)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -21,8 +21,8 @@ class InternVL(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPInfo = SINGLE, max_seq_len: int = 0):
         super().__init__()
         self.cfg = cfg
-        self.vision_model = InternViT(cfg.vision, cfg.select_layer)
-        self.mlp1 = Projector(cfg.projector_in, cfg.llm.hidden_size)
+        self.vision_model = InternViT(cfg.vision, cfg.select_layer, tp)
+        self.mlp1 = Projector(cfg.projector_in, cfg.llm.hidden_size, tp)
         self.language_model = LanguageModel(cfg.llm, tp, max_seq_len)
 
 
@@ -63,11 +63,12 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], tp: TPInfo =
     """An InternVL module holding exactly `weights` (no copies; names per docs/CONTRACTS.md).
 
     Vision layers past `select_layer` are not built, so their weights are dropped here.
-    Any other missing or unexpected name is an error.
+    Any other missing or unexpected name is an error. With tensor parallelism, `weights` are
+    one rank's shard (compile/tp.py), including the rank's persistent buffers (vocab offsets).
     """
     with torch.device("meta"):
         model = InternVL(cfg, tp, max_seq_len)
-    expected = dict(model.named_parameters())
+    expected = dict(model.state_dict(keep_vars=True))
     used = {k: v for k, v in weights.items() if k in expected}
     dropped = [k for k in weights if k not in expected and not _is_unused_vision_layer(k, model)]
     missing = [k for k in expected if k not in weights]

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .parallel import SINGLE, ColumnParallelLinear, RowParallelLinear, TPInfo
+
 
 def pixel_shuffle(x: torch.Tensor, scale: float, version: str) -> torch.Tensor:
     """x [N, w, h, C] -> [N, w*scale, h*scale, C/scale^2], InternVL's exact token order.
@@ -23,11 +25,16 @@ def pixel_shuffle(x: torch.Tensor, scale: float, version: str) -> torch.Tensor:
 
 
 class Projector(nn.Sequential):
-    """mlp1: LayerNorm(4C), Linear(4C, H), GELU, Linear(H, H); indices 0, 1, 3 as in checkpoints."""
+    """mlp1: LayerNorm(4C), Linear(4C, H), GELU, Linear(H, H); indices 0, 1, 3 as in checkpoints.
 
-    def __init__(self, in_dim: int, llm_hidden: int):
-        super().__init__(nn.LayerNorm(in_dim), nn.Linear(in_dim, llm_hidden), nn.GELU(),
-                         nn.Linear(llm_hidden, llm_hidden))
+    Tensor parallel: the LayerNorm is replicated, mlp1.1 column-parallel, mlp1.3 row-parallel
+    (its bias added once, after the all-reduce); the middle width is zero-padded to a multiple
+    of the world size when needed (GELU(0) = 0 and the padded columns of mlp1.3 are zero)."""
+
+    def __init__(self, in_dim: int, llm_hidden: int, tp: TPInfo = SINGLE):
+        inner = tp.padded(llm_hidden)
+        super().__init__(nn.LayerNorm(in_dim), ColumnParallelLinear(in_dim, inner, True, tp), nn.GELU(),
+                         RowParallelLinear(inner, llm_hidden, True, tp))
 
 
 def vit_tokens_to_llm(vit_out: torch.Tensor, projector: Projector, scale: float, version: str) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Open an artifact: check its manifest, map its weights once, bind every graph to them."""
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -12,8 +14,8 @@ from .tokenizer import Tokenizer
 
 
 def load_artifact(path: Path, device: str | None = None, skip_verify: bool = False, rank: int = 0,
-                  log=None):
-    """-> (manifest, {graph name: callable}, tokenizer, device)."""
+                  log=None, tokenizer: bool = True):
+    """-> (manifest, {graph name: callable}, tokenizer (None when not asked for), device) of one rank."""
     path = Path(path)
     t0 = time.perf_counter()
     manifest = read_manifest(path)
@@ -29,8 +31,55 @@ def load_artifact(path: Path, device: str | None = None, skip_verify: bool = Fal
                   for name, g in entry["graphs"].items()}
     except GraphLoadError as e:
         raise ArtifactError(str(e)) from None
-    tokenizer = Tokenizer.from_dir(path / manifest["tokenizer_dir"])
+    tok = Tokenizer.from_dir(path / manifest["tokenizer_dir"]) if tokenizer else None
     if log:
-        log(f"loaded {path.name}: {len(graphs)} graphs, {sum(t.numel() * t.element_size() for t in weights.values()) / 1e9:.2f} GB "
+        log(f"loaded {path.name}{f' rank {rank}' if rank else ''}: {len(graphs)} graphs, "
+            f"{sum(t.numel() * t.element_size() for t in weights.values()) / 1e9:.2f} GB "
             f"weights in {time.perf_counter() - t0:.1f} s")
-    return manifest, graphs, tokenizer, device
+    return manifest, graphs, tok, device
+
+
+def open_tp_artifact(path: Path, device: str | None = None, skip_verify: bool = False, threads: int | None = None,
+                     log=None):
+    """A tensor-parallel artifact: start the follower ranks (runtime/tp.py), load rank 0 here.
+
+    -> (manifest, rank 0's graphs wrapped to drive the followers, tokenizer, device, RankGroup)."""
+    from .tp import RankGroup, default_threads
+
+    path = Path(path).resolve()
+    manifest = read_manifest(path)
+    verify(path, manifest, check_hashes=not skip_verify)       # every rank's files, once, here
+    world = int(manifest["tp"])
+    backend = manifest["device"]["kind"]
+    device = torch.device(device or ("cuda" if backend == "cuda" else "cpu"))
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count < world:
+            raise ArtifactError(f"this TP={world} artifact needs {world} GPUs, {count} visible: use a machine with "
+                                f"{world} GPUs or compile with TP={max(1, count)}")
+        device = torch.device("cuda", device.index or 0)
+    else:
+        threads = threads or default_threads(world)
+        torch.set_num_threads(threads)
+
+    def follower_argv(rank: int, addr: str, port: int) -> list[str]:
+        argv = [sys.executable, "-m", "internvl_aot.runtime.tp_worker", "--artifact", str(path), "--rank", str(rank),
+                "--master-addr", addr, "--master-port", str(port), "--parent-pid", str(os.getpid())]
+        if device.type == "cuda":
+            argv += ["--device", f"cuda:{(device.index + rank) % torch.cuda.device_count()}"]
+        else:
+            argv += ["--threads", str(threads)]
+        return argv
+
+    env = dict(os.environ)
+    if device.type == "cpu":
+        env["OMP_NUM_THREADS"] = str(threads)
+    group = RankGroup(manifest, device, log)
+    group.launch(follower_argv, env)
+    try:
+        _, graphs, tok, device = load_artifact(path, str(device), skip_verify=True, rank=0, log=log)
+        group.wait_loaded()
+    except BaseException:
+        group.stop()
+        raise
+    return manifest, group.wrap(graphs), tok, device, group

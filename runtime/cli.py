@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     from .engine import Engine, Request, RequestError
     from .manifest import ArtifactError
     from .sampler import SamplingParams
+    from .tp import TPError
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,11 +60,24 @@ def main(argv=None) -> int:
                                 repetition_penalty=args.repetition_penalty, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens)
         engine = Engine.from_artifact(args.artifact, device=args.device, kv_cache_gb=args.kv_cache_gb,
-                                      skip_verify=args.skip_verify)
-    except (ArtifactError, ValueError, OSError) as e:
+                                      skip_verify=args.skip_verify, threads=args.threads)
+    except (ArtifactError, ValueError, OSError, TPError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    load_s = time.perf_counter() - t0
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    try:
+        return _run(args, engine, prompt, params, time.perf_counter() - t0)
+    except TPError as e:       # a tensor-parallel rank died: the group is down already
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        engine.close()          # stops the other tensor-parallel ranks, if any
+
+
+def _run(args, engine, prompt, params, load_s: float) -> int:
+    from .engine import Request, RequestError
 
     stream = engine.tokenizer.stream(skip_special_tokens=True)
     stop_ids = engine.stop_ids

@@ -52,8 +52,11 @@ class Result:
 
 class Engine:
     def __init__(self, spec: dict, graphs: dict, tokenizer: Tokenizer, device: str | torch.device = "cpu",
-                 kv_cache_gb: float | None = None, kv_cache_fraction: float = 0.5):
+                 kv_cache_gb: float | None = None, kv_cache_fraction: float = 0.5, tp_group=None):
+        """tp_group: for a tensor-parallel artifact, rank 0's handle on the other ranks (runtime/tp.py);
+        `graphs` are then rank 0's graphs wrapped by it, and every rank gets a pool like this one's."""
         self.spec, self.tokenizer, self.device = spec, tokenizer, torch.device(device)
+        self.tp_group = tp_group
         cfg = spec["model"]["config"]
         self.cfg, self.buckets = cfg, spec["buckets"]
         self.dtype = DTYPES[spec["dtype"]]
@@ -66,11 +69,15 @@ class Engine:
         # Without an explicit budget: enough for the largest batch at the largest context, capped
         # by a fraction of free memory.
         budget = None if kv_cache_gb is None else int(kv_cache_gb * GiB)
+        if tp_group is not None and self.device.type == "cpu":
+            kv_cache_fraction /= spec["tp"]             # every rank's pool comes out of the same memory
         self.pool = KVPool.from_budget(
             llm["num_layers"], rank_kv_heads, llm["head_dim"], block_size, self.dtype, self.device,
             budget_bytes=budget, fraction_of_free=None if budget else kv_cache_fraction,
             max_blocks=None if budget else per_seq * max(self.buckets["batch"]) + 1, blocks_per_seq=per_seq)
         self.allocator = BlockAllocator(self.pool.k_cache.shape[1], block_size)
+        if tp_group is not None:
+            tp_group.allocate_pools(self.pool.k_cache.shape[1])    # one block table for every rank
         self.runner = ModelRunner(graphs, self.buckets, self.pool, self.allocator, llm["hidden_size"],
                                   cfg["image_context_token_id"], self.dtype, self.device)
         self.stop_ids = set(spec["generation"]["stop_token_ids"])
@@ -80,10 +87,33 @@ class Engine:
     # -- loading ------------------------------------------------------------------------------------
     @classmethod
     def from_artifact(cls, path: str | Path, device: str | None = None, kv_cache_gb: float | None = None,
-                      skip_verify: bool = False, rank: int = 0) -> "Engine":
-        from .artifact import load_artifact
+                      skip_verify: bool = False, rank: int = 0, threads: int | None = None) -> "Engine":
+        """Open an artifact. A tensor-parallel one starts its other ranks as child processes
+        (one per rank; runtime/tp.py) that live until `close()` (or the end of this process);
+        `kv_cache_gb` is then per rank, and `threads` the CPU threads of each rank (default:
+        the cores shared out between the ranks)."""
+        from .artifact import load_artifact, open_tp_artifact
+        from .manifest import read_manifest
+        if rank == 0 and int(read_manifest(Path(path)).get("tp", 1)) > 1:
+            spec, graphs, tokenizer, dev, group = open_tp_artifact(Path(path), device, skip_verify, threads)
+            try:
+                return cls(spec, graphs, tokenizer, dev, kv_cache_gb=kv_cache_gb, tp_group=group)
+            except BaseException:
+                group.stop()
+                raise
         spec, graphs, tokenizer, dev = load_artifact(Path(path), device=device, skip_verify=skip_verify, rank=rank)
         return cls(spec, graphs, tokenizer, dev, kv_cache_gb=kv_cache_gb)
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (a no-op otherwise)."""
+        if self.tp_group is not None:
+            self.tp_group.stop()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- requests -----------------------------------------------------------------------------------
     def _stop_reason(self, seq: Sequence, token: int) -> Optional[str]:

@@ -190,11 +190,11 @@ def test_cli_errors_are_one_line(tiny_artifact, tmp_path):
     assert p.returncode == 2 and "manifest.json is missing" in p.stderr
 
 
-def test_compile_cli_refuses_tp_and_unknown_weights(tmp_path):
+def test_compile_cli_refuses_bad_tp_and_unknown_weights(tmp_path):
     cli = [sys.executable, "-m", "internvl_aot.compile.cli"]
-    p = subprocess.run(cli + ["--model", "internvl2-2b", "--tp", "2", "--out", str(tmp_path / "a")],
+    p = subprocess.run(cli + ["--model", "internvl2-2b", "--tp", "3", "--out", str(tmp_path / "a")],
                        capture_output=True, text=True)
-    assert p.returncode == 2 and "TP=2" in p.stderr
+    assert p.returncode == 2 and "TP=3" in p.stderr and "TP values that work for this model: 1, 2, 4, 8, 16" in p.stderr
     env = dict(os.environ, INTERNVL_WEIGHTS=str(tmp_path), HF_HOME=str(tmp_path / "hf"))
     p = subprocess.run(cli + ["--model", "internvl2-2b", "--out", str(tmp_path / "a")], capture_output=True,
                        text=True, env=env)

@@ -19,7 +19,8 @@ Eight kinds of questions, each with a short exact answer:
 `example(rng, kind)` draws a picture made for a question of that kind and returns every question
 the picture answers; `questions(seed, n)` is a balanced evaluation set (n // 8 of each kind).
 Besides the picture, `example` returns per-cell labels (16x16 cells of 28x28 pixels, one LLM image
-token each: colour, shape, character under the cell), which training uses as an auxiliary loss.
+token each: colour, shape, character and its place in the text, quadrant of the object under the
+cell), which training uses as an auxiliary loss.
 Everything is a pure function of the random generator, so a seed fixes a data set.
 """
 from __future__ import annotations
@@ -44,6 +45,8 @@ WORDS = ["cat", "dog", "sun", "tree", "book", "fish", "bird", "car", "ship", "mo
          "wolf", "bear", "lion", "duck", "cup", "egg"]
 NUMBERS = [str(n) for n in range(10, 100)]
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+MAX_TEXT = 4                   # characters in the longest word or number
+LABEL_CLASSES = (1 + len(COLOURS), 2 + len(SHAPES), 1 + MAX_TEXT * len(CHARS), 1 + len(QUADRANTS))
 KINDS = ["colour", "shape", "count", "total", "where", "word", "number", "ink"]
 
 QUESTION = {
@@ -62,8 +65,8 @@ QUESTION = {
 class Example:
     image: Image.Image
     qas: list              # [(kind, question, answer)], every question this picture answers
-    labels: np.ndarray     # [3, GRID, GRID] int64: colour (0 none, 1..6), shape (0 none, 1..4, 5 text),
-                           # character (0 none, 1..36 = CHARS)
+    labels: np.ndarray     # [4, GRID, GRID] int64: colour (0 none, 1..6), shape (0 none, 1..4, 5 text),
+                           # character (0 none, 1 + slot * 36 + CHARS.index(c)), quadrant (0 none, 1..4)
 
 
 # ---------------------------------------------------------------- drawing
@@ -125,21 +128,23 @@ def _shapes_picture(rng: random.Random, objects: list[tuple[str, str]]) -> Examp
     """objects: (shape, colour) per quadrant, None for an empty one (exactly 4 entries)."""
     image = Image.new("RGB", (SIZE, SIZE), _background(rng))
     draw = ImageDraw.Draw(image)
-    colour_lab, shape_lab = Image.new("L", (SIZE, SIZE)), Image.new("L", (SIZE, SIZE))
-    dc, ds = ImageDraw.Draw(colour_lab), ImageDraw.Draw(shape_lab)
+    colour_lab, shape_lab, quad_lab = (Image.new("L", (SIZE, SIZE)) for _ in range(3))
+    dc, ds, dq = ImageDraw.Draw(colour_lab), ImageDraw.Draw(shape_lab), ImageDraw.Draw(quad_lab)
     half = SIZE // 2
     for q, obj in enumerate(objects):
         if obj is None:
             continue
         shape, colour = obj
-        r = rng.uniform(48, 92)
+        r = rng.uniform(40, 80)
         x0, y0 = (q % 2) * half, (q // 2) * half
         m = r + 6
         cx, cy = rng.uniform(x0 + m, x0 + half - m), rng.uniform(y0 + m, y0 + half - m)
         _draw_shape(draw, shape, cx, cy, r, _jitter(rng, COLOURS[colour]))
         _draw_shape(dc, shape, cx, cy, r, 1 + list(COLOURS).index(colour))
         _draw_shape(ds, shape, cx, cy, r, 1 + SHAPES.index(shape))
-    labels = np.stack([_cell_majority(colour_lab), _cell_majority(shape_lab), np.zeros((GRID, GRID), np.int64)])
+        _draw_shape(dq, shape, cx, cy, r, 1 + q)
+    labels = np.stack([_cell_majority(colour_lab), _cell_majority(shape_lab), np.zeros((GRID, GRID), np.int64),
+                       _cell_majority(quad_lab)])
 
     present = [o for o in objects if o is not None]
     shape_count = {s: sum(1 for o in present if o[0] == s) for s in SHAPES}
@@ -177,11 +182,12 @@ def _text_picture(rng: random.Random, text: str, kind: str) -> Example:
                                     stroke_width=stroke, stroke_fill=1 + list(COLOURS).index(colour))
     dch = ImageDraw.Draw(char_lab)
     for i, ch in enumerate(text):
-        v = 1 + CHARS.index(ch)
+        v = 1 + i * len(CHARS) + CHARS.index(ch)
         dch.text((x + font.getlength(text[:i]), y), ch, font=font, fill=v, stroke_width=stroke, stroke_fill=v)
     colour_cells = _cell_majority(colour_lab, min_cover=0.05)
     shape_cells = np.where(colour_cells > 0, 1 + len(SHAPES), 0)
-    labels = np.stack([colour_cells, shape_cells, _cell_majority(char_lab, min_cover=0.05)])
+    labels = np.stack([colour_cells, shape_cells, _cell_majority(char_lab, min_cover=0.05),
+                       np.zeros((GRID, GRID), np.int64)])
     qas = [(kind, QUESTION[kind], text), ("ink", QUESTION["ink"], colour)]
     return Example(image, qas, labels)
 
