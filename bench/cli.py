@@ -113,10 +113,13 @@ def run_worker(spec: dict, work: Path, tag: str) -> list[dict]:
     proc = subprocess.run([sys.executable, "-m", "internvl_aot.bench.worker", str(spec_path), str(rows_path)])
     rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
     if proc.returncode != 0 and not any("error" in r for r in rows):
-        rows.append({"error": f"worker exited with status {proc.returncode}"})
+        rc = proc.returncode
+        why = (f"worker killed by signal {-rc}" + (" (SIGKILL: out of memory?)" if rc == -9 else "")
+               if rc < 0 else f"worker exited with status {rc}")
+        rows.append({"error": why + f" after {len(rows)} of {len(spec['batch_sizes'])} rows"})
     for r in rows:
         r.setdefault("engine", spec["engine"])
-        r.setdefault("dtype", spec.get("hf_dtype"))
+        r.setdefault("dtype", spec.get("hf_dtype") or spec.get("dtype"))
     return rows
 
 
@@ -222,6 +225,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from .measure import measure_bandwidth, measure_gpu_bandwidth
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    load_start = os.getloadavg()
     if manifest["backend"] == "cuda" or (compare and (args.device or "").startswith("cuda")):
         bw = measure_gpu_bandwidth()
     else:
@@ -236,7 +240,7 @@ def main(argv=None) -> int:
                 "image": str(image), "max_tiles": args.max_tiles, "prompt": args.prompt, "threads": args.threads,
                 "inputs": str(work / "inputs.pt"), "kv_cache_gb": args.kv_cache_gb, "skip_verify": args.skip_verify,
                 "device": args.device}
-        rows = run_worker(dict(base, engine="ours"), work, "ours")
+        rows = run_worker(dict(base, engine="ours", dtype=manifest["dtype"]), work, "ours")
         if any("error" in r for r in rows) and not (work / "inputs.pt").exists():
             compare = []
         for engine in compare:
@@ -257,6 +261,8 @@ def main(argv=None) -> int:
     write_csv(rows, out / "benchmark.csv")
     meta = {"command": "internvl-bench " + " ".join(sys.argv[1:] if argv is None else argv), "date": started,
             "machine": machine_info(), "bandwidth": bw,
+            # Other processes on the box: 1-minute load average before and after the run.
+            "loadavg": {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)},
             "artifact": {"path": str(art), "model": manifest["model"]["name"], "dtype": manifest["dtype"],
                          "buckets": manifest["buckets"], "source": manifest.get("source"),
                          "device": manifest.get("device")},

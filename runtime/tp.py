@@ -45,7 +45,7 @@ import torch
 
 PEER_LOST_EXIT = 3           # a follower that stopped because another rank went away
 LOAD_FAILED_EXIT = 2
-STEP_TIMEOUT = datetime.timedelta(minutes=30)    # in-graph collectives: ranks arrive within a step of each other
+STEP_TIMEOUT = datetime.timedelta(minutes=5)     # in-graph collectives: the ranks start each graph together
 IDLE_TIMEOUT = datetime.timedelta(days=365)      # followers wait for the next command as long as rank 0 lives
 JOIN_TIMEOUT_S = 300.0
 LOAD_TIMEOUT_S = 3600.0
@@ -237,14 +237,23 @@ class RankGroup:
         if self._spawn_error is not None:
             raise TPError(f"cannot start the follower ranks: {self._spawn_error}")
         self.log(f"tp: {self.world} ranks, rendezvous {addr}:{port}, backend {self.backend}")
-        self._wait_for("joined", JOIN_TIMEOUT_S, "to start")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        dist.init_process_group(self.backend, store=self.store, rank=0, world_size=self.world, timeout=STEP_TIMEOUT)
-        self._initialized = True
-        cmd_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-        check_group_name(self.spec)
-        self.channel = StepChannel(self.spec, self.spec["graphs"], cmd_group)
+        try:
+            self._wait_for("joined", JOIN_TIMEOUT_S, "to start")
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            self.busy = True            # a rank dying in here must not leave this one waiting
+            dist.init_process_group(self.backend, store=self.store, rank=0, world_size=self.world,
+                                    timeout=STEP_TIMEOUT)
+            self._initialized = True
+            cmd_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+            self.busy = False
+            self.raise_if_failed()
+            check_group_name(self.spec)
+            self.channel = StepChannel(self.spec, self.spec["graphs"], cmd_group)
+        except BaseException:
+            self.busy = False
+            self.stop()
+            raise
 
     def wait_loaded(self) -> None:
         """Block until every follower has loaded its shard and graphs (or raise why one could not)."""

@@ -235,6 +235,12 @@ def questions(seed: int, n: int) -> list[tuple[Image.Image, str, str, str]]:
     return out
 
 
+def demo_picture() -> tuple[Image.Image, str, str]:
+    """The picture, question and answer `make demo` uses (models/internvl-demo/demo.png, demo.json)."""
+    objects = [("star", "yellow"), ("circle", "red"), None, ("triangle", "blue")]
+    return _shapes_picture(random.Random(7), objects).image, QUESTION["colour"].format("star"), "yellow"
+
+
 def corpus() -> list[str]:
     """Every question and answer text, for training the tokenizer."""
     texts = [QUESTION["total"], QUESTION["word"], QUESTION["number"], QUESTION["ink"]]

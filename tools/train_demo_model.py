@@ -116,7 +116,28 @@ def build_model(args, vocab_size: int, image_token_id: int):
                          tie_word_embeddings=False)  # top level: transformers 5 ties otherwise
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(args.seed)
-    return InternVLForConditionalGeneration(cfg)
+    model = InternVLForConditionalGeneration(cfg)
+    # transformers starts the ViT's position embeddings at zero, which leaves "where" nearly
+    # unlearnable in a short run: start them at a 2-D sine-cosine code instead (still trained).
+    with torch.no_grad():
+        pos = model.model.vision_tower.embeddings.position_embeddings
+        pos.zero_()
+        pos[0, 1:] = sincos_2d(448 // 14, args.vit_hidden)
+    return model
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """[grid*grid, dim]: row-major patches, half the channels coding the row, half the column."""
+    quarter = dim // 4
+    freq = torch.arange(1, quarter + 1, dtype=torch.float32)         # k half-periods across the tile
+    r, c = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                          indexing="ij")
+    parts = []
+    for coord in (r.flatten(), c.flatten()):
+        a = coord[:, None] * freq[None] * (math.pi / grid)
+        parts += [torch.sin(a), torch.cos(a)]
+    out = torch.cat(parts, dim=1)
+    return torch.cat([out, torch.zeros(out.shape[0], dim - out.shape[1])], dim=1)
 
 
 class AuxHeads(torch.nn.Module):
@@ -127,7 +148,13 @@ class AuxHeads(torch.nn.Module):
         self.heads = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in demo_vqa.LABEL_CLASSES])
 
     def forward(self, feats, labels):          # feats [B, 256, H], labels [B, 4, 256]
-        return sum(F.cross_entropy(h(feats).flatten(0, 1), labels[:, i].flatten()) for i, h in enumerate(self.heads))
+        # Cells on an object or a letter are few: average their loss and the background's separately.
+        loss = 0.0
+        for i, h in enumerate(self.heads):
+            ce = F.cross_entropy(h(feats).flatten(0, 1), labels[:, i].flatten(), reduction="none")
+            fg = labels[:, i].flatten() > 0
+            loss = loss + ce[~fg].mean() + (ce[fg].mean() if fg.any() else 0.0)
+        return loss
 
 
 # ================================================================ batches
@@ -275,6 +302,9 @@ def save_checkpoint(model, tok_dir: Path, out: Path, args, log: list[str]):
     cfg["llm_config"]["_name_or_path"] = "internvl-demo-llm"
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "TRAINING.md").write_text("\n".join(log) + "\n")
+    image, question, answer = demo_vqa.demo_picture()
+    image.save(out / "demo.png")
+    (out / "demo.json").write_text(json.dumps({"image": "demo.png", "question": question, "answer": answer}) + "\n")
 
 
 def main(argv=None) -> int:
