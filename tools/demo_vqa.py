@@ -46,7 +46,8 @@ WORDS = ["cat", "dog", "sun", "tree", "book", "fish", "bird", "car", "ship", "mo
 NUMBERS = [str(n) for n in range(10, 100)]
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 MAX_TEXT = 4                   # characters in the longest word or number
-LABEL_CLASSES = (1 + len(COLOURS), 2 + len(SHAPES), 1 + MAX_TEXT * len(CHARS), 1 + len(QUADRANTS))
+LABEL_CLASSES = (1 + len(COLOURS), 2 + len(SHAPES), 1 + MAX_TEXT * len(CHARS), 1 + len(QUADRANTS),
+                 1 + len(SHAPES) * len(COLOURS), 1 + len(SHAPES) * len(QUADRANTS))
 KINDS = ["colour", "shape", "count", "total", "where", "word", "number", "ink"]
 
 QUESTION = {
@@ -65,8 +66,9 @@ QUESTION = {
 class Example:
     image: Image.Image
     qas: list              # [(kind, question, answer)], every question this picture answers
-    labels: np.ndarray     # [4, GRID, GRID] int64: colour (0 none, 1..6), shape (0 none, 1..4, 5 text),
-                           # character (0 none, 1 + slot * 36 + CHARS.index(c)), quadrant (0 none, 1..4)
+    labels: np.ndarray     # [6, GRID, GRID] int64: colour (0 none, 1..6), shape (0 none, 1..4, 5 text),
+                           # character (0 none, 1 + slot * 36 + CHARS.index(c)), quadrant (0 none, 1..4),
+                           # shape x colour (0 none, 1 + 6 * shape + colour), shape x quadrant (0, 1 + 4 * shape + q)
 
 
 # ---------------------------------------------------------------- drawing
@@ -128,8 +130,8 @@ def _shapes_picture(rng: random.Random, objects: list[tuple[str, str]]) -> Examp
     """objects: (shape, colour) per quadrant, None for an empty one (exactly 4 entries)."""
     image = Image.new("RGB", (SIZE, SIZE), _background(rng))
     draw = ImageDraw.Draw(image)
-    colour_lab, shape_lab, quad_lab = (Image.new("L", (SIZE, SIZE)) for _ in range(3))
-    dc, ds, dq = ImageDraw.Draw(colour_lab), ImageDraw.Draw(shape_lab), ImageDraw.Draw(quad_lab)
+    colour_lab, shape_lab, quad_lab, sc_lab, sq_lab = (Image.new("L", (SIZE, SIZE)) for _ in range(5))
+    dc, ds, dq, dsc, dsq = (ImageDraw.Draw(x) for x in (colour_lab, shape_lab, quad_lab, sc_lab, sq_lab))
     half = SIZE // 2
     for q, obj in enumerate(objects):
         if obj is None:
@@ -143,8 +145,10 @@ def _shapes_picture(rng: random.Random, objects: list[tuple[str, str]]) -> Examp
         _draw_shape(dc, shape, cx, cy, r, 1 + list(COLOURS).index(colour))
         _draw_shape(ds, shape, cx, cy, r, 1 + SHAPES.index(shape))
         _draw_shape(dq, shape, cx, cy, r, 1 + q)
+        _draw_shape(dsc, shape, cx, cy, r, 1 + SHAPES.index(shape) * len(COLOURS) + list(COLOURS).index(colour))
+        _draw_shape(dsq, shape, cx, cy, r, 1 + SHAPES.index(shape) * len(QUADRANTS) + q)
     labels = np.stack([_cell_majority(colour_lab), _cell_majority(shape_lab), np.zeros((GRID, GRID), np.int64),
-                       _cell_majority(quad_lab)])
+                       _cell_majority(quad_lab), _cell_majority(sc_lab), _cell_majority(sq_lab)])
 
     present = [o for o in objects if o is not None]
     shape_count = {s: sum(1 for o in present if o[0] == s) for s in SHAPES}
@@ -186,8 +190,8 @@ def _text_picture(rng: random.Random, text: str, kind: str) -> Example:
         dch.text((x + font.getlength(text[:i]), y), ch, font=font, fill=v, stroke_width=stroke, stroke_fill=v)
     colour_cells = _cell_majority(colour_lab, min_cover=0.05)
     shape_cells = np.where(colour_cells > 0, 1 + len(SHAPES), 0)
-    labels = np.stack([colour_cells, shape_cells, _cell_majority(char_lab, min_cover=0.05),
-                       np.zeros((GRID, GRID), np.int64)])
+    zeros = np.zeros((GRID, GRID), np.int64)
+    labels = np.stack([colour_cells, shape_cells, _cell_majority(char_lab, min_cover=0.05), zeros, zeros, zeros])
     qas = [(kind, QUESTION[kind], text), ("ink", QUESTION["ink"], colour)]
     return Example(image, qas, labels)
 
