@@ -198,6 +198,32 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(meta: dict) -> str:
+    """The rows as a docs/performance.md table, with the command, date and conditions under it."""
+    def f(v, spec=""):
+        return format(v, spec) if isinstance(v, (int, float)) else "-"
+    lines = ["| batch | engine | in / out tokens | TTFT s | decode ms/token (mean / p99) | decode tok/s | e2e tok/s "
+             "| peak RSS MB (x weights+KV) | roofline frac | ours/theirs: TTFT, decode tok/s, RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in meta["rows"] if "error" not in r),
+                    key=lambda r: (r["batch_size"], r["engine"] != "ours", r["engine"], r["dtype"])):
+        ratios = "" if r["engine"] == "ours" else (
+            f"{f(r.get('ratio_ttft'), '.2f')}, {f(r.get('ratio_decode_tok_s'), '.2f')}, {f(r.get('ratio_peak_rss'), '.2f')}")
+        lines.append(f"| {r['batch_size']} | {r['engine']} {r['dtype']} | {r['input_tokens']} / {r['output_tokens']} "
+                     f"| {f(r['ttft_s'], '.2f')} | {f(r['decode_ms_mean'], '.0f')} / {f(r['decode_ms_p99'], '.0f')} "
+                     f"| {f(r['decode_tok_s'], '.2f')} | {f(r['e2e_tok_s'], '.2f')} "
+                     f"| {f(r['peak_rss_mb'], '.0f')} ({f(r.get('rss_over_weights_kv'), '.2f')}) "
+                     f"| {f(r.get('roofline_frac'), '.3f')} | {ratios} |")
+    for r in meta["rows"]:
+        if "error" in r:
+            lines.append(f"| - | {r.get('engine')} {r.get('dtype')} | error: {r['error']} | | | | | | | |")
+    bw, load = meta["bandwidth"], meta.get("loadavg", {})
+    lines.append(f"\n`{meta['command']}` ({meta['date']}; copy bandwidth {bw['copy_gbs']} GB/s"
+                 + (f", read {bw['read_gbs']} GB/s" if "read_gbs" in bw else "")
+                 + (f"; load average {load.get('start')} -> {load.get('end')}" if load else "") + ")")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     art = Path(args.artifact)
@@ -269,8 +295,9 @@ def main(argv=None) -> int:
             "settings": {k: base[k] for k in ("batch_sizes", "output_tokens", "max_tiles", "prompt", "threads")},
             "rows": rows}
     (out / "benchmark.json").write_text(json.dumps(meta, indent=1))
+    (out / "benchmark.md").write_text(markdown_table(meta))
     print(format_table(rows))
-    print(f"[bench] wrote {out / 'benchmark.csv'} and {out / 'benchmark.json'}", file=sys.stderr)
+    print(f"[bench] wrote {out / 'benchmark.csv'}, benchmark.json and benchmark.md", file=sys.stderr)
     return 1 if any("error" in r for r in rows) else 0
 
 

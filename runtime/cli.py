@@ -38,7 +38,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
-    from .engine import Engine, Request, RequestError
+    from .engine import Engine
     from .manifest import ArtifactError
     from .sampler import SamplingParams
     from .tp import TPError

@@ -25,13 +25,14 @@ Python created, and must never do that while holding the lock of the group a run
 Failure: a watchdog thread on rank 0 polls the followers; a follower watches its parent
 (PR_SET_PDEATHSIG plus a polling thread). A rank that dies closes its sockets, so the others'
 pending collectives fail within milliseconds; rank 0 then names the dead rank
-("rank 1 died (signal SIGKILL)"), kills the remaining followers and raises `TPError`. If rank 0
-itself stays stuck, the watchdog ends the process after a grace period: nothing hangs.
+("rank 1 died (signal SIGKILL)"), kills the remaining followers and raises `TPError`. The
+watchdog runs whenever rank 0 is not inside a compiled graph (a graph call holds the GIL), so
+a death between steps is noticed within 0.1 s; should rank 0 stay stuck in a call after a
+death, the watchdog ends the process after a grace period.
 """
 from __future__ import annotations
 
 import atexit
-import ctypes
 import datetime
 import os
 import signal
@@ -59,14 +60,14 @@ class TPError(RuntimeError):
     """The group of ranks failed (a rank died, could not start or load); one line, naming the rank."""
 
 
-def _float_dtype(spec: dict) -> torch.dtype:
+def float_dtype(spec: dict) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["dtype"]]
 
 
 def step_inputs(name: str, spec: dict) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """The inputs of graph `name` other than the KV pool, per docs/CONTRACTS.md."""
     cfg, buckets = spec["model"]["config"], spec["buckets"]
-    i64, fdt = torch.long, _float_dtype(spec)
+    i64, fdt = torch.long, float_dtype(spec)
     if name.startswith("vision_n"):
         size = cfg["vision"]["image_size"]
         return [("pixel_values", fdt, (int(name[len("vision_n"):]), 3, size, size))]
@@ -101,7 +102,7 @@ class StepChannel:
         self.group = group
         ints = [sum(_numel(s) for _, dt, s in self.inputs[n] if not dt.is_floating_point) for n in self.names]
         self.buffer_len = HEADER + max(ints + [1])
-        self.float_dtype = _float_dtype(spec)
+        self.float_dtype = float_dtype(spec)
 
     def _broadcast(self, t: torch.Tensor) -> None:
         import torch.distributed as dist
@@ -407,64 +408,6 @@ def check_group_name(spec: dict) -> None:
     if want is not None and have != want:
         raise TPError(f"the graphs were compiled for process group {want!r} but this process's default group is "
                       f"{have!r}: run the artifact in a fresh process")
-
-
-# ----------------------------------------------------------------------- followers
-def watch_parent(parent_pid: int) -> None:
-    """End this follower when rank 0 goes away (kernel signal where available, polling otherwise)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:
-        os._exit(PEER_LOST_EXIT)
-
-    def poll():
-        while True:
-            if os.getppid() != parent_pid:
-                os._exit(PEER_LOST_EXIT)
-            time.sleep(0.5)
-
-    threading.Thread(target=poll, name="tp-parent-watch", daemon=True).start()
-
-
-def join_group(spec: dict, rank: int, addr: str, port: int, device: torch.device):
-    """A follower's half of RankGroup.launch: -> (store, command channel)."""
-    import torch.distributed as dist
-    world = int(spec["tp"])
-    store = dist.TCPStore(addr, port, world, is_master=False, timeout=datetime.timedelta(seconds=JOIN_TIMEOUT_S))
-    store.set(f"joined/{rank}", "ok")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=STEP_TIMEOUT)
-    cmd_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    return store, StepChannel(spec, spec["graphs"], cmd_group)
-
-
-def follow(graphs: dict, spec: dict, channel: StepChannel, device: torch.device) -> None:
-    """Run rank 0's step commands until it says stop. Any failure ends the process (the caller
-    maps a lost peer to PEER_LOST_EXIT)."""
-    from .kv_cache import KVPool
-    cfg, buckets = spec["model"]["config"], spec["buckets"]
-    pool = None
-    with torch.inference_mode():
-        while True:
-            command, arg = channel.receive(device)
-            if command == CMD_STOP:
-                return
-            if command == CMD_POOL:
-                pool = KVPool(cfg["llm"]["num_layers"], arg, buckets["block_size"], spec["rank"]["kv_heads"],
-                              cfg["llm"]["head_dim"], _float_dtype(spec), device)
-                continue
-            name, inputs = arg
-            if name.startswith("vision_"):
-                graphs[name](*inputs)
-                continue
-            if pool is None:
-                raise RuntimeError("rank 0 sent a step before the KV pool size")
-            graphs[name](*inputs, pool.k_cache, pool.v_cache)
 
 
 def default_threads(world: int) -> int:

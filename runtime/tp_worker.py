@@ -6,13 +6,23 @@
 It joins the process group, loads its own weight shard and graphs, and then runs the graphs
 rank 0 tells it to run, with the inputs rank 0 sends, until rank 0 says stop or goes away.
 Ctrl-C is rank 0's to handle: a follower ignores SIGINT and is stopped by rank 0.
+The follower's half of runtime/tp.py lives here: `watch_parent`, `join_group`, `follow`.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import datetime
 import os
 import signal
 import sys
+import threading
+import time
+
+import torch
+
+from .tp import (CMD_POOL, CMD_STOP, IDLE_TIMEOUT, JOIN_TIMEOUT_S, LOAD_FAILED_EXIT, PEER_LOST_EXIT, STEP_TIMEOUT,
+                 StepChannel, float_dtype, check_group_name)
 
 
 def _exit(code: int) -> None:
@@ -24,6 +34,63 @@ def _exit(code: int) -> None:
 def _peer_lost(e: BaseException) -> bool:
     text = str(e).lower()
     return any(s in text for s in ("connection closed", "connection reset", "broken pipe", "peer", "timed out"))
+
+
+def watch_parent(parent_pid: int) -> None:
+    """End this follower when rank 0 goes away (kernel signal where available, polling otherwise)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(PEER_LOST_EXIT)
+
+    def poll():
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(PEER_LOST_EXIT)
+            time.sleep(0.5)
+
+    threading.Thread(target=poll, name="tp-parent-watch", daemon=True).start()
+
+
+def join_group(spec: dict, rank: int, addr: str, port: int, device: torch.device):
+    """A follower's half of RankGroup.launch: -> (store, command channel)."""
+    import torch.distributed as dist
+    world = int(spec["tp"])
+    store = dist.TCPStore(addr, port, world, is_master=False, timeout=datetime.timedelta(seconds=JOIN_TIMEOUT_S))
+    store.set(f"joined/{rank}", "ok")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=STEP_TIMEOUT)
+    cmd_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    return store, StepChannel(spec, spec["graphs"], cmd_group)
+
+
+def follow(graphs: dict, spec: dict, channel: StepChannel, device: torch.device) -> None:
+    """Run rank 0's step commands until it says stop. Any failure ends the process (the caller
+    maps a lost peer to PEER_LOST_EXIT)."""
+    from .kv_cache import KVPool
+    cfg, buckets = spec["model"]["config"], spec["buckets"]
+    pool = None
+    with torch.inference_mode():
+        while True:
+            command, arg = channel.receive(device)
+            if command == CMD_STOP:
+                return
+            if command == CMD_POOL:
+                pool = KVPool(cfg["llm"]["num_layers"], arg, buckets["block_size"], spec["rank"]["kv_heads"],
+                              cfg["llm"]["head_dim"], float_dtype(spec), device)
+                continue
+            name, inputs = arg
+            if name.startswith("vision_"):
+                graphs[name](*inputs)
+                continue
+            if pool is None:
+                raise RuntimeError("rank 0 sent a step before the KV pool size")
+            graphs[name](*inputs, pool.k_cache, pool.v_cache)
 
 
 def main(argv=None) -> int:
@@ -38,11 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
 
-    from .tp import LOAD_FAILED_EXIT, PEER_LOST_EXIT, check_group_name, follow, join_group, watch_parent
     watch_parent(args.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    import torch
     from .artifact import load_artifact
     from .manifest import read_manifest
 

@@ -148,7 +148,7 @@ def _rank_graphs(cfg, weights, rank: int, tp: int, buckets: str) -> dict:
 
 def _follower_main(src, tp, rank, addr, port, buckets, parent):
     """A follower rank running the eager graph modules (this file run as a script)."""
-    from internvl_aot.runtime.tp import follow, join_group, watch_parent
+    from internvl_aot.runtime.tp_worker import follow, join_group, watch_parent
     watch_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)

@@ -3,7 +3,8 @@
 Two kinds of 448x448 pictures, one tile each:
 - shapes: 1-4 filled shapes (circle, square, triangle, star) in 6 colours, one per quadrant,
   with random sizes and offsets;
-- text: a word (from WORDS) or a number (10-99), written large in one of the colours.
+- text: a word (from WORDS) and a number (10-99), written large in one of the colours, one in
+  the top half and one in the bottom half.
 
 Eight kinds of questions, each with a short exact answer:
 
@@ -169,39 +170,41 @@ def _shapes_picture(rng: random.Random, objects: list[tuple[str, str]]) -> Examp
     return Example(image, qas, labels)
 
 
-def _text_picture(rng: random.Random, text: str, kind: str) -> Example:
+def _text_picture(rng: random.Random) -> Example:
+    """A word and a number in one colour, one in the top half and one in the bottom half."""
     image = Image.new("RGB", (SIZE, SIZE), _background(rng))
     colour = rng.choice(list(COLOURS))
+    cid = 1 + list(COLOURS).index(colour)
     fill = _jitter(rng, COLOURS[colour])
-    size = rng.randint(72, 110)
-    font = _font(size)
-    stroke = max(1, size // 30)
-    left, top, right, bottom = font.getbbox(text, stroke_width=stroke)
-    w, h = right - left, bottom - top
-    x = rng.uniform(12, SIZE - 12 - w) - left
-    y = rng.uniform(12, SIZE - 12 - h) - top
-    ImageDraw.Draw(image).text((x, y), text, font=font, fill=fill, stroke_width=stroke, stroke_fill=fill)
+    word, number = rng.choice(WORDS), rng.choice(NUMBERS)
     colour_lab, char_lab = Image.new("L", (SIZE, SIZE)), Image.new("L", (SIZE, SIZE))
-    ImageDraw.Draw(colour_lab).text((x, y), text, font=font, fill=1 + list(COLOURS).index(colour),
-                                    stroke_width=stroke, stroke_fill=1 + list(COLOURS).index(colour))
-    dch = ImageDraw.Draw(char_lab)
-    for i, ch in enumerate(text):
-        v = 1 + i * len(CHARS) + CHARS.index(ch)
-        dch.text((x + font.getlength(text[:i]), y), ch, font=font, fill=v, stroke_width=stroke, stroke_fill=v)
+    draw, dcol, dch = ImageDraw.Draw(image), ImageDraw.Draw(colour_lab), ImageDraw.Draw(char_lab)
+    half = SIZE // 2
+    for k, text in enumerate([word, number] if rng.random() < 0.5 else [number, word]):
+        size = rng.randint(72, 104)
+        font = _font(size)
+        stroke = max(1, size // 30)
+        left, top, right, bottom = font.getbbox(text, stroke_width=stroke)
+        w, h = right - left, bottom - top
+        x = rng.uniform(12, SIZE - 12 - w) - left
+        y = k * half + rng.uniform(8, half - 8 - h) - top
+        draw.text((x, y), text, font=font, fill=fill, stroke_width=stroke, stroke_fill=fill)
+        dcol.text((x, y), text, font=font, fill=cid, stroke_width=stroke, stroke_fill=cid)
+        for i, ch in enumerate(text):
+            v = 1 + i * len(CHARS) + CHARS.index(ch)
+            dch.text((x + font.getlength(text[:i]), y), ch, font=font, fill=v, stroke_width=stroke, stroke_fill=v)
     colour_cells = _cell_majority(colour_lab, min_cover=0.05)
     shape_cells = np.where(colour_cells > 0, 1 + len(SHAPES), 0)
     zeros = np.zeros((GRID, GRID), np.int64)
     labels = np.stack([colour_cells, shape_cells, _cell_majority(char_lab, min_cover=0.05), zeros, zeros, zeros])
-    qas = [(kind, QUESTION[kind], text), ("ink", QUESTION["ink"], colour)]
+    qas = [("word", QUESTION["word"], word), ("number", QUESTION["number"], number), ("ink", QUESTION["ink"], colour)]
     return Example(image, qas, labels)
 
 
 def example(rng: random.Random, kind: str) -> Example:
     """A picture drawn so that a question of `kind` applies, with every question it answers."""
     if kind in ("word", "number", "ink"):
-        if kind == "ink":
-            kind = rng.choice(["word", "number"])
-        return _text_picture(rng, rng.choice(WORDS if kind == "word" else NUMBERS), kind)
+        return _text_picture(rng)
     quadrants = list(range(4))
     rng.shuffle(quadrants)
     if kind == "count":

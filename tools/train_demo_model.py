@@ -183,12 +183,25 @@ class Encoder:
             self._cache[key] = ids + [self.im_end]
         return self._cache[key]
 
+    def keyword_id(self, question: str):
+        """The token of the shape or colour a question asks about (None if it names none)."""
+        key = ("keyword", question)
+        if key not in self._cache:
+            words = [w for w in demo_vqa.SHAPES + list(demo_vqa.COLOURS) if w in question]
+            self._cache[key] = self.tok.encode(words[0], add_bos=False)[0] if words else None
+        return self._cache[key]
+
     def pack(self, items: list[list[tuple[str, str]]]):
         """items[b] = the (question, answer) pairs of picture b. Returns input_ids [B, L], positions [B, L],
-        mask [B, 1, L, L] (bool, True = attend), targets [B, L] (-100 where no loss), answer spans."""
+        mask [B, 1, L, L] (bool, True = attend), targets [B, L] (-100 where no loss), echo targets [B, L].
+
+        Echo targets: the prompt positions between a question's keyword (the shape or colour it asks
+        about) and the last prompt position are trained to predict that keyword. Prompt positions are
+        never sampled from, so this costs the model nothing at inference; it teaches the end of the
+        prompt to find the keyword among ~270 earlier tokens, the slowest thing to learn otherwise."""
         rows = []
         for qas in items:
-            ids, pos, seg, tgt = [], [], [], []
+            ids, pos, seg, tgt, echo = [], [], [], [], []
             prefix = None
             spans = []
             for qi, (q, a) in enumerate(qas):
@@ -200,6 +213,7 @@ class Encoder:
                     pos += list(range(cut))
                     seg += [0] * cut
                     tgt += [-100] * cut
+                    echo += [-100] * cut
                 assert full[:cut] == prefix
                 suffix = full[cut:] + self.answer_ids(a)
                 n_prompt = len(full) - cut
@@ -209,26 +223,33 @@ class Encoder:
                 seg += [qi + 1] * len(suffix)
                 # position i predicts token i+1: the last prompt token predicts the first answer token
                 tgt += [-100] * (n_prompt - 1) + suffix[n_prompt:] + [-100]
-                spans.append((start + n_prompt - 1, len(suffix) - n_prompt))
-            rows.append((ids, pos, seg, tgt, spans))
+                kw = self.keyword_id(q)
+                e = [-100] * len(suffix)
+                if kw is not None:
+                    k = suffix.index(kw)
+                    e[k + 1:n_prompt - 1] = [kw] * (n_prompt - 2 - k)
+                echo += e
+            rows.append((ids, pos, seg, tgt, echo))
         L = max(len(r[0]) for r in rows)
         B = len(rows)
         input_ids = torch.full((B, L), self.tok.eos_id, dtype=torch.long)
         positions = torch.zeros((B, L), dtype=torch.long)
         targets = torch.full((B, L), -100, dtype=torch.long)
+        echoes = torch.full((B, L), -100, dtype=torch.long)
         segs = torch.full((B, L), -1, dtype=torch.long)
-        for b, (ids, pos, seg, tgt, _) in enumerate(rows):
+        for b, (ids, pos, seg, tgt, echo) in enumerate(rows):
             n = len(ids)
             input_ids[b, :n] = torch.tensor(ids)
             positions[b, :n] = torch.tensor(pos)
             targets[b, :n] = torch.tensor(tgt)
+            echoes[b, :n] = torch.tensor(echo)
             segs[b, :n] = torch.tensor(seg)
         causal = torch.ones(L, L, dtype=torch.bool).tril()
         sq, sk = segs[:, :, None], segs[:, None, :]
         same = (sq == sk) | (sk == 0)                      # own question, or the shared prefix
         mask = causal[None] & same & (sq >= 0)
         mask |= torch.eye(L, dtype=torch.bool)[None]       # padding rows attend to themselves (no NaN)
-        return input_ids, positions, mask[:, None], targets, [r[4] for r in rows]
+        return input_ids, positions, mask[:, None], targets, echoes
 
 
 def pixel_values(images) -> torch.Tensor:
@@ -237,8 +258,8 @@ def pixel_values(images) -> torch.Tensor:
 
 
 def forward(model, enc: Encoder, images, items, labels=None, aux=None):
-    """-> (answer loss, aux loss or None, logits at the target positions, targets there)."""
-    input_ids, positions, mask, targets, _ = enc.pack(items)
+    """-> (answer loss, aux loss or None, echo loss, logits at the target positions, targets there, targets)."""
+    input_ids, positions, mask, targets, echoes = enc.pack(items)
     feats = model.model.get_image_features(pixel_values=pixel_values(images), vision_feature_layer=-1,
                                            vision_feature_select_strategy="default").pooler_output
     lm = model.model.language_model
@@ -249,8 +270,10 @@ def forward(model, enc: Encoder, images, items, labels=None, aux=None):
     sel = targets >= 0
     logits = model.lm_head(hidden[sel])
     loss = F.cross_entropy(logits, targets[sel])
+    esel = echoes >= 0
+    echo_loss = F.cross_entropy(model.lm_head(hidden[esel]), echoes[esel]) if esel.any() else loss * 0
     aux_loss = aux(feats, labels) if aux is not None else None
-    return loss, aux_loss, logits, targets[sel], targets
+    return loss, aux_loss, echo_loss, logits, targets[sel], targets
 
 
 @torch.no_grad()
@@ -261,7 +284,7 @@ def evaluate(model, enc: Encoder, data, batch: int = 16) -> dict:
     right, per_kind = 0, {}
     for i in range(0, len(data), batch):
         chunk = data[i:i + batch]
-        _, _, logits, tgt, targets = forward(model, enc, [d[0] for d in chunk], [[(d[1], d[2])] for d in chunk])
+        _, _, _, logits, tgt, targets = forward(model, enc, [d[0] for d in chunk], [[(d[1], d[2])] for d in chunk])
         ok = (logits.argmax(-1) == tgt)
         counts = (targets >= 0).sum(1).tolist()
         k = 0
@@ -318,6 +341,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=40)
     ap.add_argument("--aux-weight", type=float, default=0.5)
+    ap.add_argument("--echo-weight", type=float, default=0.5)
     ap.add_argument("--vit-hidden", type=int, default=96)
     ap.add_argument("--vit-layers", type=int, default=2)
     ap.add_argument("--llm-hidden", type=int, default=192)
@@ -394,8 +418,8 @@ def main(argv=None) -> int:
         labels = torch.from_numpy(np.stack([ex.labels.reshape(len(demo_vqa.LABEL_CLASSES), -1) for ex in examples]))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        loss, aux_loss, _, _, _ = forward(model, enc, [ex.image for ex in examples], items, labels, aux)
-        total = loss + args.aux_weight * aux_loss
+        loss, aux_loss, echo_loss, _, _, _ = forward(model, enc, [ex.image for ex in examples], items, labels, aux)
+        total = loss + args.aux_weight * aux_loss + args.echo_weight * echo_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -405,7 +429,7 @@ def main(argv=None) -> int:
         elapsed += now - t_last
         t_last = now
         if step % 10 == 0 or step == 1:
-            print(f"step {step}/{args.steps} loss {loss.item():.4f} aux {aux_loss.item():.4f} "
+            print(f"step {step}/{args.steps} loss {loss.item():.4f} aux {aux_loss.item():.4f} echo {echo_loss.item():.4f} "
                   f"lr {lr_at(step - 1, args):.2e} ({elapsed:.0f} s)", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             t0 = time.perf_counter()
