@@ -355,7 +355,10 @@ def test_tp2_cli_json(tp2_artifact, tmp_path):
 
 
 RUN_FOREVER = r"""
-import sys
+import signal, sys
+# A shell's background job (a CI script's `cmd &`) starts with SIGINT ignored, and Python then
+# installs no KeyboardInterrupt handler; restore the terminal's behaviour that Ctrl-C relies on.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from internvl_aot.runtime.engine import Engine, Request
 from internvl_aot.runtime.sampler import SamplingParams
 from internvl_aot.runtime.tp import TPError
