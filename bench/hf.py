@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .measure import DTYPE_BYTES, PeakMemory, kv_bytes, step_stats
+from .measure import PeakMemory, kv_bytes, step_stats
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -117,5 +117,3 @@ def run(spec: dict, emit) -> None:
         row.update(base, peak_rss_mb=mem.rss_mb(), peak_gpu_mb=mem.gpu_mb())
         emit(row)
 
-
-assert set(DTYPES) == set(DTYPE_BYTES)

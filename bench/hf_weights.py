@@ -42,7 +42,7 @@ def canonical_from_artifact(manifest: dict, weights: dict[str, torch.Tensor]) ->
     cfg = ModelConfig.from_dict(manifest["model"]["config"])
     llm = cfg.llm
     q_rows, kv_rows = llm.num_heads * llm.head_dim, llm.num_kv_heads * llm.head_dim
-    out, unknown = {}, []
+    out = {}
     for key, t in weights.items():
         if DERIVED.search(key):
             continue
