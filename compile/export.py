@@ -25,8 +25,8 @@ def example_inputs(model: InternVL, buckets: Buckets, name: str, dtype, device) 
         return (torch.zeros(n, 3, size, size, dtype=dtype, device=device),)
     k, v = kv_cache_example(model, buckets, dtype, device)
     if name.startswith("prefill_t"):
-        t = int(name[len("prefill_t"):])
-        mb = buckets.max_context // buckets.block_size
+        t, _, c = name[len("prefill_t"):].partition("_c")
+        t, mb = int(t), int(c or buckets.max_context) // buckets.block_size
         return (torch.zeros(t, **i64), torch.arange(t, **i64),
                 torch.zeros(t, cfg.llm.hidden_size, dtype=dtype, device=device),
                 torch.zeros(t, dtype=torch.bool, device=device), torch.zeros(t, **i64),

@@ -9,6 +9,7 @@ the keys at indices 0..p: causal masking, earlier prefill chunks and decode are 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def write_kv(cache: torch.Tensor, layer: int, slot_mapping: torch.Tensor, kv: torch.Tensor) -> None:
@@ -27,17 +28,50 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q [B, T, heads, d] at `positions` [B, T] over the blocks in block_tables [B, max_blocks].
 
     Returns [B, T, heads, d]. GQA groups are handled by reshaping q, never by copying K/V per
-    query head; scores and softmax are fp32.
+    query head. A decode step (T == 1) and a prefill chunk need different formulations, chosen
+    by measurement (AOTInductor, bf16, 2-core EPYC, per layer, 2B shapes; build notes in
+    docs/performance.md): gathering the blocks into new tensors and multiplying them cost
+    65 ms at batch 8 x 1,024 keys, mostly the copies; the gather-free reduction below 4.4 ms.
     """
+    if q.shape[1] == 1:
+        return _decode_attention(q, k_cache, v_cache, layer, block_tables, positions, scale)
+    return _chunk_attention(q, k_cache, v_cache, layer, block_tables, positions, scale)
+
+
+def _decode_attention(q, k_cache, v_cache, layer, block_tables, positions, scale):
+    """One query per sequence: scores and output as multiply + sum over the cache's blocks.
+
+    Written as broadcasts and reductions (not matmuls), Inductor fuses the block-table lookup
+    into the reduction loops: each K/V row is read once from the pool in its own dtype and
+    converted in registers, with fp32 accumulation; no gathered copy is ever materialized.
+    """
+    b, _, heads, d = q.shape
+    kv_heads, block_size = k_cache.shape[-2], k_cache.shape[2]
+    g = heads // kv_heads
+    k = k_cache[layer][block_tables]                                      # [B, nb, bs, kvh, d]
+    v = v_cache[layer][block_tables]
+    qg = q.reshape(b, 1, 1, kv_heads, g, d).float()
+    scores = (qg * k[:, :, :, :, None, :].float()).sum(-1) * scale       # [B, nb, bs, kvh, g]
+    key_index = torch.arange(block_tables.shape[1] * block_size, device=q.device)
+    hidden = (key_index[None, :] > positions).view(b, -1, block_size)    # [B, nb, bs]
+    scores = scores.masked_fill(hidden[..., None, None], float("-inf"))
+    probs = torch.softmax(scores.flatten(1, 2), dim=1).view_as(scores)
+    out = (probs[..., None] * v[:, :, :, :, None, :].float()).sum((1, 2))  # [B, kvh, g, d]
+    return out.reshape(b, 1, heads, d).to(q.dtype)
+
+
+def _chunk_attention(q, k_cache, v_cache, layer, block_tables, positions, scale):
+    """A prefill chunk (T queries): the blocks gathered once, then scaled_dot_product_attention
+    (on CPU the flash kernel: inputs in their dtype, fp32 accumulation and softmax, no score
+    matrix in memory). The GQA group is folded into the query length."""
     b, t, heads, d = q.shape
     kv_heads = k_cache.shape[-2]
-    k = k_cache[layer][block_tables].flatten(1, 2)            # [B, S, kv_heads, d]
-    v = v_cache[layer][block_tables].flatten(1, 2)
-    qg = q.reshape(b, t, kv_heads, heads // kv_heads, d).float()
-    scores = torch.einsum("btkgd,bskd->bkgts", qg, k.float()) * scale
-    key_index = torch.arange(k.shape[1], device=q.device)
-    hidden = key_index[None, None, :] > positions[:, :, None]  # [B, T, S]
-    scores = scores.masked_fill(hidden[:, None, None, :, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bkgts,bskd->btkgd", probs, v.float())
-    return out.reshape(b, t, heads, d).to(q.dtype)
+    g = heads // kv_heads
+    k = k_cache[layer][block_tables].flatten(1, 2).transpose(1, 2)        # [B, kvh, S, d]
+    v = v_cache[layer][block_tables].flatten(1, 2).transpose(1, 2)
+    qg = q.reshape(b, t, kv_heads, g, d).permute(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
+    s = k.shape[2]
+    visible = torch.arange(s, device=q.device)[None, None, :] <= positions[:, :, None]    # [B, T, S]
+    mask = visible[:, None, None].expand(b, 1, g, t, s).reshape(b, 1, g * t, s)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)   # [B, kvh, g*T, d]
+    return out.reshape(b, kv_heads, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, heads, d)

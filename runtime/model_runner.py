@@ -1,6 +1,6 @@
 """Turns sequences into padded bucket inputs and calls the compiled graphs.
 
-Graphs are looked up by name (vision_n{N}, prefill_t{T}, decode_b{B}_c{C}); any callable
+Graphs are looked up by name (vision_n{N}, prefill_t{T}_c{C}, decode_b{B}_c{C}); any callable
 with the stage's signature works, so the same runner drives AOTInductor packages and, in
 tests, the eager modules.
 """
@@ -75,8 +75,6 @@ class ModelRunner:
     def prefill(self, seq: Sequence) -> torch.Tensor:
         """Writes K/V for every not-yet-cached token of seq (in chunks); logits [1, V] of the last one."""
         ids = seq.all_ids
-        table = self.allocator.block_table(seq.seq_id, pad_to=self.max_context // self.block_size)
-        block_table = self._long([table])
         image_rows = self._image_rows(seq, ids)
         logits = None
         while seq.num_cached < len(ids):
@@ -94,11 +92,22 @@ class ModelRunner:
                 hit = rows >= 0
                 mask[:n] = hit
                 embeds[:n][hit] = seq.image_embeds[rows[hit]].to(self.dtype)
-            logits = _first(self.graphs[f"prefill_t{t}"](
+            name, c = self.prefill_graph(t, start + n)
+            block_table = self._long([self.allocator.block_table(seq.seq_id, pad_to=c // self.block_size)])
+            logits = _first(self.graphs[name](
                 self._long(chunk_ids), self._long(pos + [0] * (t - n)), embeds, mask, self._long(slots),
                 block_table, self._long([n - 1]), self.pool.k_cache, self.pool.v_cache))
             seq.num_cached = start + n
         return logits
+
+    def prefill_graph(self, t: int, context: int) -> tuple[str, int]:
+        """The graph for a chunk of t tokens ending at sequence length `context`, and its context
+        bucket: the smallest that holds the chunk's keys. Artifacts of format 1 built before context
+        buckets applied to prefill have one prefill_t{T} graph per chunk size, over the largest context."""
+        for c in self.context_buckets:
+            if c >= context and f"prefill_t{t}_c{c}" in self.graphs:
+                return f"prefill_t{t}_c{c}", c
+        return f"prefill_t{t}", self.max_context
 
     def prefill_chunk(self, left: int) -> int:
         """Chunk size for the next prefill call: full largest chunks first, then the bucket that

@@ -73,9 +73,10 @@ def step_inputs(name: str, spec: dict) -> list[tuple[str, torch.dtype, tuple[int
         return [("pixel_values", fdt, (int(name[len("vision_n"):]), 3, size, size))]
     mb_max = max(buckets["context"]) // buckets["block_size"]
     if name.startswith("prefill_t"):
-        t = int(name[len("prefill_t"):])
+        t, _, c = name[len("prefill_t"):].partition("_c")
+        t, mb = int(t), (int(c) // buckets["block_size"] if c else mb_max)
         return [("input_ids", i64, (t,)), ("positions", i64, (t,)), ("image_embeds", fdt, (t, cfg["llm"]["hidden_size"])),
-                ("image_mask", torch.bool, (t,)), ("slot_mapping", i64, (t,)), ("block_table", i64, (1, mb_max)),
+                ("image_mask", torch.bool, (t,)), ("slot_mapping", i64, (t,)), ("block_table", i64, (1, mb)),
                 ("last_index", i64, (1,))]
     if name.startswith("decode_b"):
         b, c = (int(x) for x in name[len("decode_b"):].split("_c"))

@@ -254,7 +254,7 @@ def test_padded_vit_heads_and_widths(tp, tmp_path):
             img = torch.zeros(t, 38)
             img[3:13] = emb_ref[0, :10]
             pre_ref = PrefillStage(ref)(ids, torch.arange(t), img, mask, slots, table, last, k1, v1)
-            pre = graphs["prefill_t32"](ids, torch.arange(t), img, mask, slots, table, last, kn, vn)
+            pre = graphs["prefill_t32_c128"](ids, torch.arange(t), img, mask, slots, table, last, kn, vn)
             dec_ref = DecodeStage(ref)(*dec, k1, v1)
             out = graphs["decode_b2_c128"](*dec, kn, vn)
     finally:

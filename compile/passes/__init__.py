@@ -16,8 +16,11 @@ Order, and why:
    norm's `weight * x` still in place, so it comes before any weight-folding pass; it
    does not care whether the linears after it are fused (the fused linear has the same
    input node).
-4. rope_table: touches only the rotary subgraph (positions -> cos/sin); last, so its
-   tables are built once per program whatever the passes before it did.
+4. rope_table: touches only the rotary subgraph (positions -> cos/sin), so its tables are
+   built once per program whatever the passes before it did.
+5. small_m_linear: lowers one-row linears (batch-1 decode, the prefill head) of bf16/fp16 CPU
+   graphs to multiply + sum; last, so it sees the fused weights (one GEMV per fused matrix)
+   and no later pass has to recognise its reductions as linears.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import operator
 
 from torch.export import ExportedProgram
 
-PASS_ORDER: list[str] = ["qkv_fusion", "gate_up_fusion", "add_rmsnorm", "rope_table"]
+PASS_ORDER: list[str] = ["qkv_fusion", "gate_up_fusion", "add_rmsnorm", "rope_table", "small_m_linear"]
 
 
 def run_passes(ep: ExportedProgram, names: list[str] | None = None,
