@@ -93,7 +93,9 @@ class ModelRunner:
                 mask[:n] = hit
                 embeds[:n][hit] = seq.image_embeds[rows[hit]].to(self.dtype)
             name, c = self.prefill_graph(t, start + n)
-            block_table = self._long([self.allocator.block_table(seq.seq_id, pad_to=c // self.block_size)])
+            width = c // self.block_size      # the chunk's keys all lie in the first `width` blocks
+            table = self.allocator.block_table(seq.seq_id)[:width]
+            block_table = self._long([table + [0] * (width - len(table))])
             logits = _first(self.graphs[name](
                 self._long(chunk_ids), self._long(pos + [0] * (t - n)), embeds, mask, self._long(slots),
                 block_table, self._long([n - 1]), self.pool.k_cache, self.pool.v_cache))

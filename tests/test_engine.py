@@ -51,6 +51,27 @@ def test_preemption_under_a_small_pool_gives_the_same_tokens(ckpt):
     assert tight.allocator.num_free_blocks == blocks - 1
 
 
+def test_prefill_across_context_buckets_gives_the_same_tokens(ckpt):
+    """A prompt longer than the smallest context bucket is prefilled in chunks whose graphs have
+    different context widths (prefill_t32_c64, then prefill_t32_c512): the same tokens as an
+    engine with one context bucket, for a short prompt (all chunks in c64) and a long one."""
+    cfg, weights, path = ckpt
+    one = eager_engine(cfg, weights, path, BUCKETS)
+    multi = eager_engine(cfg, weights, path, Buckets(vision=(1,), prefill=(32,), batch=(1, 2), context=(64, 512),
+                                                     block_size=16))
+    assert {"prefill_t32_c64", "prefill_t32_c512"} <= set(multi.runner.graphs)
+    used = []
+    for name in ("prefill_t32_c64", "prefill_t32_c512"):
+        g = multi.runner.graphs[name]
+        multi.runner.graphs[name] = lambda *a, _g=g, _n=name: (used.append(_n), _g(*a))[1]
+    long_prompt = "Describe the history of the city in detail, please. " * 4
+    reqs = [Request(prompt=p, params=SamplingParams(max_new_tokens=12, ignore_eos=True))
+            for p in ("Hi there.", long_prompt)]
+    assert len(multi.make_sequence(reqs[1])) > 64
+    assert [r.output_token_ids for r in multi.generate(reqs)] == [r.output_token_ids for r in one.generate(reqs)]
+    assert used.count("prefill_t32_c64") >= 3 and used.count("prefill_t32_c512") >= 1
+
+
 def test_cancel_frees_blocks_and_others_continue(ckpt):
     cfg, weights, path = ckpt
     engine = eager_engine(cfg, weights, path, BUCKETS)

@@ -23,11 +23,26 @@ from __future__ import annotations
 import math
 
 import torch
+import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 from torch.export import ExportedProgram
 
 from .program_edit import ProgramEditor, aten, is_op, val
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+FORCE_STRIDES = torch.ops.prims.inductor_force_stride_order.default   # realize with this layout
+
+
+def contiguous_strides(shape) -> list[int]:
+    strides, step = [], 1
+    for size in reversed(list(shape)):
+        strides.insert(0, step)
+        step *= int(size)
+    return strides
+
+
+def chunk_major_strides(lead: list[int], n: int, c: int) -> list[int]:
+    """Strides of a [*lead, n, c] tensor laid out as [*lead, c, n]."""
+    return contiguous_strides(lead + [c, n])[:-2] + [1, n]
 
 
 def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096) -> tuple[ExportedProgram, dict]:
@@ -45,12 +60,21 @@ def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096) -> tupl
             continue
         n_out, k_in = wv.shape
         chunks = next(c for c in range(1, k_in + 1) if k_in % c == 0 and k_in // c <= max_chunk)
+        lead = list(xv.shape[:-1])
         with ed.graph.inserting_before(node):
+            # The fp32 activation as a buffer of its own: left to itself, Inductor inlines the
+            # producer (residual add + RMSNorm, the embedding lookup) into the reduction loop and
+            # recomputes it for every output row.
             xf = ed.call(aten._to_copy.default, (x,), {"dtype": torch.float32}, like=node)
-            xf = ed.call(aten.view.default, (xf, [*xv.shape[:-1], 1, chunks, k_in // chunks]), like=node)
+            xf = ed.call(FORCE_STRIDES, (xf, contiguous_strides(xv.shape)), like=node)
+            xf = ed.call(aten.view.default, (xf, lead + [1, chunks, k_in // chunks]), like=node)
             wf = ed.call(aten._to_copy.default, (w,), {"dtype": torch.float32}, like=node)
             wf = ed.call(aten.view.default, (wf, [n_out, chunks, k_in // chunks]), like=node)
             y = ed.call(aten.sum.dim_IntList, (ed.call(aten.mul.Tensor, (xf, wf), like=node), [-1]), like=node)
+            if chunks > 1:
+                # partial sums [..., N, c] stored chunk-major, so that the second sum (which
+                # Inductor unrolls into its consumers) reads them contiguously along N
+                y = ed.call(FORCE_STRIDES, (y, chunk_major_strides(lead, n_out, chunks)), like=node)
             y = ed.call(aten.sum.dim_IntList, (y, [-1]), like=node)                # [..., N]
             if b is not None:
                 y = ed.call(aten.add.Tensor, (y, ed.call(aten._to_copy.default, (b,), {"dtype": torch.float32},
