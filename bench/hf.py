@@ -22,9 +22,9 @@ import time
 
 import torch
 
+from ..runtime.manifest import DTYPES
 from .measure import PeakMemory, kv_bytes, step_stats
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class _Clock:

@@ -66,7 +66,7 @@ def resolve(model: str, weights: str | None, dtype: str, work: Path):
     from .checkpoint import checkpoint_fingerprint, load_checkpoint, random_weights
     from .registry import registry_config
     from .spec import DTYPE_NAMES
-    from .pipeline import DTYPES
+    from ..runtime.manifest import DTYPES
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"DTYPE must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     if weights == "random":

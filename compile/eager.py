@@ -10,12 +10,12 @@ import torch
 from ..graphs.config import ModelConfig
 from ..graphs.model import build_model
 from ..runtime.engine import Engine
+from ..runtime.manifest import DTYPES
 from ..runtime.tokenizer import Tokenizer
 from .buckets import Buckets
 from .export import stage_module
 from .spec import build_spec
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def eager_engine(cfg: ModelConfig, weights: dict, tokenizer_dir, buckets: Buckets | None = None,

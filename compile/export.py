@@ -5,6 +5,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from ..graphs.model import DecodeStage, InternVL, PrefillStage, VisionStage
+from ..runtime.manifest import graph_shape
 from .buckets import Buckets
 
 
@@ -19,24 +20,20 @@ def example_inputs(model: InternVL, buckets: Buckets, name: str, dtype, device) 
     """Inputs of the right shapes and dtypes for graph `name` (values are placeholders)."""
     cfg = model.cfg
     i64 = dict(dtype=torch.long, device=device)
-    if name.startswith("vision_n"):
-        n = int(name[len("vision_n"):])
-        size = cfg.vision.image_size
-        return (torch.zeros(n, 3, size, size, dtype=dtype, device=device),)
+    stage, size = graph_shape(name)
+    if stage == "vision":
+        px = cfg.vision.image_size
+        return (torch.zeros(size["n"], 3, px, px, dtype=dtype, device=device),)
     k, v = kv_cache_example(model, buckets, dtype, device)
-    if name.startswith("prefill_t"):
-        t, _, c = name[len("prefill_t"):].partition("_c")
-        t, mb = int(t), int(c or buckets.max_context) // buckets.block_size
+    mb = size["c"] // buckets.block_size
+    if stage == "prefill":
+        t = size["t"]
         return (torch.zeros(t, **i64), torch.arange(t, **i64),
                 torch.zeros(t, cfg.llm.hidden_size, dtype=dtype, device=device),
                 torch.zeros(t, dtype=torch.bool, device=device), torch.zeros(t, **i64),
                 torch.zeros(1, mb, **i64), torch.zeros(1, **i64), k, v)
-    if name.startswith("decode_b"):
-        b, c = (int(x) for x in name[len("decode_b"):].split("_c"))
-        mb = c // buckets.block_size
-        return (torch.zeros(b, **i64), torch.zeros(b, **i64), torch.zeros(b, **i64),
-                torch.zeros(b, mb, **i64), k, v)
-    raise ValueError(f"unknown graph name {name!r}")
+    b = size["b"]
+    return (torch.zeros(b, **i64), torch.zeros(b, **i64), torch.zeros(b, **i64), torch.zeros(b, mb, **i64), k, v)
 
 
 def stage_module(model: InternVL, name: str) -> torch.nn.Module:

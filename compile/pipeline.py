@@ -12,6 +12,7 @@ from ..graphs.config import ModelConfig
 from ..graphs.model import build_model
 from ..graphs.parallel import SINGLE, TPInfo
 from ..runtime.tokenizer import Tokenizer
+from ..runtime.manifest import DTYPES
 from .aoti import compile_graphs
 from .artifact import collect_weights, dir_size, write_artifact
 from .buckets import Buckets
@@ -21,7 +22,6 @@ from .spec import build_spec
 from .tp import (TP_COMPILE_OPTIONS, check_outputs, check_tp, count_collectives, fake_process_group, rank_shard,
                  reuse_compiled)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Path, buckets: Buckets,

@@ -16,13 +16,13 @@ import torch
 
 from . import image_tiling, templates
 from .kv_cache import GiB, BlockAllocator, KVPool
+from .manifest import DTYPES
 from .model_runner import ModelRunner
 from .sampler import Sampler, SamplingParams, make_generator
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .tokenizer import Tokenizer
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class RequestError(ValueError):

@@ -44,6 +44,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .manifest import DTYPES, graph_shape
+
 PEER_LOST_EXIT = 3           # a follower that stopped because another rank went away
 LOAD_FAILED_EXIT = 2
 STEP_TIMEOUT = datetime.timedelta(minutes=5)     # in-graph collectives: the ranks start each graph together
@@ -60,30 +62,23 @@ class TPError(RuntimeError):
     """The group of ranks failed (a rank died, could not start or load); one line, naming the rank."""
 
 
-def float_dtype(spec: dict) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["dtype"]]
-
-
 def step_inputs(name: str, spec: dict) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """The inputs of graph `name` other than the KV pool, per docs/CONTRACTS.md."""
     cfg, buckets = spec["model"]["config"], spec["buckets"]
-    i64, fdt = torch.long, float_dtype(spec)
-    if name.startswith("vision_n"):
-        size = cfg["vision"]["image_size"]
-        return [("pixel_values", fdt, (int(name[len("vision_n"):]), 3, size, size))]
-    mb_max = max(buckets["context"]) // buckets["block_size"]
-    if name.startswith("prefill_t"):
-        t, _, c = name[len("prefill_t"):].partition("_c")
-        t, mb = int(t), (int(c) // buckets["block_size"] if c else mb_max)
+    i64, fdt = torch.long, DTYPES[spec["dtype"]]
+    stage, size = graph_shape(name)
+    if stage == "vision":
+        px = cfg["vision"]["image_size"]
+        return [("pixel_values", fdt, (size["n"], 3, px, px))]
+    mb = size.get("c", max(buckets["context"])) // buckets["block_size"]
+    if stage == "prefill":
+        t = size["t"]
         return [("input_ids", i64, (t,)), ("positions", i64, (t,)), ("image_embeds", fdt, (t, cfg["llm"]["hidden_size"])),
                 ("image_mask", torch.bool, (t,)), ("slot_mapping", i64, (t,)), ("block_table", i64, (1, mb)),
                 ("last_index", i64, (1,))]
-    if name.startswith("decode_b"):
-        b, c = (int(x) for x in name[len("decode_b"):].split("_c"))
-        mb = c // buckets["block_size"]
-        return [("input_ids", i64, (b,)), ("positions", i64, (b,)), ("slot_mapping", i64, (b,)),
-                ("block_tables", i64, (b, mb))]
-    raise ValueError(f"unknown graph name {name!r}")
+    b = size["b"]
+    return [("input_ids", i64, (b,)), ("positions", i64, (b,)), ("slot_mapping", i64, (b,)),
+            ("block_tables", i64, (b, mb))]
 
 
 def _numel(shape) -> int:
@@ -103,7 +98,7 @@ class StepChannel:
         self.group = group
         ints = [sum(_numel(s) for _, dt, s in self.inputs[n] if not dt.is_floating_point) for n in self.names]
         self.buffer_len = HEADER + max(ints + [1])
-        self.float_dtype = float_dtype(spec)
+        self.float_dtype = DTYPES[spec["dtype"]]
 
     def _broadcast(self, t: torch.Tensor) -> None:
         import torch.distributed as dist

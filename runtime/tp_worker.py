@@ -22,7 +22,8 @@ import time
 import torch
 
 from .tp import (CMD_POOL, CMD_STOP, IDLE_TIMEOUT, JOIN_TIMEOUT_S, LOAD_FAILED_EXIT, PEER_LOST_EXIT, STEP_TIMEOUT,
-                 StepChannel, float_dtype, check_group_name)
+                 StepChannel, check_group_name)
+from .manifest import DTYPES
 
 
 def _exit(code: int) -> None:
@@ -82,7 +83,7 @@ def follow(graphs: dict, spec: dict, channel: StepChannel, device: torch.device)
                 return
             if command == CMD_POOL:
                 pool = KVPool(cfg["llm"]["num_layers"], arg, buckets["block_size"], spec["rank"]["kv_heads"],
-                              cfg["llm"]["head_dim"], float_dtype(spec), device)
+                              cfg["llm"]["head_dim"], DTYPES[spec["dtype"]], device)
                 continue
             name, inputs = arg
             if name.startswith("vision_"):
