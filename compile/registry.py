@@ -134,7 +134,7 @@ def demo_vit() -> VisionConfig:
 def demo_llm() -> LLMConfig:
     # models/internvl-demo/config.json's llm_config (tools/train_demo_model.py): InternLM2, toy width.
     return LLMConfig(arch="internlm2", vocab_size=DEMO_VOCAB, hidden_size=192, num_layers=3,
-                     num_heads=6, num_kv_heads=3, intermediate_size=512, rms_norm_eps=1e-5,
+                     num_heads=6, num_kv_heads=6, intermediate_size=512, rms_norm_eps=1e-5,
                      rope_theta=1_000_000.0, rope_scaling=None, max_position_embeddings=4096)
 
 
