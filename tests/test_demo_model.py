@@ -1,7 +1,9 @@
 """The shipped demo model (models/internvl-demo): it loads as an original-format checkpoint, matches
 its registry entry, and answers held-out synthetic questions correctly through the runtime's engine
-(the eager graphs: the same code path as an artifact, uncompiled). tools/demo_accuracy.py measures
-the full 300-question accuracy of the compiled artifact."""
+(the eager graphs: the same code path as an artifact, uncompiled), and, compiled by `internvl-compile
+--model internvl-demo` as `make demo` does, answers the same through the artifact and `internvl-run`.
+tools/demo_accuracy.py measures the full 300-question accuracy of the compiled artifact."""
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,13 +12,47 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "models" / "internvl-demo"
 sys.path.insert(0, str(ROOT / "tools"))
-
+BUCKETS = "vision=1;prefill=512;batch=1,4;context=1024"
 
 
 @pytest.fixture(scope="module")
 def demo():
     from internvl_aot.compile.checkpoint import load_checkpoint
     return load_checkpoint(CKPT)
+
+
+@pytest.fixture(scope="module")
+def demo_artifact(tmp_path_factory):
+    """Compiled the way `make demo` does it: the compile CLI, the registry name, fp32 on the CPU."""
+    out = tmp_path_factory.mktemp("demo") / "internvl-demo-tp1-cpu-fp32"
+    p = subprocess.run([sys.executable, "-m", "internvl_aot.compile.cli", "--model", "internvl-demo", "--dtype", "fp32",
+                        "--backend", "cpu", "--out", str(out), "--buckets", BUCKETS],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def held_out_answers(engine):
+    """20 held-out questions (all 8 kinds), greedy, 4 per generate() call: (question, right answer, answer)."""
+    import demo_vqa
+    from internvl_aot.runtime.engine import Request
+    from internvl_aot.runtime.sampler import SamplingParams
+
+    data = demo_vqa.questions(seed=77, n=20)
+    params = SamplingParams(max_new_tokens=8)
+    answers = []
+    for i in range(0, len(data), 4):
+        answers += [r.text.strip() for r in engine.generate(
+            [Request(prompt=q, images=[im], params=params) for im, q, _, _ in data[i:i + 4]])]
+    return [(q, want, got) for (_, q, want, _), got in zip(data, answers)]
+
+
+@pytest.fixture(scope="module")
+def eager_answers(demo):
+    from internvl_aot.compile.buckets import Buckets
+    from internvl_aot.compile.eager import eager_engine
+    cfg, weights = demo
+    return held_out_answers(eager_engine(cfg, weights, CKPT, Buckets.parse(BUCKETS)))
 
 
 def test_demo_checkpoint_is_original_internlm2_format(demo):
@@ -42,24 +78,33 @@ def test_registry_entry_mirrors_the_checkpoint(demo):
     assert find_checkpoint("internvl-demo").resolve() == CKPT.resolve()
 
 
-def test_demo_model_answers_held_out_questions(demo):
-    """20 held-out questions (all 8 kinds), greedy, batched: at least 85% exactly right."""
-    import demo_vqa
-    from internvl_aot.compile.buckets import Buckets
-    from internvl_aot.compile.eager import eager_engine
-    from internvl_aot.runtime.engine import Request
-    from internvl_aot.runtime.sampler import SamplingParams
-
-    cfg, weights = demo
-    engine = eager_engine(cfg, weights, CKPT, Buckets.parse("vision=1;prefill=512;batch=1,4;context=1024"))
-    data = demo_vqa.questions(seed=77, n=20)
-    params = SamplingParams(max_new_tokens=8)
-    answers = []
-    for i in range(0, len(data), 4):
-        answers += [r.text.strip() for r in engine.generate(
-            [Request(prompt=q, images=[im], params=params) for im, q, _, _ in data[i:i + 4]])]
-    wrong = [(q, want, got) for (_, q, want, _), got in zip(data, answers) if got != want]
+def test_demo_model_answers_held_out_questions(eager_answers):
+    """At least 85% exactly right (17 of 20)."""
+    wrong = [a for a in eager_answers if a[1] != a[2]]
     assert len(wrong) <= 3, wrong
+
+
+def test_compiled_demo_answers_like_the_eager_model(demo_artifact, eager_answers):
+    """The artifact: at least 85% right on the same 20 questions, and the eager model's answer on 19 of them."""
+    from internvl_aot.runtime.engine import Engine
+    answers = held_out_answers(Engine.from_artifact(demo_artifact))
+    wrong = [a for a in answers if a[1] != a[2]]
+    assert len(wrong) <= 3, wrong
+    differ = [(a[0], a[2], b[2]) for a, b in zip(answers, eager_answers) if a[2] != b[2]]
+    assert len(differ) <= 1, differ
+
+
+def test_internvl_run_answers_the_bundled_question(demo_artifact):
+    """What `make demo` prints: the answer on the first line, then its timings."""
+    import json
+    demo = json.loads((CKPT / "demo.json").read_text())
+    p = subprocess.run([sys.executable, "-m", "internvl_aot.runtime.cli", "--artifact", str(demo_artifact),
+                        "--image", str(CKPT / demo["image"]), "--prompt", demo["question"], "--max-new-tokens", "16"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert lines[0].strip() == demo["answer"], p.stdout
+    assert "first token" in p.stdout + p.stderr
 
 
 def test_bundled_demo_question():
