@@ -23,7 +23,7 @@ def demo():
 
 @pytest.fixture(scope="module")
 def demo_artifact(tmp_path_factory):
-    """Compiled the way `make demo` does it: the compile CLI, the registry name, fp32 on the CPU."""
+    """Compiled as `make demo` does it (the compile CLI, the registry name, fp32 on the CPU), with BUCKETS."""
     out = tmp_path_factory.mktemp("demo") / "internvl-demo-tp1-cpu-fp32"
     p = subprocess.run([sys.executable, "-m", "internvl_aot.compile.cli", "--model", "internvl-demo", "--dtype", "fp32",
                         "--backend", "cpu", "--out", str(out), "--buckets", BUCKETS],
@@ -48,11 +48,17 @@ def held_out_answers(engine):
 
 
 @pytest.fixture(scope="module")
-def eager_answers(demo):
+def eager(demo):
+    """The runtime's engine on the eager graphs: the checkpoint's weights, uncompiled."""
     from internvl_aot.compile.buckets import Buckets
     from internvl_aot.compile.eager import eager_engine
     cfg, weights = demo
-    return held_out_answers(eager_engine(cfg, weights, CKPT, Buckets.parse(BUCKETS)))
+    return eager_engine(cfg, weights, CKPT, Buckets.parse(BUCKETS))
+
+
+@pytest.fixture(scope="module")
+def eager_answers(eager):
+    return held_out_answers(eager)
 
 
 def test_demo_checkpoint_is_original_internlm2_format(demo):
@@ -107,15 +113,10 @@ def test_internvl_run_answers_the_bundled_question(demo_artifact):
     assert "first token" in p.stdout + p.stderr
 
 
-def test_bundled_demo_question():
+def test_bundled_demo_question(eager):
     """The picture and question `make demo` uses, answered right."""
-    from internvl_aot.compile.buckets import Buckets
-    from internvl_aot.compile.checkpoint import load_checkpoint
-    from internvl_aot.compile.eager import eager_engine
     from internvl_aot.runtime.engine import Request
     import json
     demo = json.loads((CKPT / "demo.json").read_text())
-    cfg, weights = load_checkpoint(CKPT)
-    engine = eager_engine(cfg, weights, CKPT, Buckets.parse("vision=1;prefill=512;batch=1;context=1024"))
-    [r] = engine.generate([Request(prompt=demo["question"], images=[CKPT / demo["image"]])])
+    [r] = eager.generate([Request(prompt=demo["question"], images=[CKPT / demo["image"]])])
     assert r.text.strip() == demo["answer"] and r.finish_reason == "stop"
