@@ -6,7 +6,8 @@ TP      ?= 1
 BACKEND ?= $(shell [ -x $(PY) ] && $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 DTYPE   ?= bf16
 BUCKETS ?=
-OUT     ?= artifacts/$(notdir $(MODEL))-tp$(TP)-$(BACKEND)-$(DTYPE)
+TARGET  ?= native
+OUT     ?= artifacts/$(notdir $(MODEL))-tp$(TP)-$(BACKEND)-$(DTYPE)$(if $(filter-out native,$(TARGET)),-$(TARGET))
 TORCH   ?= torch==2.13.0
 
 .PHONY: setup compile run demo test bench clean check-runtime-venv
@@ -22,7 +23,8 @@ setup: .venv/.installed
 
 compile: setup
 	.venv/bin/internvl-compile --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) --tp $(TP) \
-		--backend $(BACKEND) --dtype $(DTYPE) --out $(OUT) $(if $(BUCKETS),--buckets "$(BUCKETS)")
+		--backend $(BACKEND) --dtype $(DTYPE) --out $(OUT) $(if $(BUCKETS),--buckets "$(BUCKETS)") \
+		--target $(TARGET)
 
 # The main job on a fresh machine: compile the demo model that ships in the repository
 # (models/internvl-demo: a small trained InternVL2-architecture checkpoint in the original

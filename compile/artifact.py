@@ -47,7 +47,7 @@ def collect_weights(programs: dict, compiled: dict[str, CompiledGraph]) -> dict[
 
 
 def write_artifact(out: Path, staging: Path, spec: dict, ranks: list[dict], tokenizer_src: Path,
-                   source: dict, backend: str, compile_info: dict) -> Path:
+                   source: dict, backend: str, compile_info: dict, target: str = "native") -> Path:
     """staging already holds rank<i>/graphs/*.pt2; ranks[i] = {"weights": dict, "graphs": {name: CompiledGraph}}."""
     copy_tokenizer(tokenizer_src, staging / "tokenizer")
     rank_entries = []
@@ -58,7 +58,7 @@ def write_artifact(out: Path, staging: Path, spec: dict, ranks: list[dict], toke
             n: {"package": f"rank{i}/graphs/{g.package}", "constants": g.constants} for n, g in r["graphs"].items()}})
     manifest = dict(spec)
     manifest.update({
-        "source": source, "backend": backend, "device": device_info(backend),
+        "source": source, "backend": backend, "device": device_info(backend, target),
         "torch_version": torch.__version__, "tokenizer_dir": "tokenizer", "ranks": rank_entries,
         "graphs": sorted(ranks[0]["graphs"]), "compile": compile_info,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -3,6 +3,7 @@
     internvl-compile --model internvl2-2b --weights /ckpt/InternVL2-2B --dtype bf16 --out artifacts/x
     internvl-compile --model /ckpt/InternVL2-2B
     internvl-compile --model internvl2-2b --weights random
+    internvl-compile --model internvl-demo --dtype fp32 --target x86-64-v3    # for AVX2 boxes, built anywhere
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.isa import TARGET_NAMES
 from .buckets import Buckets
 
 
@@ -110,9 +112,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--backend", default=None, choices=["cpu", "cuda", "npu"])
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--out", default=None, help="default: artifacts/<model>-tp<n>-<backend>-<dtype>")
+    ap.add_argument("--out", default=None, help="default: artifacts/<model>-tp<n>-<backend>-<dtype>[-<target>]")
     ap.add_argument("--buckets", default=None,
                     help="e.g. 'vision=1,4;prefill=64,512;batch=1,2,4,8;context=1024,4096;block_size=32'")
+    ap.add_argument("--target", default="native", choices=TARGET_NAMES,
+                    help="CPU the artifact is for: native (this box, -march=native) or an x86-64 level "
+                         "(x86-64-v3: AVX2+FMA+F16C; x86-64-v4: AVX-512; x86-64-v4-bf16: + AVX512-BF16)")
     ap.add_argument("--passes", default=None, help="comma-separated pass names (default: all); 'none' for none")
     args = ap.parse_args(argv)
     backend = args.backend or default_backend()
@@ -120,7 +125,8 @@ def main(argv=None) -> int:
         print("error: BACKEND=npu (torchair) is not implemented yet", file=sys.stderr)
         return 2
     name = Path(args.model).name if Path(args.model).is_dir() else args.model
-    out = Path(args.out or f"artifacts/{name}-tp{args.tp}-{backend}-{args.dtype}")
+    suffix = f"-{args.target}" if args.target != "native" else ""
+    out = Path(args.out or f"artifacts/{name}-tp{args.tp}-{backend}-{args.dtype}{suffix}")
     passes = None if args.passes is None else ([] if args.passes == "none" else args.passes.split(","))
     try:
         if args.tp != 1:
@@ -131,7 +137,7 @@ def main(argv=None) -> int:
         cfg, weights, tok_dir, source = resolve(args.model, args.weights, args.dtype, work)
         from .pipeline import compile_model
         compile_model(cfg, weights, Path(tok_dir), out, buckets, dtype=args.dtype, backend=backend, tp=args.tp,
-                      source=source, passes=passes)
+                      source=source, passes=passes, target=args.target)
     except (FileNotFoundError, ValueError, NotImplementedError, RuntimeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,7 +26,14 @@ from .tp import (TP_COMPILE_OPTIONS, check_outputs, check_tp, count_collectives,
 
 def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Path, buckets: Buckets,
                   dtype: str = "bf16", backend: str = "cpu", tp: int = 1, source: dict | None = None,
-                  passes: list[str] | None = None, log: Callable[[str], None] = print) -> dict:
+                  passes: list[str] | None = None, log: Callable[[str], None] = print,
+                  target: str = "native") -> dict:
+    """target: the CPU the artifact is for (runtime/isa.py: native, x86-64-v3, x86-64-v4, ...);
+    compile/targets.py applies it to Inductor, and `targets.current()` tells passes about it."""
+    from . import targets
+    cpu_target = targets.resolve(target)
+    if backend != "cpu" and target != "native":
+        raise ValueError(f"TARGET={target} is a CPU target; BACKEND={backend} takes TARGET=native")
     if tp > 1:
         check_tp(cfg, tp)
     if backend == "cuda" and not torch.cuda.is_available():
@@ -39,6 +46,8 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
                for k, v in weights.items()}
     names = buckets.graph_names()
     log(f"[compile] {cfg.name}: {len(names)} graphs ({', '.join(names)}), dtype {dtype}, backend {backend}"
+        + (f", target {target} (-march={cpu_target.march}, {cpu_target.vec_isa or 'native'} vectors, "
+           f"native bf16: {'yes' if cpu_target.native_bf16 else 'no'})" if backend == "cpu" else "")
         + (f", TP={tp} ({tp} ranks)" if tp > 1 else ""))
 
     out = Path(out)
@@ -54,7 +63,8 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
     ranks, pass_reports, graph_s, tp_info = [], {}, {}, {}
     base_programs: dict = {}
     # A fake process group of the runtime's size and group name while Inductor compiles (compile/tp.py).
-    with (fake_process_group(tp) if tp > 1 else contextlib.nullcontext("")) as group_name:
+    with (fake_process_group(tp) if tp > 1 else contextlib.nullcontext("")) as group_name, \
+            targets.activate(cpu_target):
         spec = build_spec(cfg, buckets, dtype, tokenizer, TPInfo(0, tp, group_name))
         for r in range(tp):
             tpi = TPInfo(r, tp, group_name) if tp > 1 else SINGLE
@@ -106,7 +116,7 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
     info = {"seconds": round(compile_s, 1), "passes": pass_reports, "graph_compile_s": graph_s}
     if tp > 1:
         info["tp"] = tp_info
-    write_artifact(out, staging, spec, ranks, Path(tokenizer_dir), source or {}, backend, info)
+    write_artifact(out, staging, spec, ranks, Path(tokenizer_dir), source or {}, backend, info, target=target)
     size = dir_size(out)
     wbytes = sum(t.numel() * t.element_size() for r in ranks for t in r["weights"].values())
     per_rank = f" x {tp} ranks" if tp > 1 else ""

@@ -1,4 +1,8 @@
-"""Open an artifact: check its manifest, map its weights once, bind every graph to them."""
+"""Open an artifact: check its manifest, map its weights once, bind every graph to them.
+
+Before any shared library is opened: a bundle is unpacked (once, into the cache; runtime/bundle.py),
+the manifest and files are verified, and the trust policy is applied (runtime/check.py's
+enforce_trust: with a trust store, an unsigned, untrusted or altered artifact is refused)."""
 from __future__ import annotations
 
 import os
@@ -8,18 +12,36 @@ from pathlib import Path
 
 import torch
 
+from .bundle import resolve_artifact
+from .check import enforce_trust
 from .graph_loader import GraphLoadError, load_graph, load_weights
 from .manifest import ArtifactError, read_manifest, verify
+from .signing import trust_store
 from .tokenizer import Tokenizer
 
 
-def load_artifact(path: Path, device: str | None = None, skip_verify: bool = False, rank: int = 0,
-                  log=None, tokenizer: bool = True):
-    """-> (manifest, {graph name: callable}, tokenizer (None when not asked for), device) of one rank."""
-    path = Path(path)
-    t0 = time.perf_counter()
+def open_checked(path: Path, skip_verify: bool = False, trusted_keys=None) -> tuple[Path, dict]:
+    """-> (artifact directory, manifest) once `path` (a directory or a bundle) passed every check that
+    needs no native code: bundle integrity, format, torch release, device, files, signature. With a
+    trust store the file hashes are always checked (skip_verify is ignored)."""
+    path = resolve_artifact(path)
     manifest = read_manifest(path)
-    verify(path, manifest, check_hashes=not skip_verify)
+    store = trust_store(trusted_keys)
+    verify(path, manifest, check_hashes=not skip_verify or store is not None)
+    enforce_trust(path, manifest, store)
+    return path, manifest
+
+
+def load_artifact(path: Path, device: str | None = None, skip_verify: bool = False, rank: int = 0,
+                  log=None, tokenizer: bool = True, checked: bool = False):
+    """-> (manifest, {graph name: callable}, tokenizer (None when not asked for), device) of one rank.
+    `path`: an artifact directory or a bundle. checked: open_checked() ran on it already."""
+    t0 = time.perf_counter()
+    if checked:
+        path = Path(path)
+        manifest = read_manifest(path)
+    else:
+        path, manifest = open_checked(path, skip_verify)
     backend = manifest["device"]["kind"]
     device = torch.device(device or ("cuda" if backend == "cuda" else "cpu"))
     if device.type != backend:
@@ -46,9 +68,8 @@ def open_tp_artifact(path: Path, device: str | None = None, skip_verify: bool = 
     -> (manifest, rank 0's graphs wrapped to drive the followers, tokenizer, device, RankGroup)."""
     from .tp import RankGroup, default_threads
 
-    path = Path(path).resolve()
-    manifest = read_manifest(path)
-    verify(path, manifest, check_hashes=not skip_verify)       # every rank's files, once, here
+    path, manifest = open_checked(path, skip_verify)      # every rank's files, once, here
+    path = path.resolve()
     world = int(manifest["tp"])
     backend = manifest["device"]["kind"]
     device = torch.device(device or ("cuda" if backend == "cuda" else "cpu"))
@@ -77,7 +98,7 @@ def open_tp_artifact(path: Path, device: str | None = None, skip_verify: bool = 
     group = RankGroup(manifest, device, log)
     group.launch(follower_argv, env)
     try:
-        _, graphs, tok, device = load_artifact(path, str(device), skip_verify=True, rank=0, log=log)
+        _, graphs, tok, device = load_artifact(path, str(device), skip_verify=True, rank=0, log=log, checked=True)
         group.wait_loaded()
     except BaseException:
         group.stop()

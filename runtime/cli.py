@@ -1,6 +1,8 @@
 """internvl-run: answer a question about images (or plain text) with a compiled artifact.
 
     internvl-run --artifact artifacts/internvl2-2b-tp1-cpu-bf16 --image cat.jpg --prompt "What is this?"
+    internvl-run --artifact model.ivl --trusted-keys /etc/internvl/trusted --prompt "Hello"    # a signed bundle
+    internvl-run --artifact model.ivl --check     # can this box run it? (loads none of its native code)
 
 Text streams to stdout as tokens arrive; --json adds one JSON object on the last line.
 """
@@ -16,7 +18,13 @@ import time
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="internvl-run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--artifact", required=True, help="artifact directory (from `make compile`)")
+    ap.add_argument("--artifact", required=True,
+                    help="artifact directory (from `make compile`) or bundle (from `internvl-artifact pack`)")
+    ap.add_argument("--check", action="store_true",
+                    help="only say whether this box can run the artifact and every reason it cannot (exit 0 or 1)")
+    ap.add_argument("--trusted-keys", default=None, metavar="DIR",
+                    help="trust store: refuse artifacts not signed by one of the *.pub keys in DIR "
+                         "(default: $INTERNVL_TRUSTED_KEYS; none: run unverified, with a note)")
     ap.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
     ap.add_argument("--prompt", default=None, help="the question (default: describe the image)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -37,7 +45,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.trusted_keys:
+        os.environ["INTERNVL_TRUSTED_KEYS"] = args.trusted_keys      # tensor-parallel ranks inherit it
+    if args.check:
+        from .check import report
+        return report(args.artifact, check_hashes=not args.skip_verify)
+    import warnings
     import torch
+    from .check import UnverifiedArtifact
     from .engine import Engine
     from .manifest import ArtifactError
     from .sampler import SamplingParams
@@ -59,8 +74,14 @@ def main(argv=None) -> int:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 repetition_penalty=args.repetition_penalty, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens)
-        engine = Engine.from_artifact(args.artifact, device=args.device, kv_cache_gb=args.kv_cache_gb,
-                                      skip_verify=args.skip_verify, threads=args.threads)
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always", UnverifiedArtifact)
+            engine = Engine.from_artifact(args.artifact, device=args.device, kv_cache_gb=args.kv_cache_gb,
+                                          skip_verify=args.skip_verify, threads=args.threads)
+        unverified = [str(n.message) for n in notes if issubclass(n.category, UnverifiedArtifact)]
+        for n in notes:
+            if not issubclass(n.category, UnverifiedArtifact):
+                warnings.showwarning(n.message, n.category, n.filename, n.lineno)
     except (ArtifactError, ValueError, OSError, TPError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -74,6 +95,8 @@ def main(argv=None) -> int:
         return 1
     finally:
         engine.close()          # stops the other tensor-parallel ranks, if any
+        for note in unverified:     # said once, last, so that an error stays the first line of stderr
+            print(note, file=sys.stderr)
 
 
 def _run(args, engine, prompt, params, load_s: float) -> int:

@@ -16,6 +16,7 @@ import torch
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"     # Ed25519 signature over manifest.json's bytes (runtime/signing.py)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}   # the "dtype" field
 # CPU features that decide which kernels Inductor generates; an artifact built where one of
 # these exists must not run where it is missing.
@@ -35,8 +36,7 @@ def graph_shape(name: str) -> tuple[str, dict[str, int]]:
     raise ValueError(f"unknown graph name {name!r}")
 
 
-class ArtifactError(RuntimeError):
-    """A problem with an artifact, in one line that says what to do."""
+from .errors import ArtifactError  # noqa: E402  (defined without torch for internvl-artifact check)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -51,29 +51,40 @@ def hash_tree(root: Path) -> dict[str, str]:
     """sha256 of every file under root except the manifest, keyed by posix relative path."""
     root = Path(root)
     return {p.relative_to(root).as_posix(): sha256_file(p)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}
 
 
 def cpu_isa() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return [f for f in ISA_FLAGS if f in flags]
-    return []
+    """This CPU's flags among ISA_FLAGS (what a `native` artifact records and requires)."""
+    from .isa import cpu_flags
+    flags = cpu_flags()
+    return [f for f in ISA_FLAGS if f in flags]
 
 
-def device_info(backend: str) -> dict:
+def device_info(backend: str, target: str = "native") -> dict:
+    """The manifest's `device`. CPU: `isa` is every flag the graphs may use (the runtime requires
+    them all): the build box's ISA_FLAGS for `native`, the target's flag list otherwise;
+    `target`, `march`, `vec_isa` and `native_bf16` say what the code was built for, `built_on`
+    the box that compiled it (runtime/isa.py)."""
     if backend == "cuda":
         major, minor = torch.cuda.get_device_capability()
         return {"kind": "cuda", "name": torch.cuda.get_device_name(), "capability": f"{major}.{minor}"}
-    return {"kind": "cpu", "machine": platform.machine(), "isa": cpu_isa()}
+    from .isa import cpu_model, get_target, native_target
+    built_on = {"cpu": cpu_model(), "isa": cpu_isa()}
+    t = native_target(built_on["isa"]) if target == "native" else get_target(target)
+    vec_isa = t.vec_isa
+    if target == "native":
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+        vec_isa = str(pick_vec_isa())
+    return {"kind": "cpu", "machine": platform.machine(), "isa": list(t.flags), "target": t.name,
+            "march": t.march, "vec_isa": vec_isa, "native_bf16": t.native_bf16, "built_on": built_on}
 
 
 def read_manifest(artifact: Path) -> dict:
+    """The manifest of an artifact directory, or of a bundle (unpacked into the cache first, once:
+    runtime/bundle.py)."""
+    from .bundle import resolve_artifact
+    artifact = resolve_artifact(artifact)
     path = Path(artifact) / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{artifact} is not an artifact: {MANIFEST} is missing (compile one with `make compile`)")
@@ -104,13 +115,10 @@ def verify(artifact: Path, manifest: dict, check_hashes: bool = True) -> None:
             raise ArtifactError(f"artifact was compiled for CUDA capability {dev['capability']}, this GPU is "
                                 f"{here}: re-compile the artifact on this machine")
     else:
-        if dev.get("machine") and dev["machine"] != platform.machine():
-            raise ArtifactError(f"artifact was compiled for {dev['machine']} CPUs, this is {platform.machine()}: "
-                                "re-compile the artifact on this machine")
-        missing = sorted(set(dev.get("isa", [])) - set(cpu_isa()))
-        if missing:
-            raise ArtifactError(f"artifact was compiled for a CPU with {', '.join(missing)}, which this CPU lacks: "
-                                "re-compile the artifact on this machine")
+        from .isa import cpu_problem
+        problem = cpu_problem(dev)
+        if problem:
+            raise ArtifactError(problem)
     files = manifest.get("files", {})
     for rel in files:
         if not (artifact / rel).is_file():
