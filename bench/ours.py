@@ -1,9 +1,8 @@
 """The sweep over a compiled artifact: one image, B identical requests, N tokens each (EOS ignored).
 
-Timing comes from the scheduler loop itself: every `Scheduler.step()` is either an admission
-(vision + prefill of newly admitted sequences) or one decode step (one token for every running
-sequence), so the duration of each step that called `ModelRunner.decode` is one per-token
-latency, sampling and Python overhead included. Time to first token is each sequence's first
+Timing comes from the engine's step records: every `Engine.step()` is one vision chunk, one
+prefill chunk or one decode step (one token for every running sequence), so the duration of each
+decode step is one per-token latency, sampling and Python overhead included. Time to first token is each sequence's first
 token minus the moment the batch was submitted (tiling and tokenization included).
 """
 from __future__ import annotations
@@ -16,23 +15,6 @@ import torch
 from .measure import PeakMemory, step_stats
 
 
-class _DecodeCounter:
-    """Wraps engine.runner.decode to count the sequences each step decoded."""
-
-    def __init__(self, runner):
-        self.runner, self.orig, self.tokens = runner, runner.decode, 0
-
-    def __enter__(self):
-        def decode(seqs):
-            self.tokens += len(seqs)
-            return self.orig(seqs)
-        self.runner.decode = decode
-        return self
-
-    def __exit__(self, *exc):
-        self.runner.decode = self.orig
-
-
 def run_batch(engine, req, batch: int) -> dict:
     """One row: `batch` copies of `req` submitted at once, run to the end."""
     from ..runtime.sequence import Status
@@ -42,15 +24,11 @@ def run_batch(engine, req, batch: int) -> dict:
     seqs = [engine.make_sequence(req) for _ in range(batch)]
     for s in seqs:
         engine.scheduler.add(s)
-    with torch.inference_mode(), _DecodeCounter(engine.runner) as counter:
-        while any(s.status is not Status.FINISHED for s in seqs):
-            counter.tokens = 0
-            ts = time.perf_counter()
-            engine.scheduler.step()
-            dt = time.perf_counter() - ts
-            if counter.tokens:
-                steps.append(dt)
-                tokens.append(counter.tokens)
+    while any(s.status is not Status.FINISHED for s in seqs):
+        rec = engine.step()
+        if rec.kind == "decode":
+            steps.append(rec.seconds)
+            tokens.append(rec.new_tokens)
     t_end = max(s.t_finish for s in seqs)
     n_out = [len(s.output_ids) for s in seqs]
     ttfts = [s.t_first_token - t0 for s in seqs]

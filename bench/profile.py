@@ -76,17 +76,15 @@ def main(argv=None) -> int:
     seqs = [engine.make_sequence(Request(prompt=prompt, params=params)) for _ in range(args.batch)]
     for s in seqs:
         engine.scheduler.add(s)
-    step_s = []
-    with torch.inference_mode():
-        while engine.scheduler.waiting:
-            engine.scheduler.step()
-        if args.wait:
-            print(f"prefilled; decoding in {args.wait} s", flush=True)
-            time.sleep(args.wait)
-        while any(s.status is not Status.FINISHED for s in seqs):
-            t0 = time.perf_counter()
-            engine.scheduler.step()
-            step_s.append(time.perf_counter() - t0)
+    records = []
+    while engine.scheduler.waiting or engine.scheduler.prefilling:    # prefill work runs before decoding
+        engine.step()
+    if args.wait:
+        print(f"prefilled; decoding in {args.wait} s", flush=True)
+        time.sleep(args.wait)
+    while any(s.status is not Status.FINISHED for s in seqs):
+        records.append(engine.step())
+    step_s = [r.seconds for r in records if r.kind == "decode"]
     steps, graphs = step_s[1:], graph_s[1:]
     from safetensors.torch import load_file
     from pathlib import Path

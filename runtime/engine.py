@@ -19,7 +19,7 @@ from .kv_cache import GiB, BlockAllocator, KVPool
 from .manifest import DTYPES
 from .model_runner import ModelRunner
 from .sampler import Sampler, SamplingParams, make_generator
-from .scheduler import Scheduler
+from .scheduler import Scheduler, StepRecord
 from .sequence import Sequence, Status
 from .tokenizer import Tokenizer
 
@@ -52,9 +52,12 @@ class Result:
 
 class Engine:
     def __init__(self, spec: dict, graphs: dict, tokenizer: Tokenizer, device: str | torch.device = "cpu",
-                 kv_cache_gb: float | None = None, kv_cache_fraction: float = 0.5, tp_group=None):
+                 kv_cache_gb: float | None = None, kv_cache_fraction: float = 0.5, tp_group=None,
+                 prefill_chunks_per_decode: int | None = None):
         """tp_group: for a tensor-parallel artifact, rank 0's handle on the other ranks (runtime/tp.py);
-        `graphs` are then rank 0's graphs wrapped by it, and every rank gets a pool like this one's."""
+        `graphs` are then rank 0's graphs wrapped by it, and every rank gets a pool like this one's.
+        prefill_chunks_per_decode: None runs all waiting prefill work before the next decode step
+        (offline); k interleaves at most k vision/prefill chunks between decode steps (serving)."""
         self.spec, self.tokenizer, self.device = spec, tokenizer, torch.device(device)
         self.tp_group = tp_group
         cfg = spec["model"]["config"]
@@ -81,28 +84,32 @@ class Engine:
         self.runner = ModelRunner(graphs, self.buckets, self.pool, self.allocator, llm["hidden_size"],
                                   cfg["image_context_token_id"], self.dtype, self.device)
         self.stop_ids = set(spec["generation"]["stop_token_ids"])
-        self.scheduler = Scheduler(self.runner, self.allocator, Sampler(vocab_limit=llm["vocab_size"]),
-                                   self._stop_reason)
+        self.sampler = Sampler(vocab_limit=llm["vocab_size"])
+        self.scheduler = Scheduler(self.allocator, self.runner.policy, self._stop_reason,
+                                   prefill_chunks_per_decode=prefill_chunks_per_decode)
 
     # -- loading ------------------------------------------------------------------------------------
     @classmethod
     def from_artifact(cls, path: str | Path, device: str | None = None, kv_cache_gb: float | None = None,
-                      skip_verify: bool = False, rank: int = 0, threads: int | None = None) -> "Engine":
+                      skip_verify: bool = False, threads: int | None = None,
+                      prefill_chunks_per_decode: int | None = None) -> "Engine":
         """Open an artifact. A tensor-parallel one starts its other ranks as child processes
         (one per rank; runtime/tp.py) that live until `close()` (or the end of this process);
         `kv_cache_gb` is then per rank, and `threads` the CPU threads of each rank (default:
         the cores shared out between the ranks)."""
         from .artifact import load_artifact, open_tp_artifact
         from .manifest import read_manifest
-        if rank == 0 and int(read_manifest(Path(path)).get("tp", 1)) > 1:
+        if int(read_manifest(Path(path)).get("tp", 1)) > 1:
             spec, graphs, tokenizer, dev, group = open_tp_artifact(Path(path), device, skip_verify, threads)
             try:
-                return cls(spec, graphs, tokenizer, dev, kv_cache_gb=kv_cache_gb, tp_group=group)
+                return cls(spec, graphs, tokenizer, dev, kv_cache_gb=kv_cache_gb, tp_group=group,
+                           prefill_chunks_per_decode=prefill_chunks_per_decode)
             except BaseException:
                 group.stop()
                 raise
-        spec, graphs, tokenizer, dev = load_artifact(Path(path), device=device, skip_verify=skip_verify, rank=rank)
-        return cls(spec, graphs, tokenizer, dev, kv_cache_gb=kv_cache_gb)
+        spec, graphs, tokenizer, dev = load_artifact(Path(path), device=device, skip_verify=skip_verify)
+        return cls(spec, graphs, tokenizer, dev, kv_cache_gb=kv_cache_gb,
+                   prefill_chunks_per_decode=prefill_chunks_per_decode)
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks, if any (a no-op otherwise)."""
@@ -174,14 +181,46 @@ class Engine:
     def cancel(self, seq: Sequence) -> None:
         self.scheduler.cancel(seq)
 
-    def step(self) -> None:
-        self.scheduler.step()
-
-    def run_until_done(self, seqs: Iterable[Sequence]) -> None:
-        seqs = list(seqs)
+    def step(self) -> Optional[StepRecord]:
+        """Plan one step, run it, hand the results back to the scheduler; None when idle."""
+        work = self.scheduler.schedule()
+        if work is None:
+            return None
+        t0 = time.perf_counter()
+        finished: list[int] = []
+        new_tokens = 0
         with torch.inference_mode():
-            while any(s.status is not Status.FINISHED for s in seqs):
-                self.scheduler.step()
+            if work.kind == "vision":
+                seq = work.seqs[0]
+                px = seq.pixel_values[work.start:work.start + work.size]
+                self.scheduler.vision_done(work, self.runner.vision_chunk(px, work.size))
+                padded = work.size
+            elif work.kind == "prefill":
+                logits = self.runner.prefill_chunk(work.seqs[0], work.start, work.size)
+                padded = work.size
+                if self.scheduler.prefill_done(work):
+                    finished = self.scheduler.tokens_sampled(work, self._sample(work.seqs, logits))
+                    new_tokens = 1
+            else:
+                logits = self.runner.decode(work.seqs)
+                padded = self.runner.policy.decode_key(len(work.seqs), max(len(s) for s in work.seqs)).size
+                finished = self.scheduler.tokens_sampled(work, self._sample(work.seqs, logits))
+                new_tokens = len(work.seqs)
+        return StepRecord(work.kind, [s.seq_id for s in work.seqs], new_tokens, time.perf_counter() - t0,
+                          padded=padded, finished=finished)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        return self.sampler(logits, [s.params for s in seqs], [s.all_ids for s in seqs],
+                            [s.generator for s in seqs]).tolist()
+
+    def run_until_done(self, seqs: Iterable[Sequence], on_step: Callable[[StepRecord], None] | None = None) -> None:
+        seqs = list(seqs)
+        while any(s.status is not Status.FINISHED for s in seqs):
+            record = self.step()
+            if record is None:
+                raise RuntimeError("the scheduler has nothing to run but sequences are unfinished")
+            if on_step is not None:
+                on_step(record)
 
     def generate(self, requests: list[Request], on_token: Callable | None = None) -> list[Result]:
         """Batched offline generation: every request shares the decode batches."""

@@ -30,8 +30,10 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    finish_reason: Optional[str] = None               # "stop" | "length" | "cancelled"
-    image_embeds: Optional[torch.Tensor] = None       # [image tokens, hidden]
+    finish_reason: Optional[str] = None               # "stop" | "length" | "cancelled" | "error"
+    image_embeds: Optional[torch.Tensor] = None       # [image tokens, hidden], once every tile is encoded
+    tiles_encoded: int = 0                            # tiles through the vision graphs so far
+    embed_parts: list = field(default_factory=list)   # their embeddings, until all are done
     generator: Optional[torch.Generator] = None
     num_cached: int = 0                               # tokens whose K/V are in the cache
     t_arrival: float = field(default_factory=time.perf_counter)

@@ -1,0 +1,105 @@
+"""Graph keys and the bucket policy: which compiled graph runs a piece of work.
+
+Every graph of an artifact is one `GraphKey` (docs/CONTRACTS.md): `vision_n{N}` (N tiles),
+`prefill_t{T}_c{C}` (a chunk of T tokens whose keys lie in the first C positions) and
+`decode_b{B}_c{C}` (B sequences of up to C tokens). `name()` and `parse()` are the only places
+that spell those names. The choice functions below are pure: they look at bucket sizes only,
+so the scheduler (which plans) and the model runner (which pads and calls) agree by construction.
+"""
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+_PATTERNS = {"vision": re.compile(r"vision_n(\d+)"), "prefill": re.compile(r"prefill_t(\d+)_c(\d+)"),
+             "decode": re.compile(r"decode_b(\d+)_c(\d+)")}
+
+
+@dataclass(frozen=True, order=True)
+class GraphKey:
+    stage: str                    # "vision" | "prefill" | "decode"
+    size: int                     # tiles (vision), chunk tokens (prefill), batch rows (decode)
+    context: Optional[int] = None  # context bucket (prefill, decode); None for vision
+
+    def name(self) -> str:
+        if self.stage == "vision":
+            return f"vision_n{self.size}"
+        if self.stage == "prefill":
+            return f"prefill_t{self.size}_c{self.context}"
+        if self.stage == "decode":
+            return f"decode_b{self.size}_c{self.context}"
+        raise ValueError(f"unknown stage {self.stage!r}")
+
+    @classmethod
+    def parse(cls, name: str) -> "GraphKey":
+        for stage, pattern in _PATTERNS.items():
+            m = pattern.fullmatch(name)
+            if m:
+                nums = [int(g) for g in m.groups()]
+                return cls(stage, nums[0], nums[1] if len(nums) > 1 else None)
+        raise ValueError(f"not a graph name: {name!r} (expected vision_n<N>, prefill_t<T>_c<C> or decode_b<B>_c<C>)")
+
+
+def all_keys(vision, prefill, batch, context) -> list[GraphKey]:
+    """Every graph an artifact with these buckets holds (a prefill chunk only in contexts >= T)."""
+    return ([GraphKey("vision", n) for n in vision]
+            + [GraphKey("prefill", t, c) for t in prefill for c in context if c >= t]
+            + [GraphKey("decode", b, c) for b in batch for c in context])
+
+
+def smallest_at_least(buckets: list[int], n: int) -> int | None:
+    i = bisect.bisect_left(buckets, n)
+    return buckets[i] if i < len(buckets) else None
+
+
+class BucketPolicy:
+    """The artifact's bucket sizes and how work is cut into them."""
+
+    CALL_COST = 32   # per-call overhead of a prefill chunk, in token-equivalents (weights re-read)
+
+    def __init__(self, buckets: dict):
+        self.vision = sorted(buckets["vision"])
+        self.prefill = sorted(buckets["prefill"])
+        self.batch = sorted(buckets["batch"])
+        self.context = sorted(buckets["context"])
+        self.block_size = int(buckets["block_size"])
+
+    @property
+    def max_context(self) -> int:
+        return self.context[-1]
+
+    @property
+    def max_batch(self) -> int:
+        return self.batch[-1]
+
+    def vision_chunk(self, left: int) -> int:
+        """Tiles bucket for the next vision call: the largest that fits the `left` tiles, or, when
+        none fits, the smallest (padded)."""
+        fitting = [b for b in self.vision if b <= left]
+        return fitting[-1] if fitting else self.vision[0]
+
+    def prefill_chunk(self, left: int) -> int:
+        """Chunk size for the next prefill call: full largest chunks first, then the bucket that
+        pads the rest least, counting each extra call as CALL_COST tokens of work."""
+        largest = self.prefill[-1]
+        if left >= largest:
+            return largest
+        return min(self.prefill, key=lambda b: (-(-left // b) * (b + self.CALL_COST), -b))
+
+    def prefill_key(self, t: int, end: int) -> GraphKey:
+        """The graph for a chunk of t tokens ending at sequence length `end`: the smallest context
+        bucket that holds the chunk's keys and has a graph for this chunk size."""
+        for c in self.context:
+            if c >= end and c >= t:
+                return GraphKey("prefill", t, c)
+        raise ValueError(f"a prefill chunk ending at {end} exceeds the largest context bucket {self.max_context}")
+
+    def decode_key(self, batch: int, longest: int) -> GraphKey:
+        b = smallest_at_least(self.batch, batch)
+        c = smallest_at_least(self.context, longest)
+        if b is None or c is None:
+            raise ValueError(f"decode batch {batch} / context {longest} exceeds the artifact's buckets "
+                             f"(batch {self.batch}, context {self.context})")
+        return GraphKey("decode", b, c)
