@@ -4,6 +4,8 @@ Two source formats:
 - OpenGVLab's original (`InternVLChatModel`): config.json with `vision_config`/`llm_config`,
   keys `vision_model.*`, `mlp1.{0,1,3}.*`, `language_model.model.*` and
   `language_model.output.weight` (InternLM2) or `language_model.lm_head.weight`.
+  Phi-3 (InternVL2-4B) keeps its fused `qkv_proj` / `gate_up_proj`; they are split here into the
+  canonical q/k/v and gate/up (the fusion passes fuse them again, per rank).
 - transformers' native `-hf` format (`InternVLForConditionalGeneration`), in both key
   layouts: `model.vision_tower.* / model.multi_modal_projector.* / model.language_model.* /
   lm_head.weight` (transformers 5) and `vision_tower.* / multi_modal_projector.* /
@@ -28,9 +30,17 @@ from safetensors import safe_open
 from internvl_aot.graphs.config import LLMConfig, ModelConfig, VisionConfig
 
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
-SUPPORTED_ROPE_TYPES = ("dynamic", "linear")
-_ARCHS = {"InternLM2ForCausalLM": "internlm2", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-_HF_TEXT_TYPES = {"llama": "llama", "qwen2": "qwen2"}
+SUPPORTED_ROPE_TYPES = ("dynamic", "linear", "longrope")
+# LLM architectures (original format: llm_config.architectures[0]) -> canonical arch.
+# InternLM3 (InternVL3-9B) has Llama's module names and math (separate q/k/v, no bias, dynamic NTK RoPE).
+_ARCHS = {"InternLM2ForCausalLM": "internlm2", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+          "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "InternLM3ForCausalLM": "internlm3"}
+_HF_TEXT_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+# Known but not supported yet: one message for both formats (README says the same).
+MOE_UNSUPPORTED = ("mixture-of-experts language models (InternVL3.5-30B-A3B / 241B-A28B: Qwen3-MoE; "
+                   "InternVL3.5-GPT-OSS-20B-A4B: GPT-OSS) are not supported yet")
+_MOE_ARCHS = {"Qwen3MoeForCausalLM", "GptOssForCausalLM", "Qwen2MoeForCausalLM"}
+_MOE_TEXT_TYPES = {"qwen3_moe", "gpt_oss", "qwen2_moe"}
 
 PathLike = Union[str, Path]
 
@@ -53,9 +63,24 @@ def _rope(d: dict) -> tuple[float, Optional[dict]]:
     kind = scaling.get("type") or scaling.get("rope_type")
     if kind in (None, "default"):
         return theta, None
+    if kind == "su":  # Phi-3's first name for LongRoPE (InternVL2-4B's config)
+        kind = "longrope"
     if kind not in SUPPORTED_ROPE_TYPES:
         raise CheckpointError(f"unsupported rope scaling type {kind!r} (supported: {SUPPORTED_ROPE_TYPES})")
-    return theta, {"type": kind, "factor": float(scaling["factor"])}
+    if kind != "longrope":
+        return theta, {"type": kind, "factor": float(scaling["factor"])}
+    # Phi-3 keeps original_max_position_embeddings at the top level of its config (it wins there,
+    # as in transformers); 5.x configs also copy it into rope_parameters.
+    original = d.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+    if not original or "short_factor" not in scaling or "long_factor" not in scaling:
+        raise CheckpointError("longrope scaling needs short_factor, long_factor and original_max_position_embeddings")
+    out = {"type": "longrope", "short_factor": [float(x) for x in scaling["short_factor"]],
+           "long_factor": [float(x) for x in scaling["long_factor"]],
+           "original_max_position_embeddings": int(original)}
+    for k in ("factor", "attention_factor"):
+        if scaling.get(k) is not None:
+            out[k] = float(scaling[k])
+    return theta, out
 
 
 def _llm_config(d: dict, arch: str, tie: bool) -> LLMConfig:
@@ -65,8 +90,20 @@ def _llm_config(d: dict, arch: str, tie: bool) -> LLMConfig:
         raise CheckpointError("InternLM2 with bias=True (biased wqkv/wo) is not supported")
     if arch == "llama" and (d.get("attention_bias") or d.get("mlp_bias")):
         raise CheckpointError("Llama with attention_bias/mlp_bias is not supported")
-    if arch == "qwen2" and d.get("use_sliding_window"):
-        raise CheckpointError("Qwen2 with use_sliding_window=True is not supported")
+    if arch in ("qwen2", "qwen3") and d.get("use_sliding_window"):
+        raise CheckpointError(f"{arch} with use_sliding_window=True is not supported")
+    if arch == "qwen3" and (d.get("attention_bias") or d.get("mlp_bias")):
+        raise CheckpointError("Qwen3 with attention_bias=True is not supported")
+    if arch == "internlm3" and (d.get("bias") or d.get("qkv_bias")):
+        raise CheckpointError("InternLM3 with bias/qkv_bias=True is not supported")
+    if arch == "phi3":
+        window = d.get("sliding_window")
+        if window is not None and window < d.get("max_position_embeddings", 4096):
+            raise CheckpointError(f"Phi-3 with sliding_window {window} < max_position_embeddings is not supported")
+    params = d.get("rope_parameters") or {}
+    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0, 1):
+        raise CheckpointError(f"partial_rotary_factor {partial} is not supported (only 1.0)")
     theta, scaling = _rope(d)
     heads = d["num_attention_heads"]
     return LLMConfig(
@@ -76,7 +113,7 @@ def _llm_config(d: dict, arch: str, tie: bool) -> LLMConfig:
         intermediate_size=d["intermediate_size"], head_dim=d.get("head_dim") or 0,
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
         max_position_embeddings=d.get("max_position_embeddings", 2048),
-        qkv_bias=(arch == "qwen2"), tie_word_embeddings=tie)
+        qkv_bias=(arch == "qwen2"), qk_norm=(arch == "qwen3"), tie_word_embeddings=tie)
 
 
 def _square(x) -> int:
@@ -90,6 +127,8 @@ def _square(x) -> int:
 def _config_original(c: dict, path: Path) -> ModelConfig:
     v, lc = c["vision_config"], c["llm_config"]
     arch_name = (lc.get("architectures") or ["?"])[0]
+    if arch_name in _MOE_ARCHS:
+        raise CheckpointError(f"{arch_name} in {path / 'config.json'}: {MOE_UNSUPPORTED}")
     if arch_name not in _ARCHS:
         raise CheckpointError(f"unsupported LLM architecture {arch_name!r} in {path / 'config.json'} "
                               f"(supported: {', '.join(_ARCHS)})")
@@ -110,7 +149,8 @@ def _config_original(c: dict, path: Path) -> ModelConfig:
     template = c.get("template")
     extra = {"format": "original", "source_arch": arch_name}
     if not template:
-        template = "internlm2-chat" if arch == "internlm2" else "Hermes-2"
+        template = {"internlm2": "internlm2-chat", "phi3": "phi3-chat", "qwen3": "internvl2_5",
+                    "internlm3": "internvl2_5"}.get(arch, "Hermes-2")
         extra["template_guessed"] = True
     return ModelConfig(
         name=path.name, vision=vision, llm=_llm_config(lc, arch, bool(lc.get("tie_word_embeddings", False))),
@@ -125,6 +165,8 @@ def _config_original(c: dict, path: Path) -> ModelConfig:
 def _config_hf(c: dict, path: Path) -> ModelConfig:
     v, t = c.get("vision_config") or {}, c.get("text_config") or {}
     text_type = t.get("model_type", "qwen2")
+    if text_type in _MOE_TEXT_TYPES:
+        raise CheckpointError(f"language model type {text_type!r} in {path / 'config.json'}: {MOE_UNSUPPORTED}")
     if text_type not in _HF_TEXT_TYPES:
         raise CheckpointError(f"unsupported language model type {text_type!r} in {path / 'config.json'} "
                               f"(supported: {', '.join(_HF_TEXT_TYPES)})")
@@ -155,8 +197,9 @@ def _config_hf(c: dict, path: Path) -> ModelConfig:
     return ModelConfig(
         name=path.name, vision=vision, llm=_llm_config(t, _HF_TEXT_TYPES[text_type], tie),
         select_layer=layer, ps_version="v2", downsample_ratio=float(c.get("downsample_ratio", 0.5)),
-        # -hf checkpoints are conversions of InternVL2.5/3, whose template is internvl2_5 (ChatML).
-        template="internvl2_5", dynamic_image_size=dynamic, use_thumbnail=dynamic,
+        # -hf checkpoints are conversions of InternVL2.5/3/3.5, whose template is internvl2_5 (ChatML);
+        # a Phi-3 one could only be InternVL2-4B's, whose template is phi3-chat.
+        template="phi3-chat" if text_type == "phi3" else "internvl2_5", dynamic_image_size=dynamic, use_thumbnail=dynamic,
         min_dynamic_patch=pre.get("min_patches", 1), max_dynamic_patch=pre.get("max_patches", 12),
         image_context_token_id=image_token_id, extra={"format": "hf", "source_arch": text_type})
 
@@ -247,6 +290,9 @@ def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             s[p + f"self_attn.{n}.weight"] = (rows, H)
             if l.qkv_bias:
                 s[p + f"self_attn.{n}.bias"] = (rows,)
+        if l.qk_norm:
+            s[p + "self_attn.q_norm.weight"] = (l.head_dim,)
+            s[p + "self_attn.k_norm.weight"] = (l.head_dim,)
         s[p + "self_attn.o_proj.weight"] = (H, q)
         s[p + "post_attention_layernorm.weight"] = (H,)
         s[p + "mlp.gate_proj.weight"] = (l.intermediate_size, H)
@@ -300,7 +346,7 @@ def _strip(key: str, prefixes) -> Optional[str]:
 
 def _map_key(key: str, fmt: str, arch: str):
     """One source key -> ("copy", canonical) | ("qkv", canonical_qkv, part) | ("wqkv", layer_prefix)
-    | ("skip",) | None (unexpected)."""
+    | ("fused", module_prefix, "qkv" | "gate_up") (Phi-3) | ("skip",) | None (unexpected)."""
     if key.endswith("rotary_emb.inv_freq"):
         return ("skip",)  # a recomputed buffer some old checkpoints persist
     if fmt == "original":
@@ -325,6 +371,11 @@ def _map_key(key: str, fmt: str, arch: str):
         return ("copy", f"mlp1.{ {'layer_norm': 0, 'linear_1': 1, 'linear_2': 3}[m[1]] }.{m[2]}") if m else None
     rest = _strip(key, body)
     if rest is not None:
+        if arch == "phi3":
+            m = re.match(r"layers\.(\d+)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.weight$", rest)
+            if m:
+                kind = "qkv" if m[2].startswith("self_attn") else "gate_up"
+                return ("fused", f"language_model.layers.{m[1]}.{m[2].split('.')[0]}.", kind)
         if arch != "internlm2":
             return ("copy", "language_model." + rest)
         m = re.match(r"layers\.(\d+)\.attention\.wqkv\.weight$", rest)
@@ -407,10 +458,11 @@ def _fmt_keys(keys) -> str:
 
 def _plan(keys, fmt: str, arch: str):
     """Source keys -> (canonical <- key copies, canonical qkv <- [q, k, v] keys,
-    layer prefix <- packed wqkv key, unexpected keys)."""
+    layer prefix <- packed wqkv key, (module prefix, kind) <- Phi-3 fused key, unexpected keys)."""
     copies: dict[str, str] = {}
     qkv_parts: dict[str, list] = {}
     wqkv: dict[str, str] = {}
+    fused: dict[tuple, str] = {}
     unexpected = []
     for key in keys:
         m = _map_key(key, fmt, arch)
@@ -424,7 +476,12 @@ def _plan(keys, fmt: str, arch: str):
             qkv_parts.setdefault(m[1], [None, None, None])[m[2]] = key
         elif m[0] == "wqkv":
             wqkv[m[1]] = key
-    return copies, qkv_parts, wqkv, unexpected
+        elif m[0] == "fused":
+            fused[(m[1], m[2])] = key
+    return copies, qkv_parts, wqkv, fused, unexpected
+
+
+_FUSED_PARTS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
 
 def load_checkpoint(path: PathLike, dtype: Optional[torch.dtype] = None
@@ -439,11 +496,16 @@ def load_checkpoint(path: PathLike, dtype: Optional[torch.dtype] = None
     l = cfg.llm
     expected = canonical_shapes(cfg)
     reader = _SafetensorsReader(_weight_files(path))
-    copies, qkv_parts, wqkv, unexpected = _plan(reader.file_of, cfg.extra["format"], l.arch)
+    copies, qkv_parts, wqkv, fused, unexpected = _plan(reader.file_of, cfg.extra["format"], l.arch)
 
     produced = set(copies) | set(qkv_parts)
     for prefix in wqkv:
         produced |= {prefix + f"{n}_proj.weight" for n in "qkv"}
+    fused_of: dict[str, tuple] = {}      # canonical name <- (fused key, kind, part index)
+    for (prefix, kind), key in fused.items():
+        for i, part in enumerate(_FUSED_PARTS[kind]):
+            fused_of[prefix + part + ".weight"] = (key, kind, i)
+    produced |= set(fused_of)
     tie_from_embed = ("language_model.lm_head.weight" not in produced and l.tie_word_embeddings
                       and "language_model.embed_tokens.weight" in produced)
     if tie_from_embed:
@@ -452,6 +514,8 @@ def load_checkpoint(path: PathLike, dtype: Optional[torch.dtype] = None
     def source_of(canon: str) -> str:
         if canon in qkv_parts:
             return next(k for k in qkv_parts[canon] if k)
+        if canon in fused_of:
+            return fused_of[canon][0]
         return copies.get(canon, canon)
 
     unexpected += [source_of(c) for c in produced - set(expected)]
@@ -476,6 +540,8 @@ def load_checkpoint(path: PathLike, dtype: Optional[torch.dtype] = None
     rows = (l.num_heads + 2 * l.num_kv_heads) * l.head_dim
     for key in wqkv.values():
         check(key, (rows, l.hidden_size))
+    for (prefix, kind), key in fused.items():
+        check(key, (rows if kind == "qkv" else 2 * l.intermediate_size, l.hidden_size))
 
     def read(key: str) -> torch.Tensor:
         t = reader.get(key)
@@ -487,6 +553,13 @@ def load_checkpoint(path: PathLike, dtype: Optional[torch.dtype] = None
             state[canon] = read(copies[canon])
         elif canon in qkv_parts:
             state[canon] = torch.cat([read(k) for k in qkv_parts[canon]], dim=0)
+        elif canon in fused_of:
+            key, kind, i = fused_of[canon]
+            t = reader.get(key)  # rows [q; k; v] (heads, kv heads, kv heads) or [gate; up]
+            sizes = ([l.num_heads * l.head_dim] + [l.num_kv_heads * l.head_dim] * 2 if kind == "qkv"
+                     else [l.intermediate_size] * 2)
+            part = t.split(sizes, dim=0)[i].contiguous()
+            state[canon] = part.to(dtype) if dtype is not None and part.is_floating_point() else part
         elif canon.endswith("self_attn.q_proj.weight") and canon[:-len("q_proj.weight")] in wqkv:
             prefix = canon[:-len("q_proj.weight")]
             q, k, v = unpack_wqkv(read(wqkv[prefix]), l.num_heads, l.num_kv_heads, l.head_dim)

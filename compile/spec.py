@@ -22,8 +22,10 @@ def build_spec(cfg: ModelConfig, buckets: Buckets, dtype: str, tokenizer: Tokeni
         if tid is None:
             raise ValueError(f"the tokenizer has no token for the template's stop string {s!r}")
         stop_ids.append(tid)
-    if tokenizer.eos_id is not None and tokenizer.eos_id not in stop_ids:
-        stop_ids.append(tokenizer.eos_id)
+    # The original chat() stops only at the template's separator token (it overrides the model's
+    # eos_token_id with it), so that is the default stop. The tokenizer's own EOS is recorded apart:
+    # a request opts in to stopping there too (SamplingParams.stop_at_eos, internvl-run --stop-at-eos).
+    eos_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     img_ctx = tokenizer.token_to_id(templates.IMG_CONTEXT_TOKEN)
     if img_ctx is None:
         raise ValueError(f"the tokenizer has no {templates.IMG_CONTEXT_TOKEN} token")
@@ -44,5 +46,7 @@ def build_spec(cfg: ModelConfig, buckets: Buckets, dtype: str, tokenizer: Tokeni
         "image": {"image_size": cfg.vision.image_size, "num_image_token": cfg.num_image_token,
                   "dynamic_image_size": cfg.dynamic_image_size, "use_thumbnail": cfg.use_thumbnail,
                   "min_dynamic_patch": cfg.min_dynamic_patch, "max_dynamic_patch": cfg.max_dynamic_patch},
-        "generation": {"stop_token_ids": stop_ids, "stop_strings": template.stop_strings},
+        # Artifacts written before eos_token_ids existed have the EOS inside stop_token_ids and no
+        # eos_token_ids: they keep stopping at EOS, as they did.
+        "generation": {"stop_token_ids": stop_ids, "eos_token_ids": eos_ids, "stop_strings": template.stop_strings},
     }

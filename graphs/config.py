@@ -36,7 +36,7 @@ class VisionConfig:
 
 @dataclass
 class LLMConfig:
-    arch: str                              # "internlm2" | "llama" | "qwen2"
+    arch: str                              # "internlm2" | "llama" | "qwen2" | "qwen3" | "phi3" | "internlm3"
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -46,9 +46,12 @@ class LLMConfig:
     head_dim: int = 0                      # 0: hidden_size // num_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None    # {"type": "dynamic"|"linear", "factor": f} or None
+    # {"type": "dynamic"|"linear", "factor": f}, or {"type": "longrope", "short_factor": [...],
+    # "long_factor": [...], "original_max_position_embeddings": n[, "factor", "attention_factor"]}, or None
+    rope_scaling: Optional[dict] = None
     max_position_embeddings: int = 32768
     qkv_bias: bool = False                 # Qwen2: True
+    qk_norm: bool = False                  # Qwen3: RMSNorm over each q / k head (weight [head_dim])
     tie_word_embeddings: bool = False
 
     def __post_init__(self):

@@ -1,7 +1,8 @@
-"""The LLM decoder (InternLM2, Llama/Yi, Qwen2) with paged-KV prefill and decode steps.
+"""The LLM decoder (InternLM2/3, Llama/Yi, Qwen2/2.5, Qwen3, Phi-3) with paged-KV prefill and decode steps.
 
-All three backbones share one structure once InternLM2's packed wqkv is unpacked at load
-time: RMSNorm, GQA attention with RoPE (Qwen2: q/k/v bias), SwiGLU MLP, untied head.
+Every backbone shares one structure once InternLM2's packed wqkv and Phi-3's fused qkv_proj /
+gate_up_proj are split at load time: RMSNorm, GQA attention with RoPE (Qwen2: q/k/v bias;
+Qwen3: an RMSNorm over each q and k head before RoPE; Phi-3: LongRoPE), SwiGLU MLP, untied head.
 Linears are tensor-parallel aware (graphs/parallel.py); with world size 1 they are plain.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from .config import LLMConfig
 from .norm import RMSNorm
 from .parallel import (SINGLE, ColumnParallelLinear, ParallelLMHead, RowParallelLinear, TPInfo,
                        VocabParallelEmbedding)
-from .rotary import RotaryEmbedding, apply_rotary, rope_inv_freq
+from .rotary import apply_rotary, rotary_embedding
 
 
 class Attention(nn.Module):
@@ -33,12 +34,20 @@ class Attention(nn.Module):
         self.k_proj = ColumnParallelLinear(cfg.hidden_size, kv_out, cfg.qkv_bias, kv_tp)
         self.v_proj = ColumnParallelLinear(cfg.hidden_size, kv_out, cfg.qkv_bias, kv_tp)
         self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, False, tp)
+        if cfg.qk_norm:  # Qwen3: one [head_dim] weight shared by every head, so replicated under TP
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, positions, slot_mapping, block_tables, k_cache, v_cache):
         """x [B, T, hidden] -> [B, T, hidden]; this step's K/V land in the cache first."""
         b, t, _ = x.shape
-        q = apply_rotary(self.q_proj(x).view(b * t, self.heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(b * t, self.kv_heads, self.head_dim), cos, sin)
+        q = self.q_proj(x).view(b * t, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b * t, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = self.v_proj(x).view(b * t, self.kv_heads, self.head_dim)
         write_kv(k_cache, self.layer, slot_mapping, k)
         write_kv(v_cache, self.layer, slot_mapping, v)
@@ -78,9 +87,8 @@ class LanguageModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tp)
-        self.rotary = RotaryEmbedding(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
-                                                    cfg.max_position_embeddings,
-                                                    max_seq_len or cfg.max_position_embeddings))
+        self.rotary = rotary_embedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings,
+                                       max_seq_len or cfg.max_position_embeddings)
 
     def embed(self, input_ids, image_embeds=None, image_mask=None):
         x = self.embed_tokens(input_ids)
@@ -90,7 +98,7 @@ class LanguageModel(nn.Module):
 
     def forward(self, x, positions, slot_mapping, block_tables, k_cache, v_cache):
         """x [B, T, hidden] embeddings at positions [B, T] -> final hidden states [B, T, hidden]."""
-        cos, sin = self.rotary(positions.reshape(-1), x.dtype)
+        cos, sin = self.rotary(positions, x.dtype)
         flat_slots = slot_mapping.reshape(-1)
         for layer in self.layers:
             x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, positions, flat_slots, block_tables,

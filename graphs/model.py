@@ -13,7 +13,7 @@ from .config import ModelConfig
 from .decoder import LanguageModel
 from .parallel import SINGLE, TPInfo
 from .projector import Projector, vit_tokens_to_llm
-from .rotary import rope_inv_freq
+from .rotary import rotary_embedding
 from .vit import InternViT
 
 
@@ -78,11 +78,11 @@ def build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor], tp: TPInfo =
         if tuple(t.shape) != tuple(expected[name].shape):
             raise ValueError(f"{name}: shape {tuple(t.shape)} != expected {tuple(expected[name].shape)}")
     model.load_state_dict(used, strict=False, assign=True)
-    # The rotary table is a non-persistent buffer, still on the meta device: rebuild it.
-    rot = model.language_model.rotary
-    rot.inv_freq = rope_inv_freq(cfg.llm.head_dim, cfg.llm.rope_theta, cfg.llm.rope_scaling,
-                                 cfg.llm.max_position_embeddings, max_seq_len or cfg.llm.max_position_embeddings
-                                 ).to(model.language_model.embed_tokens.weight.device)
+    # The rotary frequencies are non-persistent buffers, still on the meta device: rebuild them.
+    llm = cfg.llm
+    model.language_model.rotary = rotary_embedding(
+        llm.head_dim, llm.rope_theta, llm.rope_scaling, llm.max_position_embeddings,
+        max_seq_len or llm.max_position_embeddings).to(model.language_model.embed_tokens.weight.device)
     return model.eval()
 
 

@@ -35,6 +35,9 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()  # in addition to the model's EOS tokens
     ignore_eos: bool = False
+    # Also stop at the tokenizer's EOS (manifest generation.eos_token_ids), not only at the chat
+    # template's separator (generation.stop_token_ids), which is all the original chat() stops at.
+    stop_at_eos: bool = False
 
     def __post_init__(self):
         self.stop_token_ids = tuple(self.stop_token_ids)

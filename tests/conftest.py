@@ -13,12 +13,18 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from tiny_checkpoints import SPECS, build_all  # noqa: E402
+from tiny_checkpoints import SPECS, build_all, build_new  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     return build_all(tmp_path_factory.mktemp("tiny_checkpoints"))
+
+
+@pytest.fixture(scope="session")
+def new_checkpoints(tmp_path_factory):
+    """The Qwen3 and Phi-3 tiny checkpoints (tiny_checkpoints.NEW_SPECS), built once per session."""
+    return build_new(tmp_path_factory.mktemp("new_checkpoints"))
 
 
 @pytest.fixture(scope="session", params=list(SPECS))
@@ -76,3 +82,20 @@ def tiny_artifact(tiny_checkpoints, tmp_path_factory):
         return cache[name]
 
     return get
+
+
+# ---------------------------------------------------------------- the demo model, compiled once
+DEMO_BUCKETS = "vision=1;prefill=512;batch=1,4;context=1024"
+
+
+@pytest.fixture(scope="session")
+def demo_artifact(tmp_path_factory):
+    """models/internvl-demo compiled as `make demo` does it (the compile CLI, the registry name, fp32 on
+    the CPU), with DEMO_BUCKETS; shared by the demo-model and server tests."""
+    import subprocess
+    out = tmp_path_factory.mktemp("demo") / "internvl-demo-tp1-cpu-fp32"
+    p = subprocess.run([sys.executable, "-m", "internvl_aot.compile.cli", "--model", "internvl-demo", "--dtype", "fp32",
+                        "--backend", "cpu", "--out", str(out), "--buckets", DEMO_BUCKETS],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out

@@ -240,7 +240,7 @@ def test_shape_mismatch(tiny_checkpoints, tmp_path):
         load_checkpoint(d2)
 
 
-@pytest.mark.parametrize("arch", ["Phi3ForCausalLM", "MixtralForCausalLM"])
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "MixtralForCausalLM"])
 def test_unsupported_architecture(tiny_checkpoints, tmp_path, arch):
     d = _copy(tiny_checkpoints["llama_vit300m"].original_dirs["llama"], tmp_path)
     _edit_config(d, lambda c: c["llm_config"].update(architectures=[arch]))
@@ -250,8 +250,8 @@ def test_unsupported_architecture(tiny_checkpoints, tmp_path, arch):
 
 def test_unsupported_hf_text_model(tiny_checkpoints, tmp_path):
     d = _copy(tiny_checkpoints["qwen2_vit300m"].hf_dir, tmp_path)
-    _edit_config(d, lambda c: c["text_config"].update(model_type="phi3"))
-    with pytest.raises(CheckpointError, match="phi3"):
+    _edit_config(d, lambda c: c["text_config"].update(model_type="mistral"))
+    with pytest.raises(CheckpointError, match="mistral"):
         load_checkpoint(d)
 
 

@@ -60,6 +60,20 @@ SPECS = {s.name: s for s in [
 ]}
 
 
+# Backbones added for InternVL2-4B / 2.5 / 3 / 3.5 (tests/test_models_new.py), built by build_new:
+# - qwen3 (InternVL3.5): per-head q/k RMSNorm, no bias, head_dim 32 != hidden / heads = 16;
+#   Qwen3-style tokenizer shipped as vocab.json + merges.txt *and* tokenizer.json;
+# - phi3 (InternVL2-4B): fused qkv_proj / gate_up_proj, LongRoPE with short and long factors
+#   (original_max_position_embeddings PHI3_ORIGINAL_MAX, so a short prompt crosses it while decoding),
+#   SentencePiece tokenizer with Phi-3's added tokens, template phi3-chat.
+# InternVL2.5/3 (Qwen2.5, InternLM2.5) reuse the qwen2 / InternLM2 specs above; Qwen2.5 is Qwen2's architecture.
+NEW_SPECS = {s.name: s for s in [
+    TinySpec("qwen3_vit300m", "qwen3", "300m", 2, -1, 21, ("qwen3",)),
+    TinySpec("phi3_vit6b", "phi3", "6b", 2, -1, 22, ("phi3",)),
+]}
+PHI3_ORIGINAL_MAX = 64
+PHI3_MAX_POSITION = 4096
+
 # Every checkpoint dir build_all writes besides each spec's hf dir: (spec, key in original_dirs).
 EXTRA_DIRS = [("llama_vit300m", "internlm2-sharded"), ("llama_vit6b", "hf-module-layout")]
 VARIANTS = [(s.name, f) for s in SPECS.values() for f in s.originals] + EXTRA_DIRS
@@ -139,8 +153,47 @@ def write_bpe_tokenizer(out: Path) -> int:
     return base + len(specials)
 
 
+PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+              "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
+
+
+def write_phi3_tokenizer(out: Path) -> int:
+    """Phi-3-style tokenizer: a Llama SentencePiece model (<unk>, <s>, </s>, byte fallback), Phi-3's
+    11 added tokens after the base pieces (<|endoftext|> first, <|end|> and <|user|> among them),
+    then InternVL's 9; LlamaTokenizer with legacy=False, EOS <|endoftext|> (Phi-3-mini's
+    tokenizer_config; InternVL2-4B's own values are unverified). Returns the total vocab size."""
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS), model_writer=model, vocab_size=330, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity", num_threads=1,
+        hard_vocab_limit=False, minloglevel=2)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    base = sp.get_piece_size()
+    extra = PHI3_ADDED + INTERNVL_TOKENS
+    decoder = _added(0, ["<unk>"]) | _added(1, ["<s>"]) | _added(2, ["</s>"]) | _added(base, extra)
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "added_tokens_decoder": decoder, "legacy": False,
+        "bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<|endoftext|>",
+        "add_bos_token": True, "add_eos_token": False, "model_max_length": 8192,
+        "additional_special_tokens": INTERNVL_TOKENS}, indent=2))
+    (out / "added_tokens.json").write_text(json.dumps({t: base + i for i, t in enumerate(extra)}))
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<|endoftext|>"}))
+    return base + len(extra)
+
+
+def write_tokenizer_json(out: Path):
+    """tokenizer.json next to vocab.json + merges.txt (Qwen2.5 / Qwen3 checkpoints ship both):
+    the same byte-level BPE with Qwen2's split rule and NFC, and the added tokens."""
+    from internvl_aot.runtime.tokenizer import Tokenizer as OurTokenizer
+    hf = OurTokenizer.from_dir(out)._hf
+    hf.save(str(out / "tokenizer.json"))
+
+
 def _copy_tokenizer(src: Path, dst: Path):
-    for name in ("tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
+    for name in ("tokenizer.model", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                  "added_tokens.json", "special_tokens_map.json"):
         if (src / name).is_file():
             shutil.copy(src / name, dst / name)
@@ -170,9 +223,31 @@ def _randomize(model: torch.nn.Module, seed: int):
 def build_hf_checkpoint(spec: TinySpec, out: Path) -> int:
     """Write a tiny random -hf checkpoint (+ tokenizer) of `spec` into `out`; return the
     image token id."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration, LlamaConfig, Qwen2Config
+    from transformers import (InternVLConfig, InternVLForConditionalGeneration, LlamaConfig, Phi3Config,
+                              Qwen2Config, Qwen3Config)
     out.mkdir(parents=True, exist_ok=True)
-    if spec.text == "llama":
+    if spec.text == "qwen3":
+        vocab = write_bpe_tokenizer(out)
+        write_tokenizer_json(out)
+        base = vocab - len(INTERNVL_TOKENS)
+        text = Qwen3Config(vocab_size=vocab, rms_norm_eps=1e-6, max_position_embeddings=40960,
+                           rope_theta=1_000_000.0, tie_word_embeddings=False, use_sliding_window=False,
+                           attention_bias=False, bos_token_id=None, eos_token_id=base - 1,
+                           **dict(LLM, head_dim=32))
+    elif spec.text == "phi3":
+        vocab = write_phi3_tokenizer(out)
+        base = vocab - len(INTERNVL_TOKENS)
+        g = torch.Generator().manual_seed(spec.seed)
+        hd = LLM["hidden_size"] // LLM["num_attention_heads"]
+        short = (1 + torch.rand(hd // 2, generator=g) * 0.5).tolist()
+        long = (1 + torch.rand(hd // 2, generator=g) * 20).tolist()
+        text = Phi3Config(vocab_size=vocab, rms_norm_eps=1e-5, max_position_embeddings=PHI3_MAX_POSITION,
+                          original_max_position_embeddings=PHI3_ORIGINAL_MAX, sliding_window=None,
+                          rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short,
+                                           "long_factor": long,
+                                           "original_max_position_embeddings": PHI3_ORIGINAL_MAX},
+                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=base, pad_token_id=base, **LLM)
+    elif spec.text == "llama":
         vocab = write_sentencepiece_tokenizer(out)
         base = vocab - len(INTERNVL_TOKENS)
         text = LlamaConfig(vocab_size=vocab, rms_norm_eps=1e-5, max_position_embeddings=32768,
@@ -273,7 +348,7 @@ def hf_state_to_original(sd: dict, hf_cfg: dict, flavour: str) -> dict[str, torc
         for n in ("weight", "bias"):
             out[f"mlp1.{b}.{n}"] = sd[f"model.multi_modal_projector.{a}.{n}"]
     lm = {k[len("model.language_model."):]: x for k, x in sd.items() if k.startswith("model.language_model.")}
-    if flavour in ("llama", "qwen2"):
+    if flavour in ("llama", "qwen2", "qwen3", "phi3"):  # Phi-3 keeps its fused qkv_proj / gate_up_proj
         out.update({"language_model.model." + k: x for k, x in lm.items()})
         out["language_model.lm_head.weight"] = sd["lm_head.weight"]
         return out
@@ -303,7 +378,7 @@ def original_config(hf_cfg: dict, flavour: str, template: str) -> dict:
                   torch_dtype="float32", use_cache=True, vocab_size=t["vocab_size"],
                   bos_token_id=t.get("bos_token_id"), eos_token_id=t.get("eos_token_id"))
     scaling = None
-    if rope.get("rope_type", "default") != "default":
+    if rope.get("rope_type", "default") in ("dynamic", "linear"):
         scaling = {"factor": rope["factor"], "type": rope["rope_type"]}
     if flavour == "internlm2":
         llm = dict(common, _name_or_path="internlm/internlm2-chat-tiny", architectures=["InternLM2ForCausalLM"],
@@ -315,6 +390,19 @@ def original_config(hf_cfg: dict, flavour: str, template: str) -> dict:
     elif flavour == "llama":
         llm = dict(common, _name_or_path="NousResearch/Nous-Hermes-2-tiny", architectures=["LlamaForCausalLM"],
                    model_type="llama", attention_bias=False, pretraining_tp=1, rope_scaling=scaling)
+    elif flavour == "qwen3":
+        llm = dict(common, _name_or_path="Qwen/Qwen3-tiny", architectures=["Qwen3ForCausalLM"],
+                   model_type="qwen3", head_dim=t["head_dim"], attention_bias=False, use_sliding_window=False,
+                   sliding_window=None, max_window_layers=t["num_hidden_layers"], attention_dropout=0.0,
+                   rope_scaling=scaling)
+    elif flavour == "phi3":
+        # InternVL2-4B's llm_config style: LongRoPE as rope_scaling type "su", original_max_position_embeddings
+        # at the top level, a sliding_window larger than the context.
+        llm = dict(common, _name_or_path="microsoft/Phi-3-tiny-128k-instruct", architectures=["Phi3ForCausalLM"],
+                   model_type="phi3", original_max_position_embeddings=t["original_max_position_embeddings"],
+                   sliding_window=2 * t["max_position_embeddings"], embd_pdrop=0.0, resid_pdrop=0.0,
+                   attention_dropout=0.0, rope_scaling={"type": "su", "short_factor": rope["short_factor"],
+                                                        "long_factor": rope["long_factor"]})
     else:
         llm = dict(common, _name_or_path="Qwen/Qwen2-tiny-Instruct", architectures=["Qwen2ForCausalLM"],
                    model_type="qwen2", use_sliding_window=False, sliding_window=32768,
@@ -341,7 +429,8 @@ def original_config(hf_cfg: dict, flavour: str, template: str) -> dict:
     }
 
 
-TEMPLATES = {"internlm2": "internlm2-chat", "llama": "Hermes-2", "qwen2": "Hermes-2"}
+TEMPLATES = {"internlm2": "internlm2-chat", "llama": "Hermes-2", "qwen2": "Hermes-2", "qwen3": "internvl2_5",
+             "phi3": "phi3-chat"}
 
 
 def write_original(hf_dir: Path, out: Path, flavour: str, shards: int = 1) -> Path:
@@ -427,4 +516,27 @@ def build_all(root: Path) -> dict[str, TinyCheckpoint]:
     out["llama_vit6b"].original_dirs["hf-module-layout"] = write_hf_module_layout(
         out["llama_vit6b"].hf_dir, root / "llama_vit6b" / "hf-module-layout")
     _CACHE[root] = out
+    return out
+
+
+def build_new(root: Path) -> dict[str, TinyCheckpoint]:
+    """NEW_SPECS under `root` (once per root per process): root/<spec>/hf and root/<spec>/original-<flavour>;
+    also root/qwen3_vit300m/original-qwen3-vocab (its tokenizer as vocab.json + merges.txt only)."""
+    root = Path(root)
+    key = ("new", root)
+    if key in _CACHE:
+        return _CACHE[key]
+    out = {}
+    for spec in NEW_SPECS.values():
+        base = root / spec.name
+        ck = TinyCheckpoint(spec, base / "hf")
+        ck.image_token_id = build_hf_checkpoint(spec, ck.hf_dir)
+        for flavour in spec.originals:
+            ck.original_dirs[flavour] = write_original(ck.hf_dir, base / f"original-{flavour}", flavour)
+        out[spec.name] = ck
+    ck = out["qwen3_vit300m"]
+    d = shutil.copytree(ck.original_dirs["qwen3"], root / "qwen3_vit300m" / "original-qwen3-vocab")
+    (d / "tokenizer.json").unlink()
+    ck.original_dirs["qwen3-vocab"] = d
+    _CACHE[key] = out
     return out

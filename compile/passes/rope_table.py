@@ -7,7 +7,8 @@ graphs/rotary.py computes, from the token positions [N] (int64):
 
 This pass evaluates exactly those ops once for positions 0..max_context-1 and puts the
 results in the program as two non-persistent buffers, `<rotary>.cos_table` and
-`<rotary>.sin_table` ([max_context, head_dim], model dtype, next to `<rotary>.inv_freq`,
+`<rotary>.sin_table` (`<rotary>.long_cos_table` / `long_sin_table` for LongRoPE's second
+frequency buffer `long_inv_freq`; the per-sequence choice between them stays in the graph) ([max_context, head_dim], model dtype, next to `<rotary>.inv_freq`,
 which leaves the program); the graph then reads `index_select(table, 0, positions)`.
 
 max_context is the graph's block-table width x block size (the most keys a sequence can
@@ -102,10 +103,13 @@ def _match(specs, mul) -> dict | None:
 def _rewrite(ed: ProgramEditor, max_context: int, tables: dict, inv_freq, positions, outs, anchor) -> None:
     """tables: FQN -> placeholder of the tables added so far (one per rotary buffer and dtype)."""
     inv = ed.tensor(inv_freq)
-    base = ed.fqn(inv_freq).rpartition(".")[0]
+    base, _, leaf = ed.fqn(inv_freq).rpartition(".")
+    # `inv_freq` -> cos_table / sin_table; another frequency buffer of the same module (LongRoPE's
+    # `long_inv_freq`) -> long_cos_table / long_sin_table, so the two never share a table.
+    stem = leaf[:-len("inv_freq")] if leaf.endswith("inv_freq") else leaf + "_"
     for trig, (out, dtype) in outs.items():
         kind = "cos" if trig is aten.cos.default else "sin"
-        fqn = f"{base}.{kind}_table" if base else f"rope_{kind}_table"
+        fqn = f"{base}.{stem}{kind}_table" if base else f"rope_{stem}{kind}_table"
         if fqn not in tables:
             table = _TABLES.get(fqn, [inv], lambda: _table(inv, max_context, trig, dtype, val(positions).dtype),
                                 extra_key=(max_context, dtype, val(positions).dtype))

@@ -1,0 +1,249 @@
+"""The backbones of InternVL2-4B (Phi-3), InternVL3.5 (Qwen3) against transformers, in both
+checkpoint formats; InternVL2.5/3 (Qwen2.5 = Qwen2's architecture, InternLM2.5) run through the
+existing specs (test_graphs_vs_transformers.py).
+
+Tiny random checkpoints (tests/tiny_checkpoints.py NEW_SPECS): a Qwen3 one (per-head q/k RMSNorm,
+head_dim 32 != hidden/heads 16, no bias; InternViT-300M kind) and a Phi-3 one (fused qkv_proj /
+gate_up_proj, LongRoPE with short and long factors and original_max_position_embeddings 64, so a
+short prompt crosses it while decoding; InternViT-6B kind), each as -hf and in the original
+OpenGVLab format. Vision embeddings and logits within 1e-4 (fp32), 32 greedy tokens equal to
+transformers for a single image, two images and a text prompt, eagerly and through a compiled
+fp32 artifact, and with TP=2 (eager graphs in real rank processes, as tests/test_tp.py does).
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+from internvl_aot.compile.buckets import Buckets
+from internvl_aot.compile.checkpoint import CheckpointError, canonical_shapes, load_checkpoint
+from internvl_aot.compile.eager import eager_engine
+from internvl_aot.graphs.model import PrefillStage, VisionStage, build_model
+from internvl_aot.runtime.engine import Engine, Request
+from internvl_aot.runtime.sampler import SamplingParams
+from internvl_aot.runtime.tokenizer import Tokenizer
+from test_graphs_vs_transformers import _image, _rel, hf_greedy
+from tiny_checkpoints import PHI3_ORIGINAL_MAX, load_hf_model
+
+CASES = [("qwen3_vit300m", "hf"), ("qwen3_vit300m", "qwen3"), ("phi3_vit6b", "hf"), ("phi3_vit6b", "phi3")]
+# One prefill chunk holds every test prompt: transformers picks Phi-3's short or long RoPE factors
+# once per forward call (graphs/rotary.py), so a prompt is compared prefilled in one piece.
+BUCKETS = "vision=2;prefill=2048;batch=4;context=2048;block_size=64"   # 3 graphs per artifact
+
+
+def _dir(ck, fmt):
+    return ck.hf_dir if fmt == "hf" else ck.original_dirs[fmt]
+
+
+_HF = {}
+
+
+def _hf(ck):
+    if ck.name not in _HF:
+        _HF[ck.name] = load_hf_model(ck.hf_dir)
+    return _HF[ck.name]
+
+
+# ================================================================ weights and config
+
+@pytest.mark.parametrize("name,fmt", [("qwen3_vit300m", "qwen3"), ("qwen3_vit300m", "qwen3-vocab"),
+                                      ("phi3_vit6b", "phi3")])
+def test_both_formats_give_the_same_canonical_state(name, fmt, new_checkpoints):
+    ck = new_checkpoints[name]
+    cfg_h, sd_h = load_checkpoint(ck.hf_dir)
+    cfg_o, sd_o = load_checkpoint(_dir(ck, fmt))
+    assert list(sd_o) == list(sd_h) == list(canonical_shapes(cfg_h))
+    assert all(torch.equal(sd_o[k], sd_h[k]) for k in sd_h)
+    assert cfg_o.llm == cfg_h.llm and cfg_o.vision == cfg_h.vision
+    assert cfg_o.image_context_token_id == cfg_h.image_context_token_id == ck.image_token_id
+
+
+def test_qwen3_config_and_weights(new_checkpoints):
+    ck = new_checkpoints["qwen3_vit300m"]
+    cfg, sd = load_checkpoint(ck.hf_dir)
+    l = cfg.llm
+    assert (l.arch, l.head_dim, l.qk_norm, l.qkv_bias) == ("qwen3", 32, True, False)
+    assert l.head_dim * l.num_heads != l.hidden_size
+    lm = _hf(ck).model.language_model
+    a = lm.layers[1].self_attn
+    assert torch.equal(sd["language_model.layers.1.self_attn.q_norm.weight"], a.q_norm.weight)
+    assert torch.equal(sd["language_model.layers.1.self_attn.k_norm.weight"], a.k_norm.weight)
+    assert sd["language_model.layers.1.self_attn.q_proj.weight"].shape == (4 * 32, 64)
+    assert "language_model.layers.1.self_attn.q_proj.bias" not in sd
+    assert load_checkpoint(ck.original_dirs["qwen3"])[0].template == "internvl2_5"
+
+
+def test_phi3_fused_weights_are_split_by_rows(new_checkpoints):
+    ck = new_checkpoints["phi3_vit6b"]
+    cfg, sd = load_checkpoint(ck.original_dirs["phi3"])
+    l = cfg.llm
+    assert l.arch == "phi3" and cfg.template == "phi3-chat"
+    assert l.rope_scaling["type"] == "longrope" and l.rope_scaling["original_max_position_embeddings"] == 40
+    assert len(l.rope_scaling["short_factor"]) == len(l.rope_scaling["long_factor"]) == l.head_dim // 2
+    layer = _hf(ck).model.language_model.layers[0]
+    qkv, gate_up = layer.self_attn.qkv_proj.weight, layer.mlp.gate_up_proj.weight
+    q, kv = l.num_heads * l.head_dim, l.num_kv_heads * l.head_dim
+    p = "language_model.layers.0."
+    assert torch.equal(sd[p + "self_attn.q_proj.weight"], qkv[:q])
+    assert torch.equal(sd[p + "self_attn.k_proj.weight"], qkv[q:q + kv])
+    assert torch.equal(sd[p + "self_attn.v_proj.weight"], qkv[q + kv:])
+    assert torch.equal(sd[p + "mlp.gate_proj.weight"], gate_up[:l.intermediate_size])
+    assert torch.equal(sd[p + "mlp.up_proj.weight"], gate_up[l.intermediate_size:])
+
+
+def test_moe_backbones_are_refused_with_the_readme_message(new_checkpoints, tmp_path):
+    import json
+    import shutil
+    for fmt, arch_edit in (("qwen3", lambda c: c["llm_config"].update(architectures=["Qwen3MoeForCausalLM"])),
+                           ("hf", lambda c: c["text_config"].update(model_type="qwen3_moe")),
+                           ("qwen3", lambda c: c["llm_config"].update(architectures=["GptOssForCausalLM"]))):
+        d = shutil.copytree(_dir(new_checkpoints["qwen3_vit300m"], fmt), tmp_path / f"moe-{fmt}-{id(arch_edit)}")
+        c = json.loads((d / "config.json").read_text())
+        arch_edit(c)
+        (d / "config.json").write_text(json.dumps(c))
+        with pytest.raises(CheckpointError, match="mixture-of-experts .* not supported yet"):
+            load_checkpoint(d)
+
+
+# ================================================================ numerics against transformers
+
+@pytest.mark.parametrize("name,fmt", CASES)
+def test_vision_embeddings_and_logits(name, fmt, new_checkpoints):
+    ck = new_checkpoints[name]
+    cfg, weights = load_checkpoint(_dir(ck, fmt))
+    model = build_model(cfg, weights, max_seq_len=2048)
+    hf = _hf(ck)
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 448, 448)
+    with torch.no_grad():
+        ref = hf.model.get_image_features(pixels, vision_feature_layer=hf.config.vision_feature_layer,
+                                          vision_feature_select_strategy="default").pooler_output
+        ours = VisionStage(model)(pixels)
+        assert ours.shape == ref.shape == (2, 256, cfg.llm.hidden_size)
+        assert _rel(ours, ref) < 1e-4
+        # One prefill of 263 tokens (Phi-3: past original_max_position_embeddings, so the long factors)
+        img_id = cfg.image_context_token_id
+        ids = [1, 5, 9] + [img_id] * 256 + [7, 11, 13, 17]
+        t = len(ids)
+        ref_logits = hf(input_ids=torch.tensor([ids]), pixel_values=pixels[:1]).logits[0, -1]
+        bs, nblocks = 16, 64
+        attn = model.language_model.layers[0].self_attn
+        shape = (cfg.llm.num_layers, nblocks, bs, attn.kv_heads, attn.head_dim)
+        k, v = torch.zeros(shape), torch.zeros(shape)
+        ids_t = torch.tensor(ids)
+        mask = ids_t == img_id
+        embeds = torch.zeros(t, cfg.llm.hidden_size)
+        embeds[mask] = ours[0]
+        logits = PrefillStage(model)(ids_t, torch.arange(t), embeds, mask, torch.arange(t) + bs,
+                                     torch.arange(1, nblocks)[None], torch.tensor([t - 1]), k, v)
+        assert _rel(logits[0, :ref_logits.shape[0]], ref_logits) < 1e-4
+        # and a short one (Phi-3: below the threshold, the short factors)
+        short = [1, 5, 9, 7, 11, 13, 17, 19]
+        ref_short = hf(input_ids=torch.tensor([short])).logits[0, -1]
+        k.zero_(), v.zero_()
+        n = len(short)
+        logits = PrefillStage(model)(torch.tensor(short), torch.arange(n), torch.zeros(n, cfg.llm.hidden_size),
+                                     torch.zeros(n, dtype=torch.bool), torch.arange(n) + bs,
+                                     torch.arange(1, nblocks)[None], torch.tensor([n - 1]), k, v)
+        assert _rel(logits[0, :ref_short.shape[0]], ref_short) < 1e-4
+
+
+def _requests(max_new=32):
+    p = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
+    return [
+        Request(prompt="What is shown in this picture?", images=[_image(1, 700, 400)], max_tiles=2, params=p),
+        Request(prompt="Image-1: <image>\nImage-2: <image>\nDescribe the two images.",
+                images=[_image(2, 300, 300), _image(3, 200, 900)], max_tiles=2, params=p),
+        # A short system message keeps this prompt below Phi-3's threshold (64): decoding crosses it.
+        Request(prompt="Hello, world! Please answer the question briefly.", system="Be brief.", params=p),
+    ]
+
+
+_GREEDY = {}
+
+
+def _hf_greedy(ck, prompt_ids, tiles):
+    """transformers' 32 greedy tokens, once per spec and prompt (both formats hold the same weights)."""
+    key = (ck.name, tuple(prompt_ids))
+    if key not in _GREEDY:
+        _GREEDY[key] = hf_greedy(_hf(ck), prompt_ids, tiles, 32)
+    return _GREEDY[key]
+
+
+def _check_against_transformers(results, reqs, engine, ck, phi3: bool):
+    for req, res in zip(reqs, results):
+        assert len(res.output_token_ids) == 32
+        tiles = engine.make_sequence(req).pixel_values
+        assert res.output_token_ids == _hf_greedy(ck, res.prompt_token_ids, tiles), req.prompt
+    assert [r.num_tiles for r in results] == [[3], [1, 3], []]
+    assert max(len(set(r.output_token_ids)) for r in results) > 3
+    if phi3:
+        n = len(results[2].prompt_token_ids)
+        assert n < PHI3_ORIGINAL_MAX < n + 32, n        # short factors at first, long ones later
+
+
+@pytest.mark.parametrize("name,fmt", [("qwen3_vit300m", "qwen3"), ("phi3_vit6b", "hf")])
+def test_eager_greedy_matches_transformers(name, fmt, new_checkpoints):
+    ck = new_checkpoints[name]
+    path = _dir(ck, fmt)
+    cfg, weights = load_checkpoint(path)
+    engine = eager_engine(cfg, weights, path, Buckets.parse(BUCKETS), dtype="fp32")
+    reqs = _requests()
+    _check_against_transformers(engine.generate(reqs), reqs, engine, ck, name.startswith("phi3"))
+
+
+@pytest.fixture(scope="module")
+def new_artifact(new_checkpoints, tmp_path_factory):
+    from internvl_aot.compile.pipeline import compile_model
+    root = tmp_path_factory.mktemp("new_artifacts")
+    cache = {}
+
+    def get(name, fmt):
+        if (name, fmt) not in cache:
+            src = _dir(new_checkpoints[name], fmt)
+            cfg, weights = load_checkpoint(src)
+            out = root / f"{name}-{fmt}"
+            compile_model(cfg, weights, src, out, Buckets.parse(BUCKETS), dtype="fp32", source={"path": str(src)},
+                          log=lambda m: None)
+            cache[(name, fmt)] = out
+        return cache[(name, fmt)]
+
+    return get
+
+
+@pytest.mark.parametrize("name,fmt", [("qwen3_vit300m", "hf"), ("phi3_vit6b", "phi3")])
+def test_compiled_artifact_greedy_matches_transformers(name, fmt, new_checkpoints, new_artifact):
+    ck = new_checkpoints[name]
+    art = new_artifact(name, fmt)
+    engine = Engine.from_artifact(art)
+    reqs = _requests()
+    _check_against_transformers(engine.generate(reqs), reqs, engine, ck, name.startswith("phi3"))
+    import json
+    m = json.loads((Path(art) / "manifest.json").read_text())
+    tok = Tokenizer.from_dir(art / "tokenizer") if (art / "tokenizer").is_dir() else Tokenizer.from_dir(
+        _dir(ck, fmt))
+    sep = {"qwen3_vit300m": "<|im_end|>", "phi3_vit6b": "<|end|>"}[name]
+    assert m["generation"]["stop_token_ids"] == [tok.token_to_id(sep)]
+    assert m["generation"]["eos_token_ids"] == [tok.eos_id]
+
+
+# ================================================================ tensor parallelism (eager, real ranks)
+
+@pytest.mark.parametrize("name,fmt", [("qwen3_vit300m", "hf"), ("phi3_vit6b", "phi3")])
+def test_tp2_tokens_equal_tp1(name, fmt, new_checkpoints):
+    from test_tp import _children, eager_tp_group
+    src = Path(_dir(new_checkpoints[name], fmt))
+    reqs = _requests(12)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg, weights, tok, spec, graphs, group = eager_tp_group(src, 2, BUCKETS)
+        with Engine(spec, graphs, tok, "cpu", tp_group=group) as engine:
+            ours = engine.generate(reqs)
+        ref = eager_engine(cfg, weights, src, Buckets.parse(BUCKETS)).generate(reqs)
+    finally:
+        torch.set_num_threads(threads)
+    for req, a, b in zip(reqs, ours, ref):
+        assert a.prompt_token_ids == b.prompt_token_ids
+        assert a.output_token_ids == b.output_token_ids, req.prompt
+    assert _children() == []
