@@ -77,7 +77,7 @@ def _done(outputs: Path, settings: dict) -> dict:
         if differ:
             raise SystemExit(f"{outputs.parent} holds a run with other settings ({', '.join(differ)}): "
                              f"use another --out, or --restart")
-    out = {}
+    out, good = {}, []
     for line in outputs.read_text().splitlines():
         if line.strip():
             try:
@@ -85,6 +85,8 @@ def _done(outputs: Path, settings: dict) -> dict:
             except json.JSONDecodeError:       # a line cut short when the last run was killed
                 continue
             out[row["question_id"]] = row
+            good.append(line)
+    outputs.write_text("".join(line + "\n" for line in good))      # without the cut line
     return out
 
 
