@@ -10,7 +10,7 @@ TARGET  ?= native
 OUT     ?= artifacts/$(notdir $(MODEL))-tp$(TP)-$(BACKEND)-$(DTYPE)$(if $(filter-out native,$(TARGET)),-$(TARGET))
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup compile run demo test bench clean check-runtime-venv
+.PHONY: setup compile run demo test bench eval clean check-runtime-venv
 
 setup: .venv/.installed
 
@@ -42,6 +42,22 @@ demo: setup
 
 test: setup
 	.venv/bin/pytest -q tests
+
+# Precision check on the demo model (docs/precision.md): a TextVQA-format set of its own kind of
+# pictures (rendered words and numbers, tools/demo_textvqa.py, seed 2026) scored on the demo artifact
+# (compiled first if missing), then the artifact against transformers on the checkpoint's weights.
+# The demo was never taught InternVL's "Answer the question using a single word or phrase." suffix,
+# so it is asked the plain question (--prompt "{question}").
+EVAL_OUT ?= build/eval/internvl-demo
+eval: setup
+	test -f $(DEMO_ART)/manifest.json || .venv/bin/internvl-compile --model internvl-demo --dtype fp32 --backend cpu \
+		--out $(DEMO_ART) --buckets "$(DEMO_BUCKETS)"
+	$(PY) tools/demo_textvqa.py $(EVAL_OUT)/data --n 96 --seed 2026
+	.venv/bin/internvl-eval textvqa --artifact $(DEMO_ART) --data $(EVAL_OUT)/data/textvqa_val.jsonl \
+		--out $(EVAL_OUT)/textvqa --prompt "{question}" --restart --fail-under 95
+	.venv/bin/internvl-eval compare --artifact $(DEMO_ART) --reference models/internvl-demo \
+		--questions $(EVAL_OUT)/data/textvqa_val.jsonl --limit 24 --max-new-tokens 8 --out $(EVAL_OUT)/compare \
+		--fail-under identical=1,top1=1 --fail-over vision_rel_err=1e-4
 
 # The original system's performance sweep (one image, batch 1..10, 256 tokens, EOS ignored)
 # against transformers, on the artifact OUT (compiled first if it is not there yet):
