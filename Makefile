@@ -79,14 +79,26 @@ bench: setup
 clean:
 	rm -rf build artifacts/*/ .pytest_cache
 
-# Ship check: a fresh venv with only the runtime's dependencies (no transformers, no test extras)
-# runs the demo artifact after it was copied elsewhere. Needs `make demo` first.
-RT_VENV := build/runtime-venv
-check-runtime-venv: $(DEMO_ART)/manifest.json
-	rm -rf $(RT_VENV) build/shipped && python3 -m venv $(RT_VENV)
+# Ship check, as a fleet operator does it: on the build server (this .venv) make a signing key, sign
+# SHIP_ART (default: the demo artifact; e.g. SHIP_ART=artifacts/internvl-demo-tp1-cpu-fp32-x86-64-v3) and
+# pack it into one bundle; on the "edge box" (a fresh venv with only the runtime's dependencies: no
+# transformers, no test extras) put the public key in a trust store, receive the bundle, verify it,
+# check the box, and run it. Needs `make demo` (or SHIP_ART compiled) first.
+RT_VENV  := build/runtime-venv
+SHIP_ART ?= $(DEMO_ART)
+SHIP     := build/ship-check
+EDGE     := $(CURDIR)/$(SHIP)/edge
+check-runtime-venv: $(SHIP_ART)/manifest.json
+	rm -rf $(RT_VENV) $(SHIP) build/shipped && python3 -m venv $(RT_VENV)
 	$(RT_VENV)/bin/pip install -q "$(TORCH)"
 	$(RT_VENV)/bin/pip install -q .
-	cp -r $(DEMO_ART) build/shipped
 	$(RT_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('transformers') is not None)"
-	cd /tmp && $(CURDIR)/$(RT_VENV)/bin/internvl-run --artifact $(CURDIR)/build/shipped \
-		--image $(CURDIR)/$(DEMO_IMAGE) --prompt "$(DEMO_QUESTION)" --max-new-tokens 8
+	.venv/bin/internvl-artifact keygen -o $(SHIP)/keys/build-server
+	cp -r $(SHIP_ART) $(SHIP)/art
+	.venv/bin/internvl-artifact sign --key $(SHIP)/keys/build-server.key $(SHIP)/art
+	.venv/bin/internvl-artifact pack $(SHIP)/art -o $(SHIP)/model.ivl
+	mkdir -p $(EDGE)/trusted && cp $(SHIP)/keys/build-server.pub $(EDGE)/trusted/ && cp $(SHIP)/model.ivl $(EDGE)/
+	cd /tmp && $(CURDIR)/$(RT_VENV)/bin/internvl-artifact verify --trusted-keys $(EDGE)/trusted $(EDGE)/model.ivl
+	cd /tmp && $(CURDIR)/$(RT_VENV)/bin/internvl-run --artifact $(EDGE)/model.ivl --trusted-keys $(EDGE)/trusted --check
+	cd /tmp && INTERNVL_CACHE_DIR=$(EDGE)/cache $(CURDIR)/$(RT_VENV)/bin/internvl-run --artifact $(EDGE)/model.ivl \
+		--trusted-keys $(EDGE)/trusted --image $(CURDIR)/$(DEMO_IMAGE) --prompt "$(DEMO_QUESTION)" --max-new-tokens 8
