@@ -22,6 +22,21 @@ Sources (checked 2026 through the `search` tool, i.e. stored copies of public fi
 Everything else is from the base LLMs' published configs; a value marked UNVERIFIED
 below could not be checked against a stored copy of the real config.json.
 
+InternVL2.5 / InternVL3 / InternVL3.5 (checked 2026-12-01 through the `search` tool):
+- InternVL3-1B(-Pretrained): a printed config (Qwen2.5-0.5B shape: 896 wide, 24 layers, 14 heads,
+  2 KV heads, 4864 MLP, vocab 151674, rope dynamic factor 2.0, theta 1e6, max 32768; template
+  internvl2_5, ps_version v2, select_layer -1, InternViT-300M: layer_norm, qkv_bias, no qk-norm)
+  and its tokenizer (Qwen2.5's 151643 + 22 added tokens, eos <|im_end|>).
+- InternVL3_5-8B config.json: Qwen3ForCausalLM, Qwen3-8B shape (4096 wide, 36 layers, 32 heads,
+  8 KV heads, head_dim 128, 12288 MLP, vocab 151936, theta 1e6, rms 1e-6, max 40960, no rope
+  scaling), ps_version v2.
+- InternVL2_5-4B: a test fixture's copy (Qwen2.5-3B shape, vocab 151674, template internvl2_5);
+  InternVL2_5-38B-AWQ config.json: Qwen2.5-32B-Instruct LLM (5120 wide, 27648 MLP).
+- conversation.py (OpenGVLab/InternVL): the internvl2_5 and phi3-chat templates.
+- Phi-3 LongRoPE factors: Phi-3-vision-128k-instruct's config (the same `su` release as
+  Phi-3-mini-128k-instruct); InternVL2-4B's own factors are UNVERIFIED.
+Every other value of these families is the base LLM's published shape from memory, marked UNVERIFIED.
+
 Added tokens: InternVL appends 9 tokens to the base tokenizer in this order:
 <img>, </img>, <IMG_CONTEXT>, <quad>, </quad>, <ref>, </ref>, <box>, </box>. So
 vocab_size = base tokenizer length + 9 and <IMG_CONTEXT> = base length + 2
@@ -114,12 +129,96 @@ def hermes_2_theta_llama_3_70b() -> LLMConfig:
 
 
 def phi3_mini_128k() -> LLMConfig:
-    # Shape: Phi-3-mini-128k-instruct (fused qkv_proj / gate_up_proj, LongRoPE).
-    # UNVERIFIED: vocab 32020 (32011 + 9).
+    # Shape: Phi-3-mini-128k-instruct (fused qkv_proj / gate_up_proj, split at load; LongRoPE with
+    # original_max_position_embeddings 4096). UNVERIFIED: vocab 32020 (32011 + 9 InternVL tokens) and the
+    # LongRoPE factors (PHI3_128K_SHORT / _LONG, see below).
     return LLMConfig(arch="phi3", vocab_size=32020, hidden_size=3072, num_layers=32,
                      num_heads=32, num_kv_heads=32, intermediate_size=8192, rms_norm_eps=1e-5,
-                     rope_theta=10000.0, rope_scaling={"type": "longrope"},
-                     max_position_embeddings=131072)
+                     rope_theta=10000.0, max_position_embeddings=131072,
+                     rope_scaling={"type": "longrope", "short_factor": list(PHI3_128K_SHORT),
+                                   "long_factor": list(PHI3_128K_LONG), "original_max_position_embeddings": 4096})
+
+
+# ---------------------------------------------------------------- InternVL2.5 / 3 / 3.5 towers and LLMs
+
+def intern_vit_300m_v2_5() -> VisionConfig:
+    """InternViT-300M-448px-V2_5 (InternVL2.5-1B..8B, InternVL3-1B..14B, InternVL3.5-1B..14B): the
+    300M shape. Verified: InternVL3-1B's printed vision_config (drop_path_rate is ignored at inference)."""
+    return intern_vit_300m()
+
+
+def intern_vit_6b_v2_5() -> VisionConfig:
+    """InternViT-6B-448px-V2_5 (InternVL2.5-26B/38B/78B, InternVL3-38B/78B, InternVL3.5-38B).
+    UNVERIFIED: 45 blocks, rms_norm, qk-norm and no qkv bias, as V1-5 (V2_5 is its continued training)."""
+    return intern_vit_6b(45)
+
+
+def qwen2_5(hidden: int, layers: int, heads: int, kv_heads: int, mlp: int, dynamic_rope: bool) -> LLMConfig:
+    """A Qwen2.5 LLM inside InternVL2.5 / InternVL3: Qwen2's architecture, InternVL's vocabulary
+    151674 (151643 + 22 Qwen2.5 added tokens + 9 InternVL tokens; verified for InternVL3-1B and
+    InternVL2.5-4B). InternVL3's llm_config carries rope dynamic factor 2.0 (verified for
+    InternVL3-1B, UNVERIFIED for the other sizes); InternVL2.5's is UNVERIFIED (none assumed).
+    UNVERIFIED: untied lm_head for the sizes whose base Qwen2.5 ties it (0.5B, 1.5B, 3B)."""
+    return LLMConfig(arch="qwen2", vocab_size=151674, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                     num_kv_heads=kv_heads, intermediate_size=mlp, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                     rope_scaling={"type": "dynamic", "factor": 2.0} if dynamic_rope else None,
+                     max_position_embeddings=32768, qkv_bias=True)
+
+
+# Qwen2.5 shapes (hidden, layers, heads, kv heads, mlp): the base models' published configs.
+QWEN2_5 = {"0.5b": (896, 24, 14, 2, 4864),       # verified (InternVL3-1B)
+           "1.5b": (1536, 28, 12, 2, 8960),      # UNVERIFIED
+           "3b": (2048, 36, 16, 2, 11008),       # verified (InternVL2.5-4B fixture)
+           "7b": (3584, 28, 28, 4, 18944),       # UNVERIFIED
+           "14b": (5120, 48, 40, 8, 13824),      # UNVERIFIED
+           "32b": (5120, 64, 40, 8, 27648),      # hidden / mlp verified (InternVL2.5-38B-AWQ), rest UNVERIFIED
+           "72b": (8192, 80, 64, 8, 29568)}      # UNVERIFIED
+
+
+def qwen3(hidden: int, layers: int, heads: int, kv_heads: int, mlp: int) -> LLMConfig:
+    """A Qwen3 LLM inside InternVL3.5: head_dim 128 whatever the width, per-head q/k RMSNorm, no
+    bias, vocab 151936 (Qwen3's padded embedding), theta 1e6, max 40960: verified for InternVL3.5-8B,
+    UNVERIFIED for the other sizes. UNVERIFIED: untied lm_head for 0.6B/1.7B/4B (their base ties it)."""
+    return LLMConfig(arch="qwen3", vocab_size=151936, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                     num_kv_heads=kv_heads, intermediate_size=mlp, head_dim=128, rms_norm_eps=1e-6,
+                     rope_theta=1_000_000.0, rope_scaling=None, max_position_embeddings=40960, qk_norm=True)
+
+
+QWEN3 = {"0.6b": (1024, 28, 16, 8, 3072),        # UNVERIFIED
+         "1.7b": (2048, 28, 16, 8, 6144),        # UNVERIFIED
+         "4b": (2560, 36, 32, 8, 9728),          # UNVERIFIED
+         "8b": (4096, 36, 32, 8, 12288),         # verified (InternVL3_5-8B config.json)
+         "14b": (5120, 40, 40, 8, 17408),        # UNVERIFIED
+         "32b": (5120, 64, 64, 8, 25600)}        # UNVERIFIED
+
+
+def internlm2_5_1_8b_chat() -> LLMConfig:
+    # InternVL2.5-2B. UNVERIFIED: internlm2_5-1_8b-chat has internlm2-chat-1_8b's shape and rope settings.
+    return internlm2_chat_1_8b()
+
+
+def internlm2_5_20b_chat() -> LLMConfig:
+    # InternVL2.5-26B. UNVERIFIED: internlm2-chat-20b's shape, dynamic rope factor 2.0.
+    return internlm2_chat_20b(rope_factor=2.0)
+
+
+def internlm3_8b_instruct() -> LLMConfig:
+    # InternVL3-9B: InternLM3ForCausalLM, Llama's modules (separate q/k/v, no bias). UNVERIFIED (from
+    # internlm3-8b-instruct's published config): 4096 wide, 48 layers, 32 heads, 2 KV heads, head_dim 128,
+    # 10240 MLP, vocab 128512, rope theta 5e7 with dynamic factor 6.0, rms 1e-5, max 32768.
+    return LLMConfig(arch="internlm3", vocab_size=128512, hidden_size=4096, num_layers=48, num_heads=32,
+                     num_kv_heads=2, intermediate_size=10240, head_dim=128, rms_norm_eps=1e-5,
+                     rope_theta=50_000_000.0, rope_scaling={"type": "dynamic", "factor": 6.0},
+                     max_position_embeddings=32768)
+
+
+# Phi-3-vision-128k-instruct's `su` factors (48 = head_dim 96 / 2), used for InternVL2-4B: UNVERIFIED there.
+PHI3_128K_SHORT = [1.05, 1.05, 1.05, 1.1, 1.1, 1.1, 1.25, 1.25, 1.4, 1.45, 1.55, 1.85, 1.9] + [2.0] * 19 + [
+    2.1, 2.1, 2.2, 2.35, 2.35, 2.35, 2.35, 2.4, 2.4, 2.65, 2.7, 2.9, 2.95, 3.05, 3.05, 3.05]
+PHI3_128K_LONG = [1.03, 1.05, 1.05, 1.08, 1.23, 1.23, 1.3, 1.45, 1.6, 1.65, 1.9, 2.86, 3.69, 5.42, 5.49, 5.49,
+                  9.09, 11.58, 15.66, 15.77, 15.79, 18.36, 21.99, 23.08, 30.01, 32.35, 32.59, 35.56, 39.95,
+                  53.84, 56.2, 57.95, 59.29, 59.77, 59.92, 61.19, 61.96, 62.5, 63.37, 63.48, 63.48, 63.66,
+                  63.85, 64.08, 64.76, 64.8, 64.81, 64.81]
 
 
 # ---------------------------------------------------------------- the demo model
@@ -187,9 +286,8 @@ _ENTRIES = [
         template="internlm2-chat", image_context_token_id=92546),
     RegistryEntry(
         "internvl2-4b", "OpenGVLab/InternVL2-4B", intern_vit_300m, phi3_mini_128k,
-        template="phi3-chat", image_context_token_id=-1,
-        unsupported="its Phi-3 language model (Phi3ForCausalLM: fused qkv_proj/gate_up_proj, "
-                    "LongRoPE) is not supported yet"),
+        # UNVERIFIED: <IMG_CONTEXT> = 32011 + 2 (derived as for the other tokenizers).
+        template="phi3-chat", image_context_token_id=32013),
     RegistryEntry(
         "internvl2-8b", "OpenGVLab/InternVL2-8B", intern_vit_300m, internlm2_5_7b_chat,
         template="internlm2-chat", image_context_token_id=92546),
@@ -203,6 +301,57 @@ _ENTRIES = [
         "internvl2-76b", "OpenGVLab/InternVL2-Llama3-76B", intern_vit_6b, hermes_2_theta_llama_3_70b,
         # UNVERIFIED: template (Hermes-2-Theta speaks ChatML like Hermes-2).
         template="Hermes-2"),
+]
+
+
+
+def _q25(size: str, dynamic_rope: bool):
+    return lambda: qwen2_5(*QWEN2_5[size], dynamic_rope=dynamic_rope)
+
+
+def _q3(size: str):
+    return lambda: qwen3(*QWEN3[size])
+
+
+# <IMG_CONTEXT>: Qwen2.5 151643 + 22 + 2 = 151667 (verified: InternVL3 vocab 151674 and the -hf configs'
+# image_token_id); Qwen3 151643 + 26 + 2 = 151671 (UNVERIFIED, derived); InternLM2 92546 (as InternVL2).
+_Q25_IMG, _Q3_IMG = 151667, 151671
+_NEW = [  # (name, hub repo, vision, llm, image context id); all: template internvl2_5 (UNVERIFIED for
+    # InternVL3.5, whose conversation.py has no template of its own for the dense models), ps v2, layer -1
+    ("internvl2.5-1b", "OpenGVLab/InternVL2_5-1B", intern_vit_300m_v2_5, _q25("0.5b", False), _Q25_IMG),
+    ("internvl2.5-2b", "OpenGVLab/InternVL2_5-2B", intern_vit_300m_v2_5, internlm2_5_1_8b_chat, 92546),
+    ("internvl2.5-4b", "OpenGVLab/InternVL2_5-4B", intern_vit_300m_v2_5, _q25("3b", False), _Q25_IMG),
+    ("internvl2.5-8b", "OpenGVLab/InternVL2_5-8B", intern_vit_300m_v2_5, internlm2_5_7b_chat, 92546),
+    ("internvl2.5-26b", "OpenGVLab/InternVL2_5-26B", intern_vit_6b_v2_5, internlm2_5_20b_chat, 92546),
+    ("internvl2.5-38b", "OpenGVLab/InternVL2_5-38B", intern_vit_6b_v2_5, _q25("32b", False), _Q25_IMG),
+    ("internvl2.5-78b", "OpenGVLab/InternVL2_5-78B", intern_vit_6b_v2_5, _q25("72b", False), _Q25_IMG),
+    ("internvl3-1b", "OpenGVLab/InternVL3-1B", intern_vit_300m_v2_5, _q25("0.5b", True), _Q25_IMG),
+    ("internvl3-2b", "OpenGVLab/InternVL3-2B", intern_vit_300m_v2_5, _q25("1.5b", True), _Q25_IMG),
+    ("internvl3-8b", "OpenGVLab/InternVL3-8B", intern_vit_300m_v2_5, _q25("7b", True), _Q25_IMG),
+    ("internvl3-9b", "OpenGVLab/InternVL3-9B", intern_vit_300m_v2_5, internlm3_8b_instruct, -1),
+    ("internvl3-14b", "OpenGVLab/InternVL3-14B", intern_vit_300m_v2_5, _q25("14b", True), _Q25_IMG),
+    ("internvl3-38b", "OpenGVLab/InternVL3-38B", intern_vit_6b_v2_5, _q25("32b", True), _Q25_IMG),
+    ("internvl3-78b", "OpenGVLab/InternVL3-78B", intern_vit_6b_v2_5, _q25("72b", True), _Q25_IMG),
+    ("internvl3.5-1b", "OpenGVLab/InternVL3_5-1B", intern_vit_300m_v2_5, _q3("0.6b"), _Q3_IMG),
+    ("internvl3.5-2b", "OpenGVLab/InternVL3_5-2B", intern_vit_300m_v2_5, _q3("1.7b"), _Q3_IMG),
+    ("internvl3.5-4b", "OpenGVLab/InternVL3_5-4B", intern_vit_300m_v2_5, _q3("4b"), _Q3_IMG),
+    ("internvl3.5-8b", "OpenGVLab/InternVL3_5-8B", intern_vit_300m_v2_5, _q3("8b"), _Q3_IMG),
+    ("internvl3.5-14b", "OpenGVLab/InternVL3_5-14B", intern_vit_300m_v2_5, _q3("14b"), _Q3_IMG),
+    ("internvl3.5-38b", "OpenGVLab/InternVL3_5-38B", intern_vit_6b_v2_5, _q3("32b"), _Q3_IMG),
+]
+_ENTRIES += [RegistryEntry(n, repo, vit, llm, template="internvl2_5", image_context_token_id=img)
+             for n, repo, vit, llm, img in _NEW]
+# Known, refused with the loader's message (compile/checkpoint.py MOE_UNSUPPORTED); README says the same.
+# Their vision/llm entries are placeholders (a dense Qwen3 shape), never built.
+_MOE = "its mixture-of-experts language model is not supported yet"
+_ENTRIES += [
+    RegistryEntry("internvl3.5-30b-a3b", "OpenGVLab/InternVL3_5-30B-A3B", intern_vit_300m_v2_5, _q3("0.6b"),
+                  template="internvl2_5", unsupported=_MOE + " (Qwen3-30B-A3B MoE)"),
+    RegistryEntry("internvl3.5-241b-a28b", "OpenGVLab/InternVL3_5-241B-A28B", intern_vit_6b_v2_5, _q3("0.6b"),
+                  template="internvl2_5", unsupported=_MOE + " (Qwen3-235B-A22B MoE)"),
+    RegistryEntry("internvl3.5-gpt-oss-20b-a4b", "OpenGVLab/InternVL3_5-GPT-OSS-20B-A4B-Preview",
+                  intern_vit_300m_v2_5, _q3("0.6b"), template="internvl2_5",
+                  unsupported=_MOE + " (GPT-OSS-20B, and its internvl3_5_gpt_oss template)"),
 ]
 
 REGISTRY: dict[str, RegistryEntry] = {e.name: e for e in _ENTRIES}

@@ -299,17 +299,19 @@ def test_every_registry_entry_builds():
     for name in list_models():
         entry = registry_entry(name)
         if entry.unsupported:
-            with pytest.raises(UnsupportedModelError, match="Phi-3"):
+            with pytest.raises(UnsupportedModelError, match="mixture-of-experts language model is not supported yet"):
                 registry_config(name)
             cfg = registry_config(name, allow_unsupported=True)
         else:
             cfg = registry_config(name)
         assert cfg.name == name and cfg.num_image_token == 256
-        assert cfg.llm.num_heads % cfg.llm.num_kv_heads == 0 and cfg.llm.head_dim * cfg.llm.num_heads == \
-            cfg.llm.hidden_size
+        assert cfg.llm.num_heads % cfg.llm.num_kv_heads == 0
+        # Qwen3 (InternVL3.5) and InternLM3 keep head_dim 128 whatever the width
+        assert cfg.llm.head_dim * cfg.llm.num_heads == cfg.llm.hidden_size or cfg.llm.arch in ("qwen3", "internlm3")
         assert cfg.vision.image_size == 448 and cfg.vision.patch_size == 14
         assert len(canonical_shapes(cfg)) > 0
-    assert set(list_models(include_unsupported=False)) == set(list_models()) - {"internvl2-4b"}
+    assert set(list_models()) - set(list_models(include_unsupported=False)) == {
+        "internvl3.5-30b-a3b", "internvl3.5-241b-a28b", "internvl3.5-gpt-oss-20b-a4b"}
     assert registry_entry("OpenGVLab/InternVL2-Llama3-76B").name == "internvl2-76b"
     assert is_registry_name("InternVL2-2B") and not is_registry_name("no-such-model")
     with pytest.raises(KeyError):
@@ -325,11 +327,31 @@ def test_registry_architectures():
     c = registry_config("internvl2-26b")
     assert (c.vision.hidden_size, c.vision.qk_normalization, c.llm.rope_scaling["factor"]) == (3200, True, 3.0)
     assert registry_config("internvl2-1b").llm.qkv_bias
+    c = registry_config("internvl2-4b")
+    assert (c.llm.arch, c.template, c.llm.rope_scaling["type"], len(c.llm.rope_scaling["long_factor"])) == \
+        ("phi3", "phi3-chat", "longrope", c.llm.head_dim // 2)
+    for name, arch in (("internvl2.5-1b", "qwen2"), ("internvl2.5-8b", "internlm2"), ("internvl3-9b", "internlm3"),
+                       ("internvl3-78b", "qwen2"), ("internvl3.5-8b", "qwen3")):
+        c = registry_config(name)
+        assert (c.llm.arch, c.template, c.ps_version, c.select_layer) == (arch, "internvl2_5", "v2", -1), name
+    c = registry_config("internvl3.5-8b")
+    assert (c.llm.head_dim, c.llm.qk_norm, c.llm.qkv_bias, c.llm.vocab_size) == (128, True, False, 151936)
+    assert registry_config("internvl3.5-38b").vision.qk_normalization and registry_config("InternVL3-1B").llm.qkv_bias
+    assert registry_entry("OpenGVLab/InternVL2_5-78B").name == "internvl2.5-78b"
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
+        registry_config("OpenGVLab/InternVL3_5-30B-A3B")
 
 
 @pytest.mark.parametrize("name,lo,hi", [("internvl2-1b", 0.85e9, 1.0e9), ("internvl2-2b", 2.1e9, 2.3e9),
                                         ("internvl2-8b", 8.0e9, 8.2e9), ("internvl2-26b", 25.0e9, 26.0e9),
-                                        ("internvl2-76b", 75.5e9, 77e9)])
+                                        ("internvl2-76b", 75.5e9, 77e9),
+                                        # the model cards' sizes (B): InternVL2-4B 4.2, 2.5-4B 3.7, 3-2B 2.1,
+                                        # 3-9B 9.1, 3-14B 15.1, 3.5-1B 1.1, 3.5-4B 4.7, 3.5-8B 8.5, 3.5-38B 38.4
+                                        ("internvl2-4b", 4.1e9, 4.25e9), ("internvl2.5-4b", 3.65e9, 3.75e9),
+                                        ("internvl3-2b", 2.05e9, 2.15e9), ("internvl3-9b", 9.05e9, 9.2e9),
+                                        ("internvl3-14b", 15.0e9, 15.2e9), ("internvl3.5-1b", 1.0e9, 1.1e9),
+                                        ("internvl3.5-4b", 4.65e9, 4.8e9), ("internvl3.5-8b", 8.45e9, 8.6e9),
+                                        ("internvl3.5-38b", 38.3e9, 38.5e9)])
 def test_registry_parameter_counts(name, lo, hi):
     assert lo <= num_parameters(registry_config(name)) <= hi
 

@@ -90,7 +90,7 @@ def test_shards_build_every_rank_of_real_models(name):
     for n in (2, 4, 8):
         if n not in valid_tp_sizes(cfg):
             continue
-        for r in range(n):
+        for r in sorted({0, n // 2, n - 1}):      # first, middle and last (zero-padded) rank
             model = build_model(cfg, rank_shard(cfg, weights, r, n), TPInfo(r, n, "0"))
             attn = model.vision_model.encoder.layers[0].attn
             assert attn.heads * n >= cfg.vision.num_heads            # InternViT-6B's 25 heads: padded
