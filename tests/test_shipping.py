@@ -405,3 +405,21 @@ def test_without_a_trust_store_unsigned_runs_with_one_note_and_tampering_is_stil
     _tamper_manifest(art)
     with pytest.raises(ArtifactError, match="does not match its manifest.json"):
         Engine.from_artifact(art)
+
+
+def test_runtime_install_pulls_only_the_runtime_dependencies():
+    # `make check-runtime-venv` installs into a fresh venv and runs a signed bundle there (minutes: not in CI);
+    # this is its cheap half: the package without extras asks for the runtime's dependencies and nothing else.
+    import re
+    from importlib import metadata
+    try:
+        import tomllib
+    except ImportError:          # Python 3.10
+        tomllib = None
+    want = {"torch", "numpy", "pillow", "safetensors", "sentencepiece", "tokenizers", "cryptography"}
+    if tomllib is not None:
+        deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        assert {re.split(r"[<>=!~ ;\[]", d)[0].lower() for d in deps} == want
+    installed = [r for r in (metadata.requires("internvl-aot") or []) if "extra ==" not in r]
+    assert {re.split(r"[<>=!~ ;\[(]", r)[0].lower() for r in installed} == want
+    assert "internvl-artifact" in {e.name for e in metadata.entry_points(group="console_scripts")}
