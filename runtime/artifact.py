@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .bundle import resolve_artifact
-from .check import enforce_trust
+from .check import QUIET_ENV, enforce_trust
 from .graph_loader import GraphLoadError, load_graph, load_weights
 from .manifest import ArtifactError, read_manifest, verify
 from .signing import trust_store
@@ -93,6 +93,7 @@ def open_tp_artifact(path: Path, device: str | None = None, skip_verify: bool = 
         return argv
 
     env = dict(os.environ)
+    env[QUIET_ENV] = "1"        # the followers do not repeat rank 0's "unverified" note
     if device.type == "cpu":
         env["OMP_NUM_THREADS"] = str(threads)
     group = RankGroup(manifest, device, log)

@@ -14,6 +14,7 @@ that the artifact is unverified.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -28,6 +29,7 @@ from .isa import cpu_flags, cpu_model, cpu_problem, missing_flags, targets_this_
 from .signing import SIGNATURE, TrustStore, check_signature, trust_store
 
 MANIFEST = "manifest.json"
+QUIET_ENV = "INTERNVL_UNVERIFIED_NOTED"
 FORMAT_VERSION = 1       # runtime/manifest.py's FORMAT_VERSION (that module imports torch)
 
 
@@ -67,6 +69,8 @@ def enforce_trust(artifact: Path, manifest: dict, store: TrustStore | None) -> N
     if not result.ok:
         raise ArtifactError(result.message)
     if store is None:
+        if os.environ.get(QUIET_ENV):      # a tensor-parallel follower: rank 0 said it already
+            return
         warnings.warn(f"note: {result.message}; set INTERNVL_TRUSTED_KEYS (or --trusted-keys) to a directory of "
                       "trusted signers' .pub files to verify artifacts", UnverifiedArtifact, stacklevel=3)
         return
