@@ -10,7 +10,7 @@ TARGET  ?= native
 OUT     ?= artifacts/$(notdir $(MODEL))-tp$(TP)-$(BACKEND)-$(DTYPE)$(if $(filter-out native,$(TARGET)),-$(TARGET))
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup compile run demo test bench eval clean check-runtime-venv
+.PHONY: setup compile run demo test bench bench-serve serve eval clean check-runtime-venv
 
 setup: .venv/.installed
 
@@ -75,6 +75,21 @@ bench: setup
 		DTYPE=$(DTYPE) OUT=$(OUT) $(if $(BUCKETS),BUCKETS="$(BUCKETS)")
 	.venv/bin/internvl-bench --artifact $(OUT) --batch-sizes $(BATCH_SIZES) --output-tokens $(OUTPUT_TOKENS) \
 		$(if $(COMPARE),--compare $(COMPARE)) $(if $(HF_DTYPE),--hf-dtype $(HF_DTYPE)) --out $(BENCH_OUT) $(BENCH_ARGS)
+
+# HTTP server (MindIE native, TGI, Triton, vLLM and OpenAI formats) on an artifact:
+#   make serve ARTIFACT=artifacts/internvl-demo-tp1-cpu-fp32 PORT=8000
+ARTIFACT   ?= $(DEMO_ART)
+HOST       ?= 127.0.0.1
+PORT       ?= 8000
+SERVE_ARGS ?=
+serve: setup
+	.venv/bin/internvl-serve --artifact $(ARTIFACT) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+
+# The server under load (N streaming clients, the stall of a 7-tile prompt, RSS): bench/serve.py
+CLIENTS  ?= 8
+DURATION ?= 60
+bench-serve: setup
+	.venv/bin/python -m internvl_aot.bench.serve --artifact $(ARTIFACT) --clients $(CLIENTS) --duration $(DURATION)
 
 clean:
 	rm -rf build artifacts/*/ .pytest_cache

@@ -8,6 +8,7 @@
 """
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -93,6 +94,8 @@ def demo_artifact(tmp_path_factory):
     """models/internvl-demo compiled as `make demo` does it (the compile CLI, the registry name, fp32 on
     the CPU), with DEMO_BUCKETS; shared by the demo-model and server tests."""
     import subprocess
+    if os.environ.get("INTERNVL_TEST_DEMO_ARTIFACT"):      # a developer's already compiled copy (same buckets)
+        return Path(os.environ["INTERNVL_TEST_DEMO_ARTIFACT"])
     out = tmp_path_factory.mktemp("demo") / "internvl-demo-tp1-cpu-fp32"
     p = subprocess.run([sys.executable, "-m", "internvl_aot.compile.cli", "--model", "internvl-demo", "--dtype", "fp32",
                         "--backend", "cpu", "--out", str(out), "--buckets", DEMO_BUCKETS],

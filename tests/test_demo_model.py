@@ -12,24 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "models" / "internvl-demo"
 sys.path.insert(0, str(ROOT / "tools"))
-BUCKETS = "vision=1;prefill=512;batch=1,4;context=1024"
+from conftest import DEMO_BUCKETS as BUCKETS  # noqa: E402  (demo_artifact: conftest.py)
 
 
 @pytest.fixture(scope="module")
 def demo():
     from internvl_aot.compile.checkpoint import load_checkpoint
     return load_checkpoint(CKPT)
-
-
-@pytest.fixture(scope="module")
-def demo_artifact(tmp_path_factory):
-    """Compiled as `make demo` does it (the compile CLI, the registry name, fp32 on the CPU), with BUCKETS."""
-    out = tmp_path_factory.mktemp("demo") / "internvl-demo-tp1-cpu-fp32"
-    p = subprocess.run([sys.executable, "-m", "internvl_aot.compile.cli", "--model", "internvl-demo", "--dtype", "fp32",
-                        "--backend", "cpu", "--out", str(out), "--buckets", BUCKETS],
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return out
 
 
 def held_out_answers(engine):

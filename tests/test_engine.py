@@ -115,3 +115,47 @@ def test_bad_requests_are_refused_before_any_work(ckpt, tmp_path):
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
     assert not engine.scheduler.has_work()
+
+
+def test_interleaved_prefill_bounds_the_decode_stall_and_keeps_the_tokens(ckpt):
+    """With prefill_chunks_per_decode=1 a long prompt arriving while another sequence decodes is
+    prefilled one chunk per step with a decode step between chunks (nano-vllm's split: the
+    scheduler plans, the engine executes and reports each step), and every sequence gets the
+    same tokens as when it runs alone."""
+    cfg, weights, path = ckpt
+    alone = eager_engine(cfg, weights, path, BUCKETS)
+    short = Request(prompt="Count to ten please.", params=SamplingParams(max_new_tokens=30, ignore_eos=True))
+    long_ = Request(prompt="Describe the history of the city in detail, please. " * 12,
+                    params=SamplingParams(max_new_tokens=10, ignore_eos=True))
+    expected = [alone.generate([r])[0].output_token_ids for r in (short, long_)]
+
+    mixed = eager_engine(cfg, weights, path, BUCKETS)
+    mixed.scheduler.prefill_chunks_per_decode = 1
+    a = mixed.add(short)
+    records = []
+    while len(a.output_ids) < 5:
+        records.append(mixed.step())
+    b = mixed.add(long_)
+    assert len(b) > 3 * 128
+    mixed.run_until_done([a, b], on_step=records.append)
+    assert [a.output_ids, b.output_ids] == expected
+    kinds = [r.kind for r in records]
+    b_chunks = [i for i, r in enumerate(records) if r.kind == "prefill" and r.seq_ids == [b.seq_id]]
+    assert len(b_chunks) >= 4
+    # between two chunks of the long prompt, the running sequence decoded once
+    assert all(kinds[i + 1] == "decode" for i in b_chunks[:-1])
+    assert all(r.new_tokens == len(r.seq_ids) for r in records if r.kind == "decode")
+    assert sum(r.new_tokens for r in records) == len(a.output_ids) + len(b.output_ids)
+
+
+def test_step_records_in_offline_order(ckpt):
+    """Offline (prefill_chunks_per_decode=None): every prompt is prefilled before the first decode step."""
+    cfg, weights, path = ckpt
+    engine = eager_engine(cfg, weights, path, BUCKETS)
+    seqs = [engine.add(r) for r in _reqs((3, 3, 3))]
+    records = []
+    engine.run_until_done(seqs, on_step=records.append)
+    first_decode = next(i for i, r in enumerate(records) if r.kind == "decode")
+    assert all(r.kind == "prefill" for r in records[:first_decode])
+    assert {s for r in records[:first_decode] for s in r.seq_ids} == {s.seq_id for s in seqs}
+    assert engine.step() is None and not engine.scheduler.has_work()
