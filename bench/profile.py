@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from ..runtime.buckets import GraphKey
     from ..runtime.engine import Engine, Request
     from ..runtime.sampler import SamplingParams
     from ..runtime.sequence import Status
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     engine = Engine.from_artifact(args.artifact, kv_cache_gb=args.kv_cache_gb, skip_verify=True)
     graph_s: list[float] = []
     for name, g in list(engine.runner.graphs.items()):
-        if name.startswith("decode_"):
+        if GraphKey.parse(name).stage == "decode":
             def timed(*a, _g=g):
                 t0 = time.perf_counter()
                 out = _g(*a)

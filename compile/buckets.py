@@ -15,6 +15,7 @@ Defaults keep the graph count small (2 vision + 4 prefill + 8 decode = 14 graphs
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from ..runtime.buckets import all_keys
 
 
 @dataclass
@@ -42,9 +43,7 @@ class Buckets:
         return self.context[-1]
 
     def graph_names(self) -> list[str]:
-        return ([f"vision_n{n}" for n in self.vision]
-                + [f"prefill_t{t}_c{c}" for t in self.prefill for c in self.context if c >= t]
-                + [f"decode_b{b}_c{c}" for b in self.batch for c in self.context])
+        return [k.name() for k in all_keys(self.vision, self.prefill, self.batch, self.context)]
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,7 +5,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from ..graphs.model import DecodeStage, InternVL, PrefillStage, VisionStage
-from ..runtime.manifest import graph_shape
+from ..runtime.buckets import GraphKey, graph_inputs
 from .buckets import Buckets
 
 
@@ -18,36 +18,24 @@ def kv_cache_example(model: InternVL, buckets: Buckets, dtype, device, num_block
 
 def example_inputs(model: InternVL, buckets: Buckets, name: str, dtype, device) -> tuple:
     """Inputs of the right shapes and dtypes for graph `name` (values are placeholders)."""
+    key = GraphKey.parse(name)
     cfg = model.cfg
-    i64 = dict(dtype=torch.long, device=device)
-    stage, size = graph_shape(name)
-    if stage == "vision":
-        px = cfg.vision.image_size
-        return (torch.zeros(size["n"], 3, px, px, dtype=dtype, device=device),)
-    k, v = kv_cache_example(model, buckets, dtype, device)
-    mb = size["c"] // buckets.block_size
-    if stage == "prefill":
-        t = size["t"]
-        return (torch.zeros(t, **i64), torch.arange(t, **i64),
-                torch.zeros(t, cfg.llm.hidden_size, dtype=dtype, device=device),
-                torch.zeros(t, dtype=torch.bool, device=device), torch.zeros(t, **i64),
-                torch.zeros(1, mb, **i64), torch.zeros(1, **i64), k, v)
-    b = size["b"]
-    return (torch.zeros(b, **i64), torch.zeros(b, **i64), torch.zeros(b, **i64), torch.zeros(b, mb, **i64), k, v)
+    args = tuple(torch.arange(shape[0], device=device) if n == "positions" else
+                 torch.zeros(shape, dtype=dt, device=device)
+                 for n, dt, shape in graph_inputs(key, hidden=cfg.llm.hidden_size, image_size=cfg.vision.image_size,
+                                                  block_size=buckets.block_size, dtype=dtype))
+    return args if key.stage == "vision" else args + kv_cache_example(model, buckets, dtype, device)
 
 
 def stage_module(model: InternVL, name: str) -> torch.nn.Module:
-    if name.startswith("vision_"):
-        return VisionStage(model)
-    if name.startswith("prefill_"):
-        return PrefillStage(model)
-    return DecodeStage(model)
+    stage = GraphKey.parse(name).stage
+    return {"vision": VisionStage, "prefill": PrefillStage, "decode": DecodeStage}[stage](model)
 
 
 def export_graph(model: InternVL, buckets: Buckets, name: str, dtype, device) -> ExportedProgram:
     args = example_inputs(model, buckets, name, dtype, device)
     dynamic = None
-    if not name.startswith("vision_"):
+    if GraphKey.parse(name).stage != "vision":
         # The pool's block count is chosen by the runtime from its memory budget.
         blocks = Dim("num_blocks", min=2, max=1 << 24)
         dynamic = [None] * (len(args) - 2) + [{1: blocks}, {1: blocks}]

@@ -11,6 +11,7 @@ import torch
 from ..graphs.config import ModelConfig
 from ..graphs.model import build_model
 from ..graphs.parallel import SINGLE, TPInfo
+from ..runtime.buckets import GraphKey
 from ..runtime.tokenizer import Tokenizer
 from ..runtime.manifest import DTYPES
 from .aoti import compile_graphs
@@ -109,7 +110,7 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
             graph_s.update({(n if tp == 1 else f"rank{r}/{n}"): round(g.compile_s, 1) for n, g in compiled.items()})
             del model, programs, rank_weights
     if tp > 1:
-        decode = next((n for n in names if n.startswith("decode_")), None)
+        decode = next((n for n in names if GraphKey.parse(n).stage == "decode"), None)
         if decode:
             log(f"[tp] collectives per decode step: {tp_info['collectives'][decode]}")
     compile_s = time.perf_counter() - t_start

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 _PATTERNS = {"vision": re.compile(r"vision_n(\d+)"), "prefill": re.compile(r"prefill_t(\d+)_c(\d+)"),
              "decode": re.compile(r"decode_b(\d+)_c(\d+)")}
 
@@ -47,6 +49,25 @@ def all_keys(vision, prefill, batch, context) -> list[GraphKey]:
     return ([GraphKey("vision", n) for n in vision]
             + [GraphKey("prefill", t, c) for t in prefill for c in context if c >= t]
             + [GraphKey("decode", b, c) for b in batch for c in context])
+
+
+def graph_inputs(key: GraphKey, *, hidden: int, image_size: int, block_size: int,
+                 dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """The inputs of graph `key` in call order, the two KV-cache tensors (which every prefill and
+    decode graph takes last) left out: what export traces, the model runner fills and the TP step
+    channel sends (docs/CONTRACTS.md)."""
+    i64 = torch.long
+    if key.stage == "vision":
+        return [("pixel_values", dtype, (key.size, 3, image_size, image_size))]
+    mb = key.context // block_size
+    if key.stage == "prefill":
+        t = key.size
+        return [("input_ids", i64, (t,)), ("positions", i64, (t,)), ("image_embeds", dtype, (t, hidden)),
+                ("image_mask", torch.bool, (t,)), ("slot_mapping", i64, (t,)), ("block_table", i64, (1, mb)),
+                ("last_index", i64, (1,))]
+    b = key.size
+    return [("input_ids", i64, (b,)), ("positions", i64, (b,)), ("slot_mapping", i64, (b,)),
+            ("block_tables", i64, (b, mb))]
 
 
 def smallest_at_least(buckets: list[int], n: int) -> int | None:

@@ -19,7 +19,8 @@ GiB = 1 << 30
 
 
 class OutOfBlocksError(RuntimeError):
-    """Not enough free blocks: the scheduler catches this to preempt a sequence or refuse a request."""
+    """Not enough free blocks. The scheduler never lets it happen (it checks `can_allocate` / `can_append`
+    first and preempts); a caller that skips those checks gets this, with the allocator unchanged."""
 
 
 class KVPool:

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 from pathlib import Path
 
 import torch
@@ -21,19 +20,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32} 
 # CPU features that decide which kernels Inductor generates; an artifact built where one of
 # these exists must not run where it is missing.
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
-
-
-def graph_shape(name: str) -> tuple[str, dict[str, int]]:
-    """A graph's stage and bucket sizes from its name (docs/CONTRACTS.md): vision_n{N} ->
-    ("vision", {"n": N}); prefill_t{T}_c{C} -> ("prefill", {"t": T, "c": C}), no "c" for the
-    prefill_t{T} of artifacts built before prefill had context buckets; decode_b{B}_c{C} ->
-    ("decode", {"b": B, "c": C})."""
-    for stage, pattern in (("vision", r"vision_n(?P<n>\d+)"), ("prefill", r"prefill_t(?P<t>\d+)(?:_c(?P<c>\d+))?"),
-                           ("decode", r"decode_b(?P<b>\d+)_c(?P<c>\d+)")):
-        m = re.fullmatch(pattern, name)
-        if m:
-            return stage, {k: int(v) for k, v in m.groupdict().items() if v is not None}
-    raise ValueError(f"unknown graph name {name!r}")
 
 
 from .errors import ArtifactError  # noqa: E402  (defined without torch for internvl-artifact check)

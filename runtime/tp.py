@@ -44,7 +44,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .manifest import DTYPES, graph_shape
+from .buckets import GraphKey, graph_inputs
+from .manifest import DTYPES
 
 PEER_LOST_EXIT = 3           # a follower that stopped because another rank went away
 LOAD_FAILED_EXIT = 2
@@ -63,22 +64,10 @@ class TPError(RuntimeError):
 
 
 def step_inputs(name: str, spec: dict) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    """The inputs of graph `name` other than the KV pool, per docs/CONTRACTS.md."""
-    cfg, buckets = spec["model"]["config"], spec["buckets"]
-    i64, fdt = torch.long, DTYPES[spec["dtype"]]
-    stage, size = graph_shape(name)
-    if stage == "vision":
-        px = cfg["vision"]["image_size"]
-        return [("pixel_values", fdt, (size["n"], 3, px, px))]
-    mb = size.get("c", max(buckets["context"])) // buckets["block_size"]
-    if stage == "prefill":
-        t = size["t"]
-        return [("input_ids", i64, (t,)), ("positions", i64, (t,)), ("image_embeds", fdt, (t, cfg["llm"]["hidden_size"])),
-                ("image_mask", torch.bool, (t,)), ("slot_mapping", i64, (t,)), ("block_table", i64, (1, mb)),
-                ("last_index", i64, (1,))]
-    b = size["b"]
-    return [("input_ids", i64, (b,)), ("positions", i64, (b,)), ("slot_mapping", i64, (b,)),
-            ("block_tables", i64, (b, mb))]
+    """The inputs of graph `name` other than the KV pool (runtime/buckets.py, docs/CONTRACTS.md)."""
+    cfg = spec["model"]["config"]
+    return graph_inputs(GraphKey.parse(name), hidden=cfg["llm"]["hidden_size"], image_size=cfg["vision"]["image_size"],
+                        block_size=spec["buckets"]["block_size"], dtype=DTYPES[spec["dtype"]])
 
 
 def _numel(shape) -> int:

@@ -23,6 +23,7 @@ import torch
 
 from .tp import (CMD_POOL, CMD_STOP, IDLE_TIMEOUT, JOIN_TIMEOUT_S, LOAD_FAILED_EXIT, PEER_LOST_EXIT, STEP_TIMEOUT,
                  StepChannel, check_group_name)
+from .buckets import GraphKey
 from .manifest import DTYPES
 
 
@@ -86,7 +87,7 @@ def follow(graphs: dict, spec: dict, channel: StepChannel, device: torch.device)
                               cfg["llm"]["head_dim"], DTYPES[spec["dtype"]], device)
                 continue
             name, inputs = arg
-            if name.startswith("vision_"):
+            if GraphKey.parse(name).stage == "vision":
                 graphs[name](*inputs)
                 continue
             if pool is None:
