@@ -377,3 +377,21 @@ def test_stop_at_eos_is_opt_in(new_checkpoints):
     if r.output_token_ids == out:
         pytest.xfail("runtime/engine.py does not read generation.eos_token_ids / SamplingParams.stop_at_eos yet")
     assert r.output_token_ids == out[:i + 1] and r.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("model", ["internvl2-4b", "internvl2.5-1b", "internvl3-9b", "internvl3.5-1b"])
+def test_random_weights_builds_have_a_spec(model, tmp_path):
+    """WEIGHTS=random: the stand-in tokenizer has the template's stop token and <IMG_CONTEXT> at the
+    registry's id, so the manifest can be written (one model per new backbone / family)."""
+    from internvl_aot.compile.registry import registry_config
+    from internvl_aot.compile.spec import build_spec
+    from internvl_aot.compile.synthetic_tokenizer import write_synthetic_tokenizer
+    from internvl_aot.runtime.templates import get_template
+    cfg = registry_config(model)
+    tok = Tokenizer.from_dir(write_synthetic_tokenizer(cfg, tmp_path))
+    want_img = cfg.image_context_token_id
+    spec = build_spec(cfg, Buckets.parse("vision=1;prefill=512;batch=1;context=1024;block_size=32"), "bf16", tok)
+    sep = get_template(cfg.template).sep.strip()
+    assert spec["generation"]["stop_token_ids"] == [tok.token_to_id(sep)]
+    assert spec["generation"]["eos_token_ids"] == [tok.eos_id] and tok.eos_id not in spec["generation"]["stop_token_ids"]
+    assert want_img in (-1, spec["model"]["config"]["image_context_token_id"])
