@@ -35,6 +35,8 @@ def parse_args(argv=None):
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--system", default=None, help="system message (default: the template's)")
+    ap.add_argument("--stop-at-eos", action="store_true",
+                    help="also stop at the tokenizer's EOS (the original chat() stops only at the template's separator)")
     ap.add_argument("--json", action="store_true", help="print a JSON result object as the last line")
     ap.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget (default: sized to the buckets)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
     try:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 repetition_penalty=args.repetition_penalty, seed=args.seed,
-                                max_new_tokens=args.max_new_tokens)
+                                max_new_tokens=args.max_new_tokens, stop_at_eos=args.stop_at_eos)
         with warnings.catch_warnings(record=True) as notes:
             warnings.simplefilter("always", UnverifiedArtifact)
             engine = Engine.from_artifact(args.artifact, device=args.device, kv_cache_gb=args.kv_cache_gb,
@@ -103,10 +105,8 @@ def _run(args, engine, prompt, params, load_s: float) -> int:
     from .engine import Request, RequestError
 
     stream = engine.tokenizer.stream(skip_special_tokens=True)
-    stop_ids = engine.stop_ids
-
     def on_token(seq, tok):
-        if tok in stop_ids:
+        if engine.is_stop_token(seq, tok):
             return
         delta = stream.feed(tok)
         if delta:

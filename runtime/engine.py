@@ -83,7 +83,11 @@ class Engine:
             tp_group.allocate_pools(self.pool.k_cache.shape[1])    # one block table for every rank
         self.runner = ModelRunner(graphs, self.buckets, self.pool, self.allocator, llm["hidden_size"],
                                   cfg["image_context_token_id"], self.dtype, self.device)
+        # The template's separator ends a generation, as in the original chat(); the tokenizer's EOS
+        # only for a request that opts in (SamplingParams.stop_at_eos). Older artifacts have the EOS
+        # inside stop_token_ids and no eos_token_ids: they keep stopping at it.
         self.stop_ids = set(spec["generation"]["stop_token_ids"])
+        self.eos_ids = set(spec["generation"].get("eos_token_ids", ())) - self.stop_ids
         self.sampler = Sampler(vocab_limit=llm["vocab_size"])
         self.scheduler = Scheduler(self.allocator, self.runner.policy, self._stop_reason,
                                    prefill_chunks_per_decode=prefill_chunks_per_decode)
@@ -123,8 +127,14 @@ class Engine:
         self.close()
 
     # -- requests -----------------------------------------------------------------------------------
+    def is_stop_token(self, seq: Sequence, token: int) -> bool:
+        """A token that ends seq and is not part of its text."""
+        if seq.params.ignore_eos:
+            return False
+        return token in self.stop_ids or (seq.params.stop_at_eos and token in self.eos_ids)
+
     def _stop_reason(self, seq: Sequence, token: int) -> Optional[str]:
-        if token in self.stop_ids and not seq.params.ignore_eos:
+        if self.is_stop_token(seq, token):
             return "stop"
         if token in seq.params.stop_token_ids:
             return "stop"
@@ -231,7 +241,7 @@ class Engine:
         return [self.result(s) for s in seqs]
 
     def result(self, seq: Sequence) -> Result:
-        out = [t for t in seq.output_ids if t not in self.stop_ids]
+        out = [t for t in seq.output_ids if not self.is_stop_token(seq, t)]
         n = len(seq.output_ids)
         decode_s = (seq.t_finish - seq.t_first_token) if seq.t_first_token else 0.0
         return Result(

@@ -374,8 +374,6 @@ def test_stop_at_eos_is_opt_in(new_checkpoints):
     r = engine.generate([Request(prompt=prompt, params=SamplingParams(max_new_tokens=12))])[0]
     assert r.output_token_ids == out and r.finish_reason == "length"         # default: as the original
     r = engine.generate([Request(prompt=prompt, params=SamplingParams(max_new_tokens=12, stop_at_eos=True))])[0]
-    if r.output_token_ids == out:
-        pytest.xfail("runtime/engine.py does not read generation.eos_token_ids / SamplingParams.stop_at_eos yet")
     assert r.output_token_ids == out[:i + 1] and r.finish_reason == "stop"
 
 

@@ -144,7 +144,7 @@ class EngineLoop:
         gen.t_last = now
         self.metrics.generation_tokens.inc()
         gen.output_ids.append(tok)
-        if tok in self.engine.stop_ids and not gen.seq.params.ignore_eos:
+        if self.engine.is_stop_token(gen.seq, tok):
             self._emit(gen, Event("token", tok, "", special=True))
             return
         delta = gen._decoder.feed(tok)

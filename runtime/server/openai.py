@@ -58,7 +58,8 @@ def _sampling(body: dict, server, default_max: int):
         top_k=max(top_k or 0, 0),
         repetition_penalty=check_number("repetition_penalty", body.get("repetition_penalty"), lo=0, lo_open=True)
         or 1.0, seed=check_number("seed", body.get("seed"), integer=True),
-        ignore_eos=bool(check_bool("ignore_eos", body.get("ignore_eos"))))
+        ignore_eos=bool(check_bool("ignore_eos", body.get("ignore_eos"))),
+        stop_at_eos=bool(check_bool("stop_at_eos", body.get("stop_at_eos"))))
 
 
 def _messages(messages) -> tuple[str, list, str | None, list]:

@@ -130,7 +130,7 @@ def check_unknown(obj: dict, allowed: set[str], where: str) -> None:
 
 def make_params(*, max_new_tokens: int, max_cap: int, temperature: float = 0.0, top_p: float = 1.0,
                 top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-                ignore_eos: bool = False, stop_token_ids=()) -> SamplingParams:
+                ignore_eos: bool = False, stop_token_ids=(), stop_at_eos: bool = False) -> SamplingParams:
     if max_new_tokens < 1:
         raise ApiError(422, f"the number of new tokens must be >= 1, got {max_new_tokens}", param="max_new_tokens")
     if max_new_tokens > max_cap:
@@ -140,6 +140,6 @@ def make_params(*, max_new_tokens: int, max_cap: int, temperature: float = 0.0, 
         return SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                               repetition_penalty=float(repetition_penalty), seed=seed,
                               max_new_tokens=int(max_new_tokens), ignore_eos=ignore_eos,
-                              stop_token_ids=tuple(stop_token_ids))
+                              stop_token_ids=tuple(stop_token_ids), stop_at_eos=stop_at_eos)
     except ValueError as e:
         raise ApiError(422, str(e)) from None

@@ -20,7 +20,7 @@ from .protocol import (ApiError, GenRequest, check_bool, check_number, check_unk
 
 KNOWN = {"prompt", "stream", "n", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
          "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "model",
-         "include_stop_str_in_output", "skip_special_tokens", "do_sample", "min_tokens", "logprobs"}
+         "include_stop_str_in_output", "skip_special_tokens", "do_sample", "min_tokens", "logprobs", "stop_at_eos"}
 
 
 def error_body(e: ApiError) -> dict:
@@ -60,7 +60,8 @@ def parse(body: dict, server) -> GenRequest:
         top_k=top_k or 0, repetition_penalty=check_number("repetition_penalty", body.get("repetition_penalty"),
                                                           lo=0, hi=2, lo_open=True) or 1.0,
         seed=check_number("seed", body.get("seed"), integer=True), ignore_eos=bool(check_bool(
-            "ignore_eos", body.get("ignore_eos"))), stop_token_ids=ids)
+            "ignore_eos", body.get("ignore_eos"))), stop_token_ids=ids,
+        stop_at_eos=bool(check_bool("stop_at_eos", body.get("stop_at_eos"))))
     if body.get("max_tokens") == 0:
         raise ApiError(422, "`max_tokens` must be >= 1, got 0")
     return GenRequest(prompt=text, images=images, params=params, stop=stop_list(body.get("stop")), stream=stream)
