@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .bundle import resolve_artifact
+from .bundle import freshly_verified, resolve_artifact
 from .check import QUIET_ENV, enforce_trust
 from .graph_loader import GraphLoadError, load_graph, load_weights
 from .manifest import ArtifactError, read_manifest, verify
@@ -25,9 +25,10 @@ def open_checked(path: Path, skip_verify: bool = False, trusted_keys=None) -> tu
     needs no native code: bundle integrity, format, torch release, device, files, signature. With a
     trust store the file hashes are always checked (skip_verify is ignored)."""
     path = resolve_artifact(path)
+    fresh = freshly_verified(path)      # unpacked from a bundle just now, every file checked on the way
     manifest = read_manifest(path)
     store = trust_store(trusted_keys)
-    verify(path, manifest, check_hashes=not skip_verify or store is not None)
+    verify(path, manifest, check_hashes=(not skip_verify or store is not None) and not fresh)
     enforce_trust(path, manifest, store)
     return path, manifest
 

@@ -265,6 +265,17 @@ def bundle_sha256(bundle: Path, root: Path) -> str:
 
 
 _origin: dict[str, str] = {}      # unpacked cache dir -> the bundle it came from (for messages)
+_fresh: set[str] = set()           # dirs this process unpacked, checking every file, moments ago
+
+
+def freshly_verified(path: str | os.PathLike) -> bool:
+    """True once for a directory this process just unpacked (every member was checked against the
+    manifest's sha256 as it was written): the load need not hash the files a second time."""
+    key = str(Path(path))
+    if key in _fresh:
+        _fresh.discard(key)
+        return True
+    return False
 
 
 def display_name(path: str | os.PathLike) -> str:
@@ -293,4 +304,5 @@ def resolve_artifact(path: str | os.PathLike, log=None) -> Path:
         if log:
             log(f"unpacking {path} into {final}")
         unpack(path, final)
+        _fresh.add(str(final))
     return final
