@@ -70,7 +70,7 @@ def test_textvqa_on_the_demo_set(tmp_path, capsys):
     import demo_textvqa
     data = demo_textvqa.write(tmp_path / "data", n=48, seed=2026)
     out = tmp_path / "out"
-    argv = ["--threads", "2", "textvqa", "--artifact", str(ROOT / "models" / "internvl-demo"), "--data", str(data),
+    argv = ["--threads", "1", "textvqa", "--artifact", str(ROOT / "models" / "internvl-demo"), "--data", str(data),
             "--out", str(out), "--prompt", "{question}", "--batch", "16"]
     rc, s = _run(argv + ["--fail-under", "95"], capsys)
     assert rc == 0
