@@ -82,9 +82,8 @@ def activate(target: Target):
             _current = prev
         return
     isa = _vec_isa_for(target)
-    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    capability = os.environ.pop("ATEN_CPU_CAPABILITY", None)     # it would override the target's vector ISA
     with mock.patch.object(cpu_vec_isa, "valid_vec_isa_list", lambda: [isa]), \
-            mock.patch.dict(os.environ, env, clear=True), \
             cfg.patch({"cpp.march": target.march, "cpp.simdlen": None, "cpp.vec_isa_ok": True,
                        # the FX graph cache's key does not hold the vector ISA: never reuse another target's code
                        "fx_graph_cache": False}):
@@ -92,3 +91,5 @@ def activate(target: Target):
             yield target
         finally:
             _current = prev
+            if capability is not None:
+                os.environ["ATEN_CPU_CAPABILITY"] = capability
