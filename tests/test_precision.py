@@ -57,6 +57,15 @@ def test_single_answer_is_exact_match_after_normalisation():
 
 # ---------------------------------------------------------------- textvqa on the demo model
 
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """The commands set torch's thread count (--threads); give the other tests theirs back."""
+    import torch
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def _run(argv, capsys):
     rc = cli.main(argv + ["--json", "--quiet"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -113,7 +122,7 @@ def images(tmp_path_factory):
 
 
 def _compare(argv, capsys, tmp_path, name):
-    return _run(["compare", *argv, "--out", str(tmp_path / name), "--max-tiles", "2", "--max-new-tokens", "16"], capsys)
+    return _run(["--threads", "1", "compare", *argv, "--out", str(tmp_path / name), "--max-tiles", "2", "--max-new-tokens", "16"], capsys)
 
 
 def test_compare_fp32_artifact_is_identical_to_transformers(tiny_artifact, tiny_checkpoints, images, tmp_path, capsys):
