@@ -133,6 +133,13 @@ def _config_original(c: dict, path: Path) -> ModelConfig:
         raise CheckpointError(f"unsupported LLM architecture {arch_name!r} in {path / 'config.json'} "
                               f"(supported: {', '.join(_ARCHS)})")
     arch = _ARCHS[arch_name]
+    # Read here: hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, image_size, patch_size,
+    # norm_type, qkv_bias, qk_normalization, layer_norm_eps, hidden_act (+ select_layer, ps_version,
+    # downsample_ratio at the top level). drop_path_rate / dropout only act in training; InternVL3's ViT
+    # configs also carry MoE fields (num_experts, ...) that only matter with use_moe, which is refused.
+    if v.get("use_moe"):
+        raise CheckpointError(f"vision_config.use_moe=True in {path / 'config.json'}: a mixture-of-experts "
+                              "InternViT is not supported")
     # Defaults below are InternVisionConfig's / InternVLChatConfig's, for configs that omit a field.
     image_size = _square(v.get("image_size", 224))
     force = c.get("force_image_size")

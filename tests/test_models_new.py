@@ -393,3 +393,33 @@ def test_random_weights_builds_have_a_spec(model, tmp_path):
     assert spec["generation"]["stop_token_ids"] == [tok.token_to_id(sep)]
     assert spec["generation"]["eos_token_ids"] == [tok.eos_id] and tok.eos_id not in spec["generation"]["stop_token_ids"]
     assert want_img in (-1, spec["model"]["config"]["image_context_token_id"])
+
+
+def test_v2_5_vision_config_fields(new_checkpoints, tmp_path):
+    """The fields InternViT-300M/6B-448px-V2_5 configs carry: drop_path_rate (training only) and InternVL3's
+    MoE fields with use_moe false change nothing; use_moe true, or another select_layer, is read."""
+    import json
+    import shutil
+    ck = new_checkpoints["phi3_vit6b"]
+    src = ck.original_dirs["phi3"]
+    cfg0, sd0 = load_checkpoint(src)
+    assert (cfg0.vision.norm_type, cfg0.vision.qk_normalization, cfg0.vision.qkv_bias, cfg0.vision.layer_norm_eps) \
+        == ("rms_norm", True, False, 1e-6)
+    assert (cfg0.ps_version, cfg0.downsample_ratio, cfg0.select_layer) == ("v2", 0.5, -1)
+
+    def edited(name, fn):
+        d = shutil.copytree(src, tmp_path / name)
+        c = json.loads((d / "config.json").read_text())
+        fn(c)
+        (d / "config.json").write_text(json.dumps(c))
+        return d
+
+    d = edited("v25", lambda c: c["vision_config"].update(
+        drop_path_rate=0.4, use_moe=False, num_experts=8, num_routed_experts=4, moe_intermediate_size=768,
+        use_flash_attn=True, _name_or_path="OpenGVLab/InternViT-6B-448px-V2_5"))
+    cfg, sd = load_checkpoint(d)
+    assert cfg.vision == cfg0.vision and all(torch.equal(sd[k], sd0[k]) for k in sd0)
+    with pytest.raises(CheckpointError, match="use_moe"):
+        load_checkpoint(edited("moe", lambda c: c["vision_config"].update(use_moe=True)))
+    cfg = load_checkpoint(edited("layer", lambda c: c.update(select_layer=-2, downsample_ratio=0.5)))[0]
+    assert cfg.select_layer == -2
