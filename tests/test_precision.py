@@ -160,3 +160,13 @@ def test_compare_bf16_differs_measurably_and_boundedly(tiny_checkpoints, images,
     assert 1e-4 < s["max_vision_rel_err"] < 0.05
     rc, r = _compare(argv + ["--fail-over", "logit_max_abs=1e-6"], capsys, tmp_path, "bf16-tight")
     assert rc == 1 and r["failed"] and r["failed"][0].startswith("logit_max_abs")
+
+
+def test_runtime_never_imports_precision():
+    """precision/ is a compile-side tool (transformers); the runtime that ships must not depend on it."""
+    import ast
+    for path in (ROOT / "runtime").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any("precision" in n for n in names), f"{path} imports {names}"
