@@ -124,6 +124,8 @@ def hf_config_for(sizes: dict, oc_cfg: dict | None, eos_token_id: int, bos_token
 
 def _load_into(model, state: dict) -> None:
     params = dict(model.named_parameters())
+    if "vision_model.pre_layernorm.weight" in params:         # the name's spelling in other transformers versions
+        state = {k.replace("pre_layrnorm", "pre_layernorm"): v for k, v in state.items()}
     if set(params) != set(state):
         raise ClipError(f"CLIPModel parameters differ from the mapped weights: {sorted(set(params) ^ set(state))[:6]}")
     with torch.no_grad():
