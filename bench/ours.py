@@ -52,7 +52,7 @@ def run(spec: dict, emit) -> None:
     engine = Engine.from_artifact(spec["artifact"], kv_cache_gb=spec.get("kv_cache_gb"),
                                   skip_verify=spec.get("skip_verify", False))
     load_s = time.perf_counter() - t0
-    manifest = engine.spec
+    manifest = engine.manifest
     weights_mb = (Path(spec["artifact"]) / manifest["ranks"][0]["weights"]).stat().st_size / 1e6
     image = Image.open(spec["image"]).convert("RGB")
     n = spec["output_tokens"]
@@ -66,7 +66,7 @@ def run(spec: dict, emit) -> None:
                    params=SamplingParams(max_new_tokens=2, ignore_eos=True))
     engine.generate([warm])
     warmup_s = time.perf_counter() - t0
-    base = {"engine": "ours", "dtype": engine.spec["dtype"], "threads": torch.get_num_threads(),
+    base = {"engine": "ours", "dtype": engine.spec.dtype, "threads": torch.get_num_threads(),
             "load_s": round(load_s, 2), "warmup_s": round(warmup_s, 2), "rss_mode": mem.mode,
             "weights_mb": round(weights_mb, 1), "kv_mb": round(engine.pool.nbytes / 1e6, 1),
             "max_batch_bucket": engine.runner.max_batch}

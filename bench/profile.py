@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     steps, graphs = step_s[1:], graph_s[1:]
     from safetensors.torch import load_file
     from pathlib import Path
-    weights = load_file(str(Path(args.artifact) / engine.spec["ranks"][0]["weights"]))
+    weights = load_file(str(Path(args.artifact) / engine.manifest["ranks"][0]["weights"]))
     mats = linear_weights(weights)
     nbytes = sum(m.numel() * m.element_size() for m in mats)
     lin = time_linears(mats, args.batch)

@@ -1,15 +1,16 @@
-"""The runtime spec: the manifest fields the engine runs from (model, buckets, chat, image,
-generation defaults). Built here from a checkpoint's config and tokenizer; the artifact writer
-stores it in manifest.json and the eager engine of the tests uses it directly."""
+"""The runtime spec (runtime/spec.py RuntimeSpec: model, buckets, chat, image, generation
+defaults), filled here from a checkpoint's config and tokenizer; the artifact writer stores its
+dict in manifest.json and the eager engine of the tests uses it directly."""
 from __future__ import annotations
 
 from ..graphs.config import ModelConfig
 from ..graphs.parallel import TPInfo
 from ..runtime import templates
+from ..runtime.spec import DTYPES, BucketSpec, ChatSpec, GenerationSpec, ImageSpec, RuntimeSpec
 from ..runtime.tokenizer import Tokenizer
 from .buckets import Buckets
 
-DTYPE_NAMES = ("bf16", "fp16", "fp32")
+DTYPE_NAMES = tuple(DTYPES)
 
 
 def build_spec(cfg: ModelConfig, buckets: Buckets, dtype: str, tokenizer: Tokenizer, tp: TPInfo = TPInfo()) -> dict:
@@ -32,21 +33,18 @@ def build_spec(cfg: ModelConfig, buckets: Buckets, dtype: str, tokenizer: Tokeni
     if cfg.image_context_token_id not in (-1, img_ctx):
         raise ValueError(f"config image_context_token_id {cfg.image_context_token_id} != tokenizer's {img_ctx}")
     cfg.image_context_token_id = img_ctx
-    llm = cfg.llm
-    return {
-        "model": {"name": cfg.name, "config": cfg.to_dict()},
-        "dtype": dtype,
-        "buckets": buckets.to_dict(),
-        "tp": tp.world_size,
-        "rank": {"kv_heads": max(1, llm.num_kv_heads // tp.world_size)},
+    b = buckets.to_dict()
+    spec = RuntimeSpec(
+        model_name=cfg.name, config=cfg.to_dict(), dtype=dtype,
+        buckets=BucketSpec(*(tuple(b[k]) for k in ("vision", "prefill", "batch", "context")), b["block_size"]),
+        tp=tp.world_size, rank_kv_heads=tp.kv_heads(cfg.llm.num_kv_heads),
         # The process group name the graphs' collectives were compiled against; the runtime's
         # default group must have it (checked at start-up).
-        **({"tp_group": tp.group_name} if tp.world_size > 1 else {}),
-        "chat": {"template": cfg.template, "system": template.system_message},
-        "image": {"image_size": cfg.vision.image_size, "num_image_token": cfg.num_image_token,
-                  "dynamic_image_size": cfg.dynamic_image_size, "use_thumbnail": cfg.use_thumbnail,
-                  "min_dynamic_patch": cfg.min_dynamic_patch, "max_dynamic_patch": cfg.max_dynamic_patch},
+        tp_group=tp.group_name if tp.world_size > 1 else None,
+        chat=ChatSpec(cfg.template, template.system_message),
+        image=ImageSpec(cfg.vision.image_size, cfg.num_image_token, cfg.dynamic_image_size, cfg.use_thumbnail,
+                        cfg.min_dynamic_patch, cfg.max_dynamic_patch),
         # Artifacts written before eos_token_ids existed have the EOS inside stop_token_ids and no
         # eos_token_ids: they keep stopping at EOS, as they did.
-        "generation": {"stop_token_ids": stop_ids, "eos_token_ids": eos_ids, "stop_strings": template.stop_strings},
-    }
+        generation=GenerationSpec(tuple(stop_ids), tuple(eos_ids), tuple(template.stop_strings)))
+    return spec.to_dict()

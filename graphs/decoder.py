@@ -26,7 +26,7 @@ class Attention(nn.Module):
         d = cfg.head_dim
         self.heads = tp.shard(cfg.num_heads, "num_heads")
         # KV heads are replicated when there are fewer of them than ranks.
-        self.kv_heads = max(1, cfg.num_kv_heads // tp.world_size)
+        self.kv_heads = tp.kv_heads(cfg.num_kv_heads)
         self.head_dim, self.scale = d, d ** -0.5
         self.q_proj = ColumnParallelLinear(cfg.hidden_size, cfg.num_heads * d, cfg.qkv_bias, tp)
         kv_tp = tp if cfg.num_kv_heads >= tp.world_size else SINGLE

@@ -40,6 +40,11 @@ class TPInfo:
         """n rounded up to a multiple of the world size (zero-padded heads, features or vocabulary)."""
         return -(-n // self.world_size) * self.world_size
 
+    def kv_heads(self, num_kv_heads: int) -> int:
+        """KV heads one rank holds: its share, or one replicated head when there are fewer KV heads
+        than ranks (docs/CONTRACTS.md, tensor parallelism)."""
+        return max(1, num_kv_heads // self.world_size)
+
 
 SINGLE = TPInfo()
 

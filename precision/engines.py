@@ -39,11 +39,11 @@ def open_engine(path, dtype: str = "fp32", buckets: str = EAGER_BUCKETS) -> Engi
 def describe(engine: Engine, path) -> dict:
     s = engine.spec
     return {"path": str(path), "kind": "artifact" if is_artifact(path) else "eager graphs of a checkpoint",
-            "dtype": s["dtype"], "tp": int(s.get("tp", 1)), "device": str(engine.device)}
+            "dtype": s.dtype, "tp": s.tp, "device": str(engine.device)}
 
 
 def vocab_size(engine: Engine) -> int:
-    return int(engine.spec["model"]["config"]["llm"]["vocab_size"])
+    return engine.spec.llm.vocab_size
 
 
 def probe(engine: Engine, req: Request) -> tuple[list[int], torch.Tensor | None, torch.Tensor, torch.Tensor | None]:

@@ -70,6 +70,33 @@ def graph_inputs(key: GraphKey, *, hidden: int, image_size: int, block_size: int
             ("block_tables", i64, (b, mb))]
 
 
+def check_signatures(graphs: dict, spec) -> None:
+    """Each compiled graph's recorded inputs must be what the runtime will pass it (graph_inputs plus
+    the KV pool `[layers, blocks, block_size, rank KV heads, head_dim]` in the spec's dtype): a
+    manifest whose block size, dims or dtype disagree with its graphs is refused here, not met as
+    an out-of-bounds write. Graphs without a recorded signature (eager modules) are skipped."""
+    from .errors import ArtifactError
+    kv = ("kv_cache", spec.torch_dtype, (spec.llm.num_layers, None, spec.buckets.block_size, spec.rank_kv_heads,
+                                         spec.llm.head_dim))
+    for name, g in graphs.items():
+        have = getattr(g, "input_signature", None)
+        if have is None:
+            continue
+        key = GraphKey.parse(name)
+        want = graph_inputs(key, hidden=spec.llm.hidden_size, image_size=spec.vision_image_size,
+                            block_size=spec.buckets.block_size, dtype=spec.torch_dtype)
+        if key.stage != "vision":
+            want = want + [kv, kv]
+        if len(have) != len(want):
+            raise ArtifactError(f"graph {name} takes {len(have)} inputs, the manifest implies {len(want)}: re-compile")
+        for (n, dt, shape), (_, hdt, hshape) in zip(want, have):
+            if hdt != dt or len(hshape) != len(shape) or any(
+                    w is not None and h is not None and w != h for w, h in zip(shape, hshape)):
+                raise ArtifactError(f"graph {name}: input {n} was compiled as {hdt} {list(hshape)} but the manifest "
+                                    f"implies {dt} {list(shape)} (block_size {spec.buckets.block_size}): the "
+                                    f"manifest does not match its graphs; re-compile the artifact")
+
+
 def smallest_at_least(buckets: list[int], n: int) -> int | None:
     i = bisect.bisect_left(buckets, n)
     return buckets[i] if i < len(buckets) else None
@@ -80,12 +107,13 @@ class BucketPolicy:
 
     CALL_COST = 32   # per-call overhead of a prefill chunk, in token-equivalents (weights re-read)
 
-    def __init__(self, buckets: dict):
-        self.vision = sorted(buckets["vision"])
-        self.prefill = sorted(buckets["prefill"])
-        self.batch = sorted(buckets["batch"])
-        self.context = sorted(buckets["context"])
-        self.block_size = int(buckets["block_size"])
+    def __init__(self, buckets):
+        """buckets: runtime/spec.py BucketSpec (or anything with its five fields)."""
+        self.vision = sorted(buckets.vision)
+        self.prefill = sorted(buckets.prefill)
+        self.batch = sorted(buckets.batch)
+        self.context = sorted(buckets.context)
+        self.block_size = int(buckets.block_size)
 
     @property
     def max_context(self) -> int:

@@ -15,8 +15,9 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from . import image_tiling, templates
+from .buckets import check_signatures
 from .kv_cache import GiB, BlockAllocator, KVPool
-from .manifest import DTYPES
+from .spec import RuntimeSpec
 from .model_runner import ModelRunner
 from .sampler import Sampler, SamplingParams, make_generator
 from .scheduler import Scheduler, StepRecord
@@ -51,44 +52,40 @@ class Result:
 
 
 class Engine:
-    def __init__(self, spec: dict, graphs: dict, tokenizer: Tokenizer, device: str | torch.device = "cpu",
+    def __init__(self, spec: "RuntimeSpec | dict", graphs: dict, tokenizer: Tokenizer, device: str | torch.device = "cpu",
                  kv_cache_gb: float | None = None, kv_cache_fraction: float = 0.5, tp_group=None,
                  prefill_chunks_per_decode: int | None = None):
         """tp_group: for a tensor-parallel artifact, rank 0's handle on the other ranks (runtime/tp.py);
         `graphs` are then rank 0's graphs wrapped by it, and every rank gets a pool like this one's.
         prefill_chunks_per_decode: None runs all waiting prefill work before the next decode step
         (offline); k interleaves at most k vision/prefill chunks between decode steps (serving)."""
-        self.spec, self.tokenizer, self.device = spec, tokenizer, torch.device(device)
+        self.manifest = spec.to_dict() if isinstance(spec, RuntimeSpec) else spec    # as stored in manifest.json
+        self.spec = spec = spec if isinstance(spec, RuntimeSpec) else RuntimeSpec.from_dict(spec)
+        self.tokenizer, self.device = tokenizer, torch.device(device)
         self.tp_group = tp_group
-        cfg = spec["model"]["config"]
-        self.cfg, self.buckets = cfg, spec["buckets"]
-        self.dtype = DTYPES[spec["dtype"]]
-        self.num_image_token = spec["image"]["num_image_token"]
-        llm = cfg["llm"]
-        rank_kv_heads = spec["rank"]["kv_heads"]
-        max_ctx = max(self.buckets["context"])
-        block_size = self.buckets["block_size"]
-        per_seq = -(-max_ctx // block_size)
+        check_signatures(graphs, spec)
+        self.dtype = spec.torch_dtype
+        b = spec.buckets
         # Without an explicit budget: enough for the largest batch at the largest context, capped
         # by a fraction of free memory.
         budget = None if kv_cache_gb is None else int(kv_cache_gb * GiB)
         if tp_group is not None and self.device.type == "cpu":
-            kv_cache_fraction /= spec["tp"]             # every rank's pool comes out of the same memory
+            kv_cache_fraction /= spec.tp             # every rank's pool comes out of the same memory
         self.pool = KVPool.from_budget(
-            llm["num_layers"], rank_kv_heads, llm["head_dim"], block_size, self.dtype, self.device,
+            spec.llm.num_layers, spec.rank_kv_heads, spec.llm.head_dim, b.block_size, self.dtype, self.device,
             budget_bytes=budget, fraction_of_free=None if budget else kv_cache_fraction,
-            max_blocks=None if budget else per_seq * max(self.buckets["batch"]) + 1, blocks_per_seq=per_seq)
-        self.allocator = BlockAllocator(self.pool.k_cache.shape[1], block_size)
+            max_blocks=None if budget else b.blocks_per_seq * b.max_batch + 1, blocks_per_seq=b.blocks_per_seq)
+        self.allocator = BlockAllocator(self.pool.k_cache.shape[1], b.block_size)
         if tp_group is not None:
             tp_group.allocate_pools(self.pool.k_cache.shape[1])    # one block table for every rank
-        self.runner = ModelRunner(graphs, self.buckets, self.pool, self.allocator, llm["hidden_size"],
-                                  cfg["image_context_token_id"], self.dtype, self.device)
+        self.runner = ModelRunner(graphs, b, self.pool, self.allocator, spec.llm.hidden_size,
+                                  spec.image_context_token_id, self.dtype, self.device)
         # The template's separator ends a generation, as in the original chat(); the tokenizer's EOS
         # only for a request that opts in (SamplingParams.stop_at_eos). Older artifacts have the EOS
         # inside stop_token_ids and no eos_token_ids: they keep stopping at it.
-        self.stop_ids = set(spec["generation"]["stop_token_ids"])
-        self.eos_ids = set(spec["generation"].get("eos_token_ids", ())) - self.stop_ids
-        self.sampler = Sampler(vocab_limit=llm["vocab_size"])
+        self.stop_ids = set(spec.generation.stop_token_ids)
+        self.eos_ids = set(spec.generation.eos_token_ids) - self.stop_ids
+        self.sampler = Sampler(vocab_limit=spec.llm.vocab_size)
         self.scheduler = Scheduler(self.allocator, self.runner.policy, self._stop_reason,
                                    prefill_chunks_per_decode=prefill_chunks_per_decode)
 
@@ -144,8 +141,8 @@ class Engine:
 
     def make_sequence(self, req: Request, on_token: Callable | None = None) -> Sequence:
         """Tile images, build and tokenize the prompt, check it fits: everything before the graphs run."""
-        img = self.spec["image"]
-        max_tiles = req.max_tiles or img["max_dynamic_patch"]
+        img = self.spec.image
+        max_tiles = req.max_tiles or img.max_dynamic_patch
         if max_tiles < 1:
             raise RequestError(f"max_tiles must be >= 1, got {max_tiles}")
         tiles, counts = [], []
@@ -153,9 +150,9 @@ class Engine:
             try:
                 if not isinstance(image, image_tiling.Image.Image):
                     image = image_tiling.load_image(image)
-                t = image_tiling.image_to_tiles(image, dynamic_image_size=img["dynamic_image_size"],
-                                                use_thumbnail=img["use_thumbnail"], min_num=img["min_dynamic_patch"],
-                                                max_num=max_tiles, image_size=img["image_size"])
+                t = image_tiling.image_to_tiles(image, dynamic_image_size=img.dynamic_image_size,
+                                                use_thumbnail=img.use_thumbnail, min_num=img.min_dynamic_patch,
+                                                max_num=max_tiles, image_size=img.image_size)
             except (ValueError, OSError) as e:
                 raise RequestError(str(e)) from None
             tiles.append(torch.from_numpy(t))
@@ -164,9 +161,9 @@ class Engine:
             text = req.prompt
         else:
             try:
-                text = templates.build_prompt(self.spec["chat"]["template"], req.prompt, counts,
-                                              self.num_image_token,
-                                              system=req.system if req.system is not None else self.spec["chat"]["system"],
+                text = templates.build_prompt(self.spec.chat.template, req.prompt, counts,
+                                              self.spec.image.num_image_token,
+                                              system=req.system if req.system is not None else self.spec.chat.system,
                                               history=[tuple(h) for h in req.history])
             except ValueError as e:
                 raise RequestError(str(e)) from None
@@ -175,10 +172,11 @@ class Engine:
             raise RequestError(f"prompt is {len(ids)} tokens; this artifact's largest context bucket is "
                                f"{self.runner.max_context} (use fewer tiles with --max-tiles, or compile with a "
                                f"larger context bucket)")
-        n_img = sum(1 for i in ids if i == self.cfg["image_context_token_id"])
-        if n_img != sum(counts) * self.num_image_token:
+        n_img = sum(1 for i in ids if i == self.spec.image_context_token_id)
+        need = sum(counts) * self.spec.image.num_image_token
+        if n_img != need:
             raise RequestError(f"prompt holds {n_img} image-context tokens, the images need "
-                               f"{sum(counts) * self.num_image_token}: do not type {templates.IMG_CONTEXT_TOKEN} yourself")
+                               f"{need}: do not type {templates.IMG_CONTEXT_TOKEN} yourself")
         params = req.params
         return Sequence(prompt_ids=ids, params=params, pixel_values=torch.cat(tiles) if tiles else None,
                         num_tiles=counts, on_token=on_token, generator=make_generator(params, self.device))

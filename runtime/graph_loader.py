@@ -89,6 +89,11 @@ class LoadedGraph:
         self.check_inputs = check_inputs
 
     @property
+    def input_signature(self) -> list[tuple[str, torch.dtype, tuple]]:
+        """(name, dtype, shape) of each input as compiled; None marks a dynamic dimension."""
+        return list(self._inputs)
+
+    @property
     def constants(self) -> dict[str, torch.Tensor]:
         return dict(self._bound)
 

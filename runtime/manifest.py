@@ -16,7 +16,7 @@ import torch
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"     # Ed25519 signature over manifest.json's bytes (runtime/signing.py)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}   # the "dtype" field
+from .spec import DTYPES  # noqa: E402,F401  (the one dtype-name table; re-exported for compile/)
 # CPU features that decide which kernels Inductor generates; an artifact built where one of
 # these exists must not run where it is missing.
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")

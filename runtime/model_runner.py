@@ -14,6 +14,7 @@ import torch
 from .buckets import BucketPolicy, GraphKey
 from .kv_cache import BlockAllocator, KVPool
 from .sequence import Sequence
+from .spec import BucketSpec
 
 Graph = Callable[..., torch.Tensor]
 
@@ -23,7 +24,7 @@ def _first(out):
 
 
 class ModelRunner:
-    def __init__(self, graphs: dict[str, Graph], buckets: dict, pool: KVPool, allocator: BlockAllocator,
+    def __init__(self, graphs: dict[str, Graph], buckets: BucketSpec, pool: KVPool, allocator: BlockAllocator,
                  hidden_size: int, image_token_id: int, dtype: torch.dtype, device: torch.device):
         self.graphs, self.pool, self.allocator = graphs, pool, allocator
         self.policy = BucketPolicy(buckets)

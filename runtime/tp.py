@@ -45,7 +45,7 @@ from typing import Callable, Sequence
 import torch
 
 from .buckets import GraphKey, graph_inputs
-from .manifest import DTYPES
+from .spec import RuntimeSpec
 
 PEER_LOST_EXIT = 3           # a follower that stopped because another rank went away
 LOAD_FAILED_EXIT = 2
@@ -63,11 +63,10 @@ class TPError(RuntimeError):
     """The group of ranks failed (a rank died, could not start or load); one line, naming the rank."""
 
 
-def step_inputs(name: str, spec: dict) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+def step_inputs(name: str, spec: RuntimeSpec) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """The inputs of graph `name` other than the KV pool (runtime/buckets.py, docs/CONTRACTS.md)."""
-    cfg = spec["model"]["config"]
-    return graph_inputs(GraphKey.parse(name), hidden=cfg["llm"]["hidden_size"], image_size=cfg["vision"]["image_size"],
-                        block_size=spec["buckets"]["block_size"], dtype=DTYPES[spec["dtype"]])
+    return graph_inputs(GraphKey.parse(name), hidden=spec.llm.hidden_size, image_size=spec.vision_image_size,
+                        block_size=spec.buckets.block_size, dtype=spec.torch_dtype)
 
 
 def _numel(shape) -> int:
@@ -80,14 +79,14 @@ def _numel(shape) -> int:
 class StepChannel:
     """Rank 0 -> followers: which graph to run next and its inputs, over a gloo group."""
 
-    def __init__(self, spec: dict, graph_names: Sequence[str], group):
+    def __init__(self, spec: RuntimeSpec, graph_names: Sequence[str], group):
         self.names = sorted(graph_names)
         self.index = {n: i for i, n in enumerate(self.names)}
         self.inputs = {n: step_inputs(n, spec) for n in self.names}
         self.group = group
         ints = [sum(_numel(s) for _, dt, s in self.inputs[n] if not dt.is_floating_point) for n in self.names]
         self.buffer_len = HEADER + max(ints + [1])
-        self.float_dtype = DTYPES[spec["dtype"]]
+        self.float_dtype = spec.torch_dtype
 
     def _broadcast(self, t: torch.Tensor) -> None:
         import torch.distributed as dist
@@ -154,6 +153,10 @@ class LeaderGraph:
 
     def __init__(self, name: str, fn: Callable, group: "RankGroup"):
         self.name, self.fn, self.group = name, fn, group
+
+    @property
+    def input_signature(self):
+        return getattr(self.fn, "input_signature", None)
 
     def __call__(self, *inputs):
         g = self.group
@@ -235,7 +238,7 @@ class RankGroup:
             self.busy = False
             self.raise_if_failed()
             check_group_name(self.spec)
-            self.channel = StepChannel(self.spec, self.spec["graphs"], cmd_group)
+            self.channel = StepChannel(RuntimeSpec.from_dict(self.spec), self.spec["graphs"], cmd_group)
         except BaseException:
             self.busy = False
             self.stop()

@@ -24,7 +24,7 @@ import torch
 from .tp import (CMD_POOL, CMD_STOP, IDLE_TIMEOUT, JOIN_TIMEOUT_S, LOAD_FAILED_EXIT, PEER_LOST_EXIT, STEP_TIMEOUT,
                  StepChannel, check_group_name)
 from .buckets import GraphKey
-from .manifest import DTYPES
+from .spec import RuntimeSpec
 
 
 def _exit(code: int) -> None:
@@ -68,14 +68,13 @@ def join_group(spec: dict, rank: int, addr: str, port: int, device: torch.device
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=STEP_TIMEOUT)
     cmd_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    return store, StepChannel(spec, spec["graphs"], cmd_group)
+    return store, StepChannel(RuntimeSpec.from_dict(spec), spec["graphs"], cmd_group)
 
 
-def follow(graphs: dict, spec: dict, channel: StepChannel, device: torch.device) -> None:
+def follow(graphs: dict, spec: RuntimeSpec, channel: StepChannel, device: torch.device) -> None:
     """Run rank 0's step commands until it says stop. Any failure ends the process (the caller
     maps a lost peer to PEER_LOST_EXIT)."""
     from .kv_cache import KVPool
-    cfg, buckets = spec["model"]["config"], spec["buckets"]
     pool = None
     with torch.inference_mode():
         while True:
@@ -83,8 +82,8 @@ def follow(graphs: dict, spec: dict, channel: StepChannel, device: torch.device)
             if command == CMD_STOP:
                 return
             if command == CMD_POOL:
-                pool = KVPool(cfg["llm"]["num_layers"], arg, buckets["block_size"], spec["rank"]["kv_heads"],
-                              cfg["llm"]["head_dim"], DTYPES[spec["dtype"]], device)
+                pool = KVPool(spec.llm.num_layers, arg, spec.buckets.block_size, spec.rank_kv_heads,
+                              spec.llm.head_dim, spec.torch_dtype, device)
                 continue
             name, inputs = arg
             if GraphKey.parse(name).stage == "vision":
@@ -128,7 +127,7 @@ def main(argv=None) -> int:
         _exit(LOAD_FAILED_EXIT)
     store.set(f"loaded/{rank}", "ok")
     try:
-        follow(graphs, manifest, channel, device)
+        follow(graphs, RuntimeSpec.from_dict(manifest), channel, device)
     except Exception as e:      # noqa: BLE001
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"tensor-parallel rank {rank}: stopping ({first})", file=sys.stderr)

@@ -165,7 +165,7 @@ def register(app, server):
     @app.get("/info")
     async def info():
         from importlib.metadata import version
-        return {"model_id": server.options.model_name, "model_sha": None, "model_dtype": engine.spec["dtype"],
+        return {"model_id": server.options.model_name, "model_sha": None, "model_dtype": engine.spec.dtype,
                 "model_device_type": engine.device.type, "model_pipeline_tag": "image-text-to-text",
                 "max_concurrent_requests": 128, "max_best_of": 1, "max_stop_sequences": MAX_STOP,
                 "max_input_tokens": server.max_context - 1, "max_total_tokens": server.max_context,
