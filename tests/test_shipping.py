@@ -123,6 +123,7 @@ def test_target_decides_march_and_vector_isa_without_compiling():
     assert "amx" not in v4[1] and "bf16" not in v4[1] and "amx" not in v4bf16[1]
     assert "-mavx512bf16" in v4bf16[1]
     assert [seen[n][3] for n in seen] == [False, False, True]       # native bf16, for the lowerings
+    assert all(seen[n][4] is None for n in seen)                     # ATEN_CPU_CAPABILITY set aside
     with targets.activate(targets.resolve("native")):
         assert _get_cpu_arch_cflags("g++") == ["march=native"]
     assert targets.current().name == "native"
