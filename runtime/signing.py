@@ -140,13 +140,13 @@ def check_signature(manifest_bytes: bytes, sig_bytes: bytes | None, store: Trust
                     name: str = "artifact") -> SignatureCheck:
     """Judge `manifest.sig` against the manifest and the trust store (None: no store, nothing is
     refused, but a signature that is present must still match its own embedded key)."""
-    _, ed25519 = _crypto()
     if sig_bytes is None:
         if store is None:
             return SignatureCheck(True, False, None, f"{name} is unsigned and unverified (no trust store given)")
         return SignatureCheck(False, False, None,
                               f"{name} is not signed, and the trust store {store.path} requires a signature: "
                               f"sign it with `internvl-artifact sign --key KEY {name}` on the build server")
+    _, ed25519 = _crypto()
     try:
         sig = json.loads(sig_bytes)
         kid = sig["key_id"]
