@@ -423,3 +423,31 @@ def test_v2_5_vision_config_fields(new_checkpoints, tmp_path):
         load_checkpoint(edited("moe", lambda c: c["vision_config"].update(use_moe=True)))
     cfg = load_checkpoint(edited("layer", lambda c: c.update(select_layer=-2, downsample_ratio=0.5)))[0]
     assert cfg.select_layer == -2
+
+
+def test_internvl2_4b_longrope_matches_transformers_phi3_rotary():
+    """The registry's InternVL2-4B rope (head_dim 96, 4096 -> 131072, its su factors) against
+    transformers' Phi3RotaryEmbedding, for a decode step below and above the 4096 threshold and for a
+    prefill chunk that reaches past it (long factors for the whole chunk, as one forward call there)."""
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+    from internvl_aot.compile.registry import registry_config
+    from internvl_aot.graphs.rotary import rotary_embedding
+    l = registry_config("internvl2-4b").llm
+    sc = l.rope_scaling
+    hf_cfg = Phi3Config(hidden_size=l.hidden_size, num_attention_heads=l.num_heads, num_key_value_heads=l.num_kv_heads,
+                        max_position_embeddings=l.max_position_embeddings,
+                        original_max_position_embeddings=sc["original_max_position_embeddings"],
+                        rope_parameters={"rope_type": "longrope", "rope_theta": l.rope_theta,
+                                         "short_factor": sc["short_factor"], "long_factor": sc["long_factor"]})
+    ref = Phi3RotaryEmbedding(hf_cfg)
+    ours = rotary_embedding(l.head_dim, l.rope_theta, sc, l.max_position_embeddings, 8192)
+    x = torch.zeros(1, 1, l.head_dim)
+    for pos in ([[17]], [[4095]], [[4096]], [[8000]], [list(range(4000, 4100))], [list(range(0, 50))]):
+        p = torch.tensor(pos)
+        cos_r, sin_r = ref(x, p)
+        cos, sin = ours(p, torch.float32)
+        torch.testing.assert_close(cos, cos_r[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sin, sin_r[0], rtol=1e-5, atol=1e-5)
+    assert abs(ours.attention_factor - 1.1902380714238083) < 1e-9       # sqrt(1 + ln 32 / ln 4096)
+    assert rotary_embedding(l.head_dim, l.rope_theta, sc, l.max_position_embeddings, 4096).long_inv_freq is None
