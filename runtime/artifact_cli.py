@@ -79,18 +79,18 @@ def _cmd_sign(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from .check import check
+    from .check import Finding, check
     findings = [f for f in check(args.artifact, args.trusted_keys, check_hashes=True)
                 if f.what in ("artifact", "bundle", "manifest", "files", "trust", "signature")]
+    findings = [Finding(False, "signature", f"{args.artifact} is not signed: nothing to verify (sign it with "
+                                            "`internvl-artifact sign --key KEY` on the build server)")
+                if f.what == "signature" and f.signed is False else f for f in findings]
     for f in findings:
         print(f.line())
-    sig = [f for f in findings if f.what == "signature"]
-    unsigned = bool(sig) and "unsigned" in sig[0].message
-    if unsigned:
-        print("FAIL  signature  not signed: nothing to verify")
-    if all(f.ok for f in findings) and not unsigned:
-        print(f"OK: {args.artifact} is intact" + (" and signed by a trusted key" if (args.trusted_keys or
-              os.environ.get("INTERNVL_TRUSTED_KEYS")) else "; its signer is not checked (no trust store given)"))
+    if all(f.ok for f in findings):
+        store = args.trusted_keys or os.environ.get("INTERNVL_TRUSTED_KEYS")
+        print(f"OK: {args.artifact} is intact" + (" and signed by a trusted key" if store else
+                                                  "; its signer is not checked (no trust store given)"))
         return 0
     print(f"NO: {args.artifact} failed verification")
     return 1

@@ -38,6 +38,7 @@ class Finding:
     ok: bool
     what: str
     message: str
+    signed: bool | None = None      # the signature finding: whether there is a signature at all
 
     def line(self) -> str:
         return f"{'ok  ' if self.ok else 'FAIL'}  {self.what:<10} {self.message}"
@@ -115,7 +116,7 @@ def check(path: str | Path, trusted_keys: str | Path | None = None, check_hashes
     out.append(_check_device(manifest.get("device", {})))
     # -- provenance ----------------------------------------------------------------------------------
     sig = check_signature(manifest_bytes, sig_bytes, store, str(path))
-    out.append(Finding(sig.ok, "signature", sig.message))
+    out.append(Finding(sig.ok, "signature", sig.message, signed=sig.signed))
     return out
 
 
