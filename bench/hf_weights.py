@@ -9,8 +9,7 @@ the artifact's source was (a checkpoint or `WEIGHTS=random`):
 - derived constants (`_aoti.*`, rotary `inv_freq` / `cos_table` / `sin_table`) are dropped:
   transformers computes its own.
 Anything else that is not a canonical name means a pass re-laid weights in a way this module
-does not know: it says so rather than guess (`--hf-weights-from-checkpoint` is the way around
-for a checkpoint artifact).
+does not know: it says so rather than guess.
 
 Canonical -> transformers 5 names (the inverse of compile/checkpoint.py's -hf reader): the ViT's
 fused `attn.qkv` is split into q/k/v_proj, `ls1/ls2` -> `lambda_1/2`, `norm1/2` ->

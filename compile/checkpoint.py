@@ -158,7 +158,6 @@ def _config_original(c: dict, path: Path) -> ModelConfig:
     if not template:
         template = {"internlm2": "internlm2-chat", "phi3": "phi3-chat", "qwen3": "internvl2_5",
                     "internlm3": "internvl2_5"}.get(arch, "Hermes-2")
-        extra["template_guessed"] = True
     return ModelConfig(
         name=path.name, vision=vision, llm=_llm_config(lc, arch, bool(lc.get("tie_word_embeddings", False))),
         select_layer=c.get("select_layer", -1), ps_version=c.get("ps_version", "v1"),

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="registry name (e.g. internvl2-2b) or a checkpoint directory")
     ap.add_argument("--weights", default=None, help="checkpoint directory, or 'random' for random weights")
     ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--backend", default=None, choices=["cpu", "cuda", "npu"])
+    ap.add_argument("--backend", default=None, choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--out", default=None, help="default: artifacts/<model>-tp<n>-<backend>-<dtype>[-<target>]")
     ap.add_argument("--buckets", default=None,
@@ -121,9 +121,6 @@ def main(argv=None) -> int:
     ap.add_argument("--passes", default=None, help="comma-separated pass names (default: all); 'none' for none")
     args = ap.parse_args(argv)
     backend = args.backend or default_backend()
-    if backend == "npu":
-        print("error: BACKEND=npu (torchair) is not implemented yet", file=sys.stderr)
-        return 2
     name = Path(args.model).name if Path(args.model).is_dir() else args.model
     suffix = f"-{args.target}" if args.target != "native" else ""
     out = Path(args.out or f"artifacts/{name}-tp{args.tp}-{backend}-{args.dtype}{suffix}")

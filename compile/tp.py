@@ -1,20 +1,11 @@
 """Tensor parallelism at compile time: which TP sizes fit a model, one weight shard per rank,
 and one compile for all ranks.
 
-`shard_weights(cfg, weights, n)` cuts canonical weights (docs/CONTRACTS.md) into the shards
-that `build_model(cfg, shard, TPInfo(rank, n, group))` expects (graphs/parallel.py gives the
-shapes):
-- LLM attention by heads: q/k/v rows column-parallel, o_proj columns row-parallel; when there
-  are fewer KV heads than ranks, each rank holds (a copy of) the one KV head its query heads use.
-- LLM MLP: gate/up rows, down columns. The fusion passes later fuse each rank's q/k/v and
-  gate/up into one linear, exactly as at world size 1.
-- embed_tokens and lm_head by vocabulary rows, zero-padded to a multiple of n; each rank also
-  gets its vocabulary offset (`vocab_start`) and slot (`rank_slot`) as [1] int64 weights.
-- Vision: the fused `attn.qkv` rows are [q; k; v], each third cut by heads; proj columns; qk-norm
-  weights by the same slice; fc1 rows, fc2 columns; heads and features that do not divide by n
-  are zero-padded (InternViT-6B's 25 heads). mlp1.1 rows, mlp1.3 columns. Norms, layer scales,
-  embeddings and the biases of row-parallel layers are replicated (the bias is added once,
-  after the all-reduce).
+`shard_weights(cfg, weights, n)` cuts canonical weights into the shards that
+`build_model(cfg, shard, TPInfo(rank, n, group))` expects. The sharding rules (which tensor is
+cut by rows, which by columns, what is replicated or zero-padded, which KV head a rank holds)
+are written once, in docs/CONTRACTS.md "Tensor parallelism"; this module implements them. The
+fusion passes later fuse each rank's q/k/v and gate/up into one linear, as at world size 1.
 
 Compiling: every rank's graph is the same program (rank-dependent values are weights), so
 rank 0's graphs are compiled and the other ranks reuse the packages after a structural check;

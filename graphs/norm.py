@@ -17,13 +17,9 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm with the InternViT default eps; kept as a class for symmetric naming."""
-
-
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     if kind == "rms_norm":
         return RMSNorm(dim, eps)
     if kind == "layer_norm":
-        return LayerNorm(dim, eps=eps)
+        return nn.LayerNorm(dim, eps=eps)
     raise ValueError(f"unknown norm type {kind!r} (expected 'rms_norm' or 'layer_norm')")

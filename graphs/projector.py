@@ -27,9 +27,8 @@ def pixel_shuffle(x: torch.Tensor, scale: float, version: str) -> torch.Tensor:
 class Projector(nn.Sequential):
     """mlp1: LayerNorm(4C), Linear(4C, H), GELU, Linear(H, H); indices 0, 1, 3 as in checkpoints.
 
-    Tensor parallel: the LayerNorm is replicated, mlp1.1 column-parallel, mlp1.3 row-parallel
-    (its bias added once, after the all-reduce); the middle width is zero-padded to a multiple
-    of the world size when needed (GELU(0) = 0 and the padded columns of mlp1.3 are zero)."""
+    Tensor parallel (docs/CONTRACTS.md): the middle width may be zero-padded to a multiple of
+    the world size; that is exact because GELU(0) = 0 and the padded columns of mlp1.3 are zero."""
 
     def __init__(self, in_dim: int, llm_hidden: int, tp: TPInfo = SINGLE):
         inner = tp.padded(llm_hidden)

@@ -32,6 +32,11 @@ def scaling_kind(scaling: dict | None) -> str | None:
     return (scaling or {}).get("type") or (scaling or {}).get("rope_type")
 
 
+def _exponents(head_dim: int) -> torch.Tensor:
+    """2i/d for i < d/2: every RoPE variant's frequencies are base^-(2i/d), scaled."""
+    return torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, max_position: int,
                   max_seq_len: int) -> torch.Tensor:
     """inverse frequencies, with `linear` scaling folded into them and `dynamic` NTK scaling
@@ -43,7 +48,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, max_positio
     base = theta
     if kind == "dynamic" and max_seq_len > max_position:
         base = theta * ((factor * max_seq_len / max_position) - (factor - 1)) ** (head_dim / (head_dim - 2))
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    exponent = _exponents(head_dim)
     if kind in LONGROPE_TYPES:
         return 1.0 / (_ext_factors(scaling["short_factor"], head_dim) * base ** exponent)
     inv_freq = 1.0 / (base ** exponent)
@@ -65,7 +70,7 @@ def longrope_params(head_dim: int, theta: float, scaling: dict, max_position: in
                     ) -> tuple[torch.Tensor, int, float]:
     """(long-factor inv_freq, original_max_position_embeddings, attention factor) of a longrope config."""
     original = int(scaling["original_max_position_embeddings"])
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    exponent = _exponents(head_dim)
     long_inv = 1.0 / (_ext_factors(scaling["long_factor"], head_dim) * theta ** exponent)
     attn = scaling.get("attention_factor")
     if attn is None:

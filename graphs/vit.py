@@ -5,11 +5,9 @@ RMS-normalised over the full hidden width before the split into heads. Both use 
 (ls1/ls2), exact GELU, a CLS token and position embeddings for the 448 grid, no final norm.
 Parameter names equal the OpenGVLab checkpoint's `vision_model.*` keys.
 
-Tensor parallel (world size > 1): attention is split by heads (the fused qkv weight holds
-this rank's q, k and v heads, the output projection is row-parallel), the MLP column/row.
-Heads and MLP features that do not divide by the world size are zero-padded (InternViT-6B
-has 25 heads): a padded head has zero q/k/v weights, so it attends uniformly over zero
-values and its zero output columns add nothing. The 6B qk-norm needs the sum of squares
+Tensor parallel (world size > 1; the sharding rules are in docs/CONTRACTS.md): a padded head
+has zero q/k/v weights, so it attends uniformly over zero values and its zero output columns
+add nothing. The 6B qk-norm needs the sum of squares
 over the full width: each rank sums its slice, one all-reduce adds q's and k's sums, and
 the mean divides by the real width (padding contributes zeros).
 """

@@ -367,15 +367,10 @@ class Tokenizer:
         checkpoint has `add_bos_token`, or what tokenizer.json's post-processor adds) are added."""
         if self._sp is not None:
             ids = self._encode_sentencepiece(text)
-            if add_bos:
-                if self.add_bos_token and self.bos_id is not None:
-                    ids = [self.bos_id] + ids
-                if self.add_eos_token and self.eos_id is not None:
-                    ids = ids + [self.eos_id]
-            return ids
-        if self.add_bos_token is None and self.add_eos_token is None:
-            return self._hf.encode(text, add_special_tokens=add_bos).ids
-        ids = self._hf.encode(text, add_special_tokens=False).ids
+        elif self.add_bos_token is None and self.add_eos_token is None:
+            return self._hf.encode(text, add_special_tokens=add_bos).ids     # tokenizer.json's post-processor
+        else:
+            ids = self._hf.encode(text, add_special_tokens=False).ids
         if add_bos:
             if self.add_bos_token and self.bos_id is not None:
                 ids = [self.bos_id] + ids

@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from .tp import (CMD_POOL, CMD_STOP, IDLE_TIMEOUT, JOIN_TIMEOUT_S, LOAD_FAILED_EXIT, PEER_LOST_EXIT, STEP_TIMEOUT,
-                 StepChannel, check_group_name)
+from .tp import IDLE_TIMEOUT, JOIN_TIMEOUT_S, LOAD_FAILED_EXIT, PEER_LOST_EXIT, STEP_TIMEOUT, check_group_name
+from .tp_channel import CMD_POOL, CMD_STOP, StepChannel
 from .buckets import GraphKey
 from .spec import RuntimeSpec
 

@@ -8,7 +8,8 @@ Checkpoint-like tokenizer directories are built here from tiny models trained on
 - tokenizer.json files written by transformers;
 - Qwen2 byte-level BPE as vocab.json + merges.txt + added_tokens.json (InternVL2-1B).
 
-Known, asserted differences (sentencepiece is the truth, per DESIGN.md):
+Known, asserted differences (sentencepiece is the truth: the original InternVL ran the `sentencepiece`
+library itself, under transformers 4.3x-4.4x, with its normalizer rules):
 1. transformers 5.x converts a `tokenizer.model` into a `tokenizers` BPE with a Metaspace pre-tokenizer and no
    normalizer. For an `identity` model without extra-whitespace removal (Llama/InternLM2 style) it gives the
    same ids as sentencepiece, except for a text segment that starts with whitespace: Metaspace does not put the
