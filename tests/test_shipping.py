@@ -424,3 +424,15 @@ def test_runtime_install_pulls_only_the_runtime_dependencies():
     installed = [r for r in (metadata.requires("internvl-aot") or []) if "extra ==" not in r]
     assert {re.split(r"[<>=!~ ;\[(]", r)[0].lower() for r in installed} == want
     assert "internvl-artifact" in {e.name for e in metadata.entry_points(group="console_scripts")}
+
+
+def test_compile_cli_takes_the_named_targets_only(capsys):
+    from internvl_aot.compile.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "internvl-demo", "--target", "x86-64-v9"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'x86-64-v9'" in err and "x86-64-v3" in err and "x86-64-v4-bf16" in err
+    from internvl_aot.compile.pipeline import compile_model
+    with pytest.raises(ValueError, match="TARGET=x86-64-v3 is a CPU target"):
+        compile_model(None, {}, DEMO, Path("unused"), None, backend="cuda", target="x86-64-v3")
