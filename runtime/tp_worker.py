@@ -71,10 +71,11 @@ def join_group(spec: dict, rank: int, addr: str, port: int, device: torch.device
     return store, StepChannel(RuntimeSpec.from_dict(spec), spec["graphs"], cmd_group)
 
 
-def follow(graphs: dict, spec: RuntimeSpec, channel: StepChannel, device: torch.device) -> None:
+def follow(graphs: dict, spec: "RuntimeSpec | dict", channel: StepChannel, device: torch.device) -> None:
     """Run rank 0's step commands until it says stop. Any failure ends the process (the caller
-    maps a lost peer to PEER_LOST_EXIT)."""
+    maps a lost peer to PEER_LOST_EXIT). `spec`: the manifest, parsed or not."""
     from .kv_cache import KVPool
+    spec = spec if isinstance(spec, RuntimeSpec) else RuntimeSpec.from_dict(spec)
     pool = None
     with torch.inference_mode():
         while True:
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
         _exit(LOAD_FAILED_EXIT)
     store.set(f"loaded/{rank}", "ok")
     try:
-        follow(graphs, RuntimeSpec.from_dict(manifest), channel, device)
+        follow(graphs, manifest, channel, device)
     except Exception as e:      # noqa: BLE001
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"tensor-parallel rank {rank}: stopping ({first})", file=sys.stderr)

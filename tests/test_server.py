@@ -404,3 +404,81 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(server, image_host, cli
                 assert set(r.json()) == {"error", "error_type"}
             ok = c.post("/infer", json={"inputs": parts(STAR_Q, img), "parameters": {"max_new_tokens": MAX_NEW}})
             assert ok.status_code == 200 and ok.json()["generated_text"] == cli_answer
+
+
+def test_openai_completions_raw_prompt(server, offline):
+    import openai
+    client = openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
+    r = client.completions.create(model="m", prompt="Hello", max_tokens=6, temperature=0)
+    assert r.choices[0].text and r.usage.completion_tokens >= 1
+    text = "".join(c.choices[0].text for c in client.completions.create(model="m", prompt="Hello", max_tokens=6,
+                                                                          temperature=0, stream=True))
+    assert text == r.choices[0].text
+
+
+def test_small_kv_pool_queues_and_preempts_without_errors(demo_artifact, offline, tmp_path):
+    """A pool that holds about three of these sequences at once: eight concurrent requests wait for
+    blocks, sequences are preempted and recomputed, and every answer equals the offline one."""
+    import demo_vqa
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "internvl_aot.runtime.server.cli", "--artifact", str(demo_artifact),
+                             "--port", str(port), "--kv-cache-gb", "0.0052", "--threads", "1", "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        data = demo_vqa.questions(seed=9, n=8)
+        want = [offline(q, [im]) for im, q, _, _ in data]
+
+        def one(i):
+            im, q, _, _ = data[i]
+            body = {"model": "m", "temperature": 0, "max_tokens": MAX_NEW,
+                    "messages": [{"role": "user", "content": parts(q, _b64(im))}]}
+            r = httpx.post(base + "/v1/chat/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(one, range(8)))
+        assert got == want
+        m = httpx.get(base + "/metrics").text
+        free = [ln for ln in m.splitlines() if ln.startswith("internvl_kv_blocks_free ")][0]
+        assert float(free.split()[1]) < 40          # the pool really was small
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_failing_step_is_a_500_for_its_request_only(demo_artifact):
+    """In-process: the decode graph raises once; that request gets a 500 in its route's shape with
+    x-should-retry: false, and the next request is answered."""
+    from fastapi.testclient import TestClient
+    from internvl_aot.runtime.engine import Engine
+    from internvl_aot.runtime.server.app import ServerOptions, create_app
+    engine = Engine.from_artifact(demo_artifact, prefill_chunks_per_decode=1)
+    real = engine.runner.decode
+    calls = {"n": 0}
+
+    def flaky(seqs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected decode failure")
+        return real(seqs)
+
+    engine.runner.decode = flaky
+    body = {"model": "m", "temperature": 0, "max_tokens": MAX_NEW, "ignore_eos": True,
+            "messages": [{"role": "user", "content": parts(STAR_Q, _b64(STAR))}]}
+    with TestClient(create_app(engine, ServerOptions())) as client:
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 500 and r.headers["x-should-retry"] == "false"
+        assert "injected decode failure" in r.json()["error"]["message"]
+        r = client.post("/generate", json={"inputs": parts(STAR_Q, _b64(STAR)), "parameters": {"max_new_tokens": 4}})
+        assert r.status_code == 200 and r.json()["generated_text"]
+        assert engine.allocator.num_free_blocks == engine.allocator.num_blocks - 1

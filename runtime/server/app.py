@@ -54,7 +54,9 @@ class Server:
                     resp = await fn(request, body, **path)
                 except ApiError as e:
                     status = status_of(e) if status_of else e.status
-                    resp = JSONResponse(shape(e), status_code=status)
+                    # a retry of a request the engine failed on, or of bad input, cannot help
+                    headers = {"x-should-retry": "false"} if status >= 500 and e.kind != "unavailable" else None
+                    resp = JSONResponse(shape(e), status_code=status, headers=headers)
                 except Exception as e:      # noqa: BLE001 - one request's failure, not the server's
                     err = ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="generation")
                     resp = JSONResponse(shape(err), status_code=500, headers={"x-should-retry": "false"})
