@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -26,10 +27,43 @@ import time
 from .measure import percentile
 
 
-def _port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(artifact, *args: str, log=None, timeout_s: float = 120.0):
+    """`internvl-serve` on loopback (a child process): yields (process, base URL) once /health
+    answers 200, and terminates it on exit. Used by this benchmark and by the tests."""
+    import httpx
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "internvl_aot.runtime.server.cli", "--artifact", str(artifact),
+                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args],
+                            stdout=log or subprocess.DEVNULL, stderr=log or subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {proc.returncode}: "
+                                   f"{proc.stderr.read()[-2000:] if proc.stderr else ''}")
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"the server did not answer /health within {timeout_s} s")
+            time.sleep(0.3)
+        yield proc, base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _rss_mb(pid: int) -> float:
@@ -81,22 +115,9 @@ def main(argv=None) -> int:
     ap.add_argument("--server-args", default="", help="extra internvl-serve arguments")
     args = ap.parse_args(argv)
 
-    port = _port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "internvl_aot.runtime.server.cli", "--artifact", args.artifact, "--port", str(port),
-           "--log-level", "warning"] + (["--threads", str(args.threads)] if args.threads else []) + args.server_args.split()
-    proc = subprocess.Popen(cmd)
-    import httpx
-    try:
-        t_start = time.time()
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited with {proc.returncode}")
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    extra = (["--threads", str(args.threads)] if args.threads else []) + args.server_args.split()
+    t_start = time.time()
+    with running_server(args.artifact, *extra, log=sys.stderr) as (proc, base):
         load_s = time.time() - t_start
         rss_before = _rss_mb(proc.pid)
         img = _png(448, 448, 0)
@@ -141,12 +162,6 @@ def main(argv=None) -> int:
                         "stall_max_gap_ms": round(1000 * max(inside), 1) if inside else None,
                         "median_gap_outside_ms": round(1000 * percentile(outside, 50), 2) if outside else None})
         print(json.dumps(out))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     return 0
 
 

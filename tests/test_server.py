@@ -7,7 +7,6 @@ import http.server
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -18,17 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from internvl_aot.bench.serve import free_port, running_server
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 STAR = ROOT / "models" / "internvl-demo" / "demo.png"
 STAR_Q = "What colour is the star?"
 MAX_NEW = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _b64(path_or_image) -> str:
@@ -53,7 +48,7 @@ def media_dir(tmp_path_factory):
 def image_host():
     """A loopback HTTP server with the demo picture at /star.png and a redirect to another host."""
     data = STAR.read_bytes()
-    port = _free_port()
+    port = free_port()
 
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -82,34 +77,12 @@ def image_host():
 
 @pytest.fixture(scope="module")
 def server(demo_artifact, media_dir, image_host):
-    port = _free_port()
-    log = open(media_dir / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "internvl_aot.runtime.server.cli", "--artifact", str(demo_artifact),
-         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "internvl-demo",
-         "--allowed-local-media-path", str(media_dir / "allowed"), "--allowed-media-domains", "127.0.0.1",
-         "--max-body-mb", "2", "--max-image-pixels", "4000000", "--max-images", "3",
-         "--max-new-tokens-cap", "64", "--threads", "1", "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        assert proc.poll() is None, (media_dir / "server.log").read_text()[-3000:]
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("the server did not come up: " + (media_dir / "server.log").read_text()[-3000:])
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with open(media_dir / "server.log", "w") as log, running_server(
+            demo_artifact, "--served-model-name", "internvl-demo",
+            "--allowed-local-media-path", str(media_dir / "allowed"), "--allowed-media-domains", "127.0.0.1",
+            "--max-body-mb", "2", "--max-image-pixels", "4000000", "--max-images", "3",
+            "--max-new-tokens-cap", "64", "--threads", "1", log=log) as (_, base):
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -421,20 +394,7 @@ def test_small_kv_pool_queues_requests_without_errors(demo_artifact, offline, tm
     blocks (recompute preemption itself is tested on the engine, tests/test_engine.py), none fails,
     and every answer equals the offline one."""
     import demo_vqa
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "internvl_aot.runtime.server.cli", "--artifact", str(demo_artifact),
-                             "--port", str(port), "--kv-cache-gb", "0.0052", "--threads", "1", "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+    with running_server(demo_artifact, "--kv-cache-gb", "0.0052", "--threads", "1") as (_, base):
         data = demo_vqa.questions(seed=9, n=8)
         want = [offline(q, [im]) for im, q, _, _ in data]
 
@@ -452,9 +412,6 @@ def test_small_kv_pool_queues_requests_without_errors(demo_artifact, offline, tm
         m = httpx.get(base + "/metrics").text
         free = [ln for ln in m.splitlines() if ln.startswith("internvl_kv_blocks_free ")][0]
         assert float(free.split()[1]) < 40          # the pool really was small
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_a_failing_step_is_a_500_for_its_request_only(demo_artifact):

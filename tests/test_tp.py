@@ -458,26 +458,12 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "follower":
     _follower_main(src_, int(tp_), int(rank_), addr_, int(port_), buckets_, int(parent_))
 
 
-def test_server_on_a_tp2_artifact(tp2_artifact, tiny_artifact, tmp_path):
+def test_server_on_a_tp2_artifact(tp2_artifact, tiny_artifact):
     """internvl-serve starts the follower rank with the server, answers like the TP=1 artifact, and
     takes the rank down when it stops."""
     import httpx
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "internvl_aot.runtime.server.cli", "--artifact", str(tp2_artifact[0]),
-                             "--port", str(port), "--log-level", "warning"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+    from internvl_aot.bench.serve import running_server
+    with running_server(tp2_artifact[0]) as (proc, base):
         assert len(_children(proc.pid)) == 1
         q = "Tell me about the weather."
         ref = Engine.from_artifact(tiny_artifact("internlm2_vit300m")).generate(
@@ -487,9 +473,6 @@ def test_server_on_a_tp2_artifact(tp2_artifact, tiny_artifact, tmp_path):
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ref
         r = httpx.post(base + "/generate", timeout=60, json={"inputs": q, "parameters": {"max_new_tokens": 12}})
         assert r.json()["generated_text"] == ref
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     deadline = time.time() + 10
     while _children(proc.pid) and time.time() < deadline:
         time.sleep(0.2)
