@@ -1,0 +1,1 @@
+"""Compile backends besides the default torch.export + AOTInductor path (compile/pipeline.py)."""
