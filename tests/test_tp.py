@@ -127,8 +127,14 @@ def _eager_setup(src: Path, tp: int, buckets: str):
     if src.name == "synthetic":
         cfg, weights = _synthetic()
         tok = None
-        spec = {"model": {"config": cfg.to_dict()}, "dtype": "fp32", "buckets": Buckets.parse(buckets).to_dict(),
-                "tp": tp, "rank": {"kv_heads": max(1, cfg.llm.num_kv_heads // tp)}}
+        # a whole manifest's runtime fields (runtime/spec.py), with no tokenizer behind them
+        spec = {"model": {"name": "synthetic", "config": cfg.to_dict()}, "dtype": "fp32",
+                "buckets": Buckets.parse(buckets).to_dict(), "tp": tp,
+                "rank": {"kv_heads": max(1, cfg.llm.num_kv_heads // tp)},
+                "chat": {"template": "internlm2-chat", "system": ""},
+                "image": {"image_size": 448, "num_image_token": 256, "dynamic_image_size": False,
+                          "use_thumbnail": False, "min_dynamic_patch": 1, "max_dynamic_patch": 1},
+                "generation": {"stop_token_ids": []}}
     else:
         cfg, weights = load_checkpoint(src)
         tok = Tokenizer.from_dir(src)
