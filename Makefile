@@ -21,10 +21,14 @@ setup: .venv/.installed
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# BACKEND=npu: SOC=Ascend910B3|Ascend310P3|... (atc --soc_version); torch_npu's autoload is off for it
+# (TORCH_DEVICE_BACKEND_AUTOLOAD=0: with torch_npu installed but no CANN, `import torch` would fail).
+SOC     ?=
 compile: setup
-	.venv/bin/internvl-compile --model $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) --tp $(TP) \
+	$(if $(filter npu,$(BACKEND)),TORCH_DEVICE_BACKEND_AUTOLOAD=0) .venv/bin/internvl-compile --model $(MODEL) \
+		$(if $(WEIGHTS),--weights $(WEIGHTS)) --tp $(TP) \
 		--backend $(BACKEND) --dtype $(DTYPE) --out $(OUT) $(if $(BUCKETS),--buckets "$(BUCKETS)") \
-		--target $(TARGET)
+		--target $(TARGET) $(if $(SOC),--soc $(SOC))
 
 # The main job on a fresh machine: compile the demo model that ships in the repository
 # (models/internvl-demo: a small trained InternVL2-architecture checkpoint in the original

@@ -110,7 +110,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="registry name (e.g. internvl2-2b) or a checkpoint directory")
     ap.add_argument("--weights", default=None, help="checkpoint directory, or 'random' for random weights")
     ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--backend", default=None, choices=["cpu", "cuda"])
+    ap.add_argument("--backend", default=None, choices=["cpu", "cuda", "npu"],
+                    help="npu: Ascend, through torch_npu/torchair + atc (compile/backends/npu.py); needs them installed")
+    ap.add_argument("--soc", default=None, help="BACKEND=npu: the Ascend SoC for atc --soc_version "
+                                                "(e.g. Ascend910B3, Ascend310P3); default $NPU_SOC")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--out", default=None, help="default: artifacts/<model>-tp<n>-<backend>-<dtype>[-<target>]")
     ap.add_argument("--buckets", default=None,
@@ -129,9 +132,17 @@ def main(argv=None) -> int:
         if args.tp != 1:
             check_tp_early(args.model, args.weights, args.tp)
         buckets = Buckets.parse(args.buckets)
+        if backend == "npu":
+            from .backends.npu import check_npu_request
+            check_npu_request(name, args.dtype)      # bf16 refusal, torch_npu/torchair/CANN: before any weight
         work = out.parent / f".{out.name}.work"
         work.mkdir(parents=True, exist_ok=True)
         cfg, weights, tok_dir, source = resolve(args.model, args.weights, args.dtype, work)
+        if backend == "npu":
+            from .backends.npu import compile_npu
+            compile_npu(cfg, weights, Path(tok_dir), out, buckets, dtype=args.dtype, tp=args.tp, soc=args.soc,
+                        source=source)
+            return 0
         from .pipeline import compile_model
         compile_model(cfg, weights, Path(tok_dir), out, buckets, dtype=args.dtype, backend=backend, tp=args.tp,
                       source=source, passes=passes, target=args.target)

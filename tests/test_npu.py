@@ -5,13 +5,16 @@ and the variant passes torch.compile(backend="aot_eager", fullgraph=True, dynami
 torch.export with the NPU operators kept as single nodes. Nothing here needs an NPU, CANN,
 torch_npu or torchair; the tests that would are marked `npu` and skipped with the reason.
 """
+import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pathlib import Path  # noqa: E402
 
 from conftest import checkpoint_dir  # noqa: E402
 from internvl_aot.compile.buckets import Buckets  # noqa: E402
@@ -225,3 +228,239 @@ def test_stand_in_semantics_by_hand():
     with pytest.raises(NotImplementedError):
         ops.npu_fused_infer_attention_score(q, kc, vc, block_table=table, num_heads=h, sparse_mode=2,
                                             num_key_value_heads=kvh, block_size=bs)
+
+
+# ================================================================ BACKEND=npu: refusals, artifact writer, ACL loader
+
+def _has_torch_npu():
+    import importlib.util
+    return importlib.util.find_spec("torch_npu") is not None
+
+
+npu = pytest.mark.skipif(True, reason="needs an Ascend NPU with CANN, torch_npu and torchair: none on our machines "
+                                      "(the NPU path has not been run on hardware by us)")
+
+
+def test_compile_backend_npu_refuses_without_torch_npu(tmp_path, capsys):
+    """No torch_npu here: `internvl-compile --backend npu` stops at once (before reading any weight)
+    with a message naming torch_npu, CANN and the versions that pair with the installed torch."""
+    if _has_torch_npu():
+        pytest.skip("torch_npu is installed here")
+    from internvl_aot.compile import cli
+    tv = torch.__version__.split("+")[0]
+    rc = cli.main(["--model", "internvl2-2b", "--weights", str(tmp_path / "does-not-exist"), "--backend", "npu",
+                   "--dtype", "fp16", "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "torch_npu" in err and "CANN" in err and f"torch {tv}" in err and f"torch_npu {tv}" in err
+    assert "No module named 'torch_npu'" in err and "does-not-exist" not in err
+    assert not (tmp_path / "a").exists()
+    import sys as _sys
+    assert "torch_npu" not in _sys.modules and "torchair" not in _sys.modules
+
+
+@pytest.mark.parametrize("model", ["internvl-chat-v1-5", "internvl2-2b", "internvl2-8b", "OpenGVLab/InternVL2-8B"])
+def test_compile_backend_npu_refuses_bf16_for_fp16_models(model, tmp_path, capsys):
+    from internvl_aot.compile import cli
+    rc = cli.main(["--model", model, "--weights", "random", "--backend", "npu", "--dtype", "bf16",
+                   "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "DTYPE=bf16 is refused" in err and "fp16" in err and "BF16 is unsupported" in err, err
+
+
+def test_bf16_refusal_is_only_for_those_models():
+    from internvl_aot.compile.backends.npu import check_dtype
+    check_dtype("internvl2-1b", "bf16")
+    check_dtype("internvl2-2b", "fp16")
+    with pytest.raises(ValueError):
+        check_dtype("/ckpts/InternVL2-2B", "bf16")
+
+
+class _FakeTorchair:
+    """Records dynamo_export calls and writes a placeholder .air; says nothing about torchair itself."""
+
+    class CompilerConfig:
+        def __init__(self):
+            import types
+            self.export = types.SimpleNamespace(experimental=types.SimpleNamespace(auto_atc_config_generated=False))
+
+    def __init__(self):
+        self.calls = []
+
+    def dynamo_export(self, *args, model, export_path, export_name, dynamic, config):
+        self.calls.append((export_name, [tuple(a.shape) for a in args], dynamic, type(model).__name__))
+        Path(export_path, f"{export_name}.air").write_text("placeholder")
+
+
+def test_npu_artifact_writer_with_recorded_exports(internlm2, tiny_checkpoints, tmp_path, monkeypatch):
+    """The artifact writer's bookkeeping, torchair replaced by a recorder: one static export per
+    bucket with the runtime's input shapes + the fixed pool, the exact atc commands written when atc
+    is not on the PATH, run when it is, the manifest's versions / SoC / pool; the runtime refuses a
+    mismatch in one line."""
+    from types import SimpleNamespace
+
+    from internvl_aot.compile.backends import npu as backend
+    from internvl_aot.runtime.backends.npu import check_npu_manifest
+    from internvl_aot.runtime.errors import ArtifactError
+    cfg, weights = internlm2
+    path = checkpoint_dir(tiny_checkpoints["llama_vit300m"], "internlm2")
+    fake = _FakeTorchair()
+    monkeypatch.setenv("PATH", str(tmp_path / "nobin"))
+    monkeypatch.setenv("ASCEND_TOOLKIT_HOME", str(tmp_path / "cann"))
+    (tmp_path / "cann" / "x86_64-linux").mkdir(parents=True)
+    (tmp_path / "cann" / "x86_64-linux" / "ascend_toolkit_install.info").write_text("package_name=x\nversion=8.5.0\n")
+    m = backend.compile_npu(cfg, weights, path, tmp_path / "art", BUCKETS, dtype="fp16", soc="Ascend910B3",
+                            log=lambda s: None, torchair=fake, torch_npu=SimpleNamespace(__version__="2.13.0"),
+                            ops=getattr(torch.ops, npu_ops.NAMESPACE))
+    art = tmp_path / "art"
+    names = BUCKETS.graph_names()
+    assert [c[0] for c in fake.calls] == names and all(c[2] is False for c in fake.calls)
+    blocks = backend.default_num_blocks(BUCKETS)
+    pool = (cfg.llm.num_layers, blocks, 16, cfg.llm.num_kv_heads, cfg.llm.head_dim)
+    dec = dict((c[0], c[1]) for c in fake.calls)["decode_b4_c256"]
+    assert dec == [(4,), (4,), (4,), (4, 16), pool, pool]
+    assert m["versions"] == {"torch": torch.__version__.split("+")[0], "torch_npu": "2.13.0", "cann": "8.5.0"}
+    assert m["soc"] == "Ascend910B3" and m["kv_pool"] == {"num_blocks": blocks, "block_size": 16}
+    assert m["om_built"] is False and m["hardware_tested"] is False
+    lines = (art / "atc_commands.sh").read_text().splitlines()
+    cmds = [ln for ln in lines if ln.startswith("atc ")]
+    assert cmds[0] == f"atc --framework=1 --model=rank0/{names[0]}/{names[0]}.air --output=rank0/{names[0]}/{names[0]} " \
+                      "--soc_version=Ascend910B3"
+    assert len(cmds) == len(names)
+    saved = json.loads((art / "npu_manifest.json").read_text())
+    assert saved["ranks"][0]["graphs"]["decode_b4_c256"]["inputs"][-1]["shape"] == list(pool)
+    assert (art / "tokenizer").is_dir()
+    ok = {"torch": m["versions"]["torch"], "torch_npu": None, "cann": "8.5.0"}
+    with pytest.raises(ArtifactError, match="no .om files yet"):
+        check_npu_manifest(saved, ok, "Ascend910B3")
+    saved["om_built"] = True
+    check_npu_manifest(saved, ok, "Ascend910B3")
+    for versions, soc, words in ((dict(ok, cann="8.3.RC1"), "Ascend910B3", "CANN 8.5.0"),
+                                 (dict(ok, torch="2.12.0"), "Ascend910B3", "torch 2.13"),
+                                 (dict(ok, torch_npu="2.12.0"), "Ascend910B3", "torch_npu 2.13.0"),
+                                 (dict(ok, cann=None), "Ascend910B3", "no CANN toolkit"),
+                                 (ok, "Ascend310P3", "SoC Ascend910B3")):
+        with pytest.raises(ArtifactError, match=words) as e:
+            check_npu_manifest(saved, versions, soc)
+        assert "\n" not in str(e.value)
+    # With an `atc` on the PATH (a stand-in script), each .air is converted in the artifact directory.
+    (tmp_path / "bin").mkdir()
+    atc = tmp_path / "bin" / "atc"
+    atc.write_text("#!/bin/sh\nfor a; do case $a in --output=*) touch \"${a#--output=}.om\";; esac; done\n")
+    atc.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    m2 = backend.compile_npu(cfg, weights, path, tmp_path / "art2", BUCKETS, dtype="fp16", soc="Ascend310P3",
+                             log=lambda s: None, torchair=_FakeTorchair(), torch_npu=SimpleNamespace(__version__="2.13.0"),
+                             ops=getattr(torch.ops, npu_ops.NAMESPACE))
+    assert m2["om_built"] is True
+    for name in names:
+        assert (tmp_path / "art2" / m2["ranks"][0]["graphs"][name]["om"]).is_file()
+
+
+class _FakeAcl:
+    """A recording stand-in of pyACL's module: device memory as numpy buffers keyed by fake pointers;
+    `execute` runs a Python function in place of the .om (writes the pools, returns logits)."""
+
+    def __init__(self, run):
+        import types
+        self.log, self.mem, self.next_ptr, self.run = [], {}, 1000, run
+        acl = self
+
+        def malloc(size, policy):
+            acl.next_ptr += 1
+            acl.mem[acl.next_ptr] = np.zeros(size, np.uint8)
+            acl.log.append(("malloc", size))
+            return acl.next_ptr, 0
+
+        def memcpy(dst, dsize, src, ssize, kind):
+            s = acl.mem[src] if kind == 1 else acl.mem[src]
+            acl.mem[dst][:ssize] = s[:ssize]
+            acl.log.append(("memcpy", kind))
+            return 0
+
+        def to_ptr(arr):
+            acl.next_ptr += 1
+            acl.mem[acl.next_ptr] = arr.view(np.uint8).reshape(-1)
+            return acl.next_ptr
+
+        def execute(model_id, ins, outs):
+            acl.log.append(("execute", model_id))
+            acl.run(model_id, [acl.mem[p] for p, _ in ins], acl.mem[outs[0][0]])
+            return 0
+
+        def add(ds, buf):
+            ds.append(buf)
+            return None, 0
+
+        models = iter(range(1, 100))
+        self.rt = types.SimpleNamespace(
+            set_device=lambda d: 0, create_context=lambda d: ("ctx", 0), malloc=malloc, memcpy=memcpy,
+            memset=lambda p, n, v, c: 0, free=lambda p: acl.log.append(("free", p)),
+            destroy_context=lambda c: 0, reset_device=lambda d: 0)
+        self.mdl = types.SimpleNamespace(
+            load_from_file=lambda path: (acl.log.append(("load", Path(path).name)) or next(models), 0),
+            create_desc=lambda: {}, get_desc=lambda desc, mid: desc.update(mid=mid) or 0,
+            get_num_inputs=lambda desc: acl.num_inputs[desc["mid"]],
+            get_input_size_by_index=lambda desc, i: acl.in_sizes[desc["mid"]][i],
+            get_output_size_by_index=lambda desc, i: acl.out_sizes[desc["mid"]],
+            create_dataset=list, add_dataset_buffer=add, execute=execute, unload=lambda m: 0,
+            destroy_desc=lambda d: 0, destroy_dataset=lambda d: 0)
+        self.util = types.SimpleNamespace(numpy_to_ptr=to_ptr)
+        self.init = lambda: 0
+        self.finalize = lambda: 0
+        self.get_soc_name = lambda: "Ascend910B3"
+        self.create_data_buffer = lambda ptr, size: (ptr, size)
+
+
+def test_acl_loader_call_sequence_with_a_recording_acl(tmp_path):
+    """runtime/backends/npu.py's bookkeeping against a stand-in `acl`: each .om loaded once, the two KV
+    pools allocated once and bound as the last inputs of every call (a write by one call is seen by the
+    next), inputs copied host->device, logits back in the graph-callable shape. Not ACL itself."""
+    from internvl_aot.runtime.backends.npu import NpuSession
+    pool = [2, 5, 4, 2, 8]
+    names = {1: "prefill_t4_c16", 2: "decode_b2_c16"}
+    inputs = {
+        "prefill_t4_c16": [{"name": "input_ids", "dtype": "int64", "shape": [4]},
+                           {"name": "k_cache", "dtype": "float16", "shape": pool, "kv_pool": True},
+                           {"name": "v_cache", "dtype": "float16", "shape": pool, "kv_pool": True}],
+        "decode_b2_c16": [{"name": "input_ids", "dtype": "int64", "shape": [2]},
+                          {"name": "k_cache", "dtype": "float16", "shape": pool, "kv_pool": True},
+                          {"name": "v_cache", "dtype": "float16", "shape": pool, "kv_pool": True}]}
+    manifest = {"backend": "npu", "dtype": "fp16", "model": {"config": {"llm": {"hidden_size": 8}}},
+                "versions": {}, "soc": "Ascend910B3", "om_built": True,
+                "ranks": [{"graphs": {n: {"om": f"{n}.om", "inputs": inputs[n]} for n in names.values()}}]}
+    (tmp_path / "npu_manifest.json").write_text(json.dumps(manifest))
+    vocab = 3
+
+    def run(model_id, ins, out):
+        ids, k = ins[0].view(np.int64), ins[1].view(np.float16)
+        if names[model_id].startswith("prefill"):
+            k[:4] = ids.astype(np.float16)              # "writes the cache"
+            out.view(np.float16)[:] = 1
+        else:
+            out.view(np.float16)[:] = np.repeat(k[:2], vocab)   # "reads what prefill wrote"
+
+    acl = _FakeAcl(run)
+    acl.num_inputs = {1: 3, 2: 3}
+    acl.in_sizes = {1: [32, 0, 0], 2: [16, 0, 0]}
+    acl.out_sizes = {1: 1 * vocab * 2, 2: 2 * vocab * 2}
+    s = NpuSession.open(tmp_path, acl=acl, check_versions=False)
+    host_pool = torch.zeros(pool, dtype=torch.float16)
+    pool_bytes = int(np.prod(pool)) * 2
+    assert [e for e in acl.log if e[0] == "malloc"][:2] == [("malloc", pool_bytes)] * 2
+    out = s.graphs["prefill_t4_c16"](torch.tensor([7, 8, 9, 10]), host_pool, host_pool)
+    assert out.shape == (1, vocab) and out.dtype == torch.float16
+    out = s.graphs["decode_b2_c16"](torch.tensor([0, 0]), host_pool, host_pool)
+    assert out.tolist() == [[7.0] * vocab, [8.0] * vocab]
+    s.graphs["decode_b2_c16"](torch.tensor([0, 0]), host_pool, host_pool)
+    assert [e for e in acl.log if e[0] == "load"] == [("load", "prefill_t4_c16.om"), ("load", "decode_b2_c16.om")]
+    assert sum(1 for e in acl.log if e == ("malloc", pool_bytes)) == 2      # the pools, once
+    with pytest.raises(ValueError, match="shape"):
+        s.graphs["decode_b2_c16"](torch.tensor([0, 0, 0]), host_pool, host_pool)
+    s.close()
+
+
+@npu
+def test_om_graphs_on_an_npu_equal_the_cpu_stand_ins():
+    """On an Atlas 800I A2 / 300I DUO: compile BACKEND=npu, run each .om through the ACL loader and compare
+    with the NPU variant on the CPU stand-ins. Never run by us."""

@@ -1,20 +1,138 @@
 """BACKEND=npu: the Ascend NPU graph variant, exported per bucket through torchair (issue 21).
 
-torch_npu and torchair are imported only inside functions of this module.
+What it does, where the tools exist (none of it has been run on an NPU or with CANN by us):
+1. refuses at once, before any weight is read, when torch_npu / torchair cannot be imported
+   (`NpuUnavailable`, naming torch_npu, CANN and the versions that pair with the installed torch),
+   and refuses DTYPE=bf16 for the models whose Ascend deployment is fp16 (`check_dtype`);
+2. builds each rank's model, switches it to the NPU operators (graphs/npu_variant.py with
+   `torch.ops.npu`: the same schemas as the CPU stand-ins) and exports every bucket with
+   `torchair.dynamo_export` (static shapes, dynamic=False: one `.air` per graph; torchair writes
+   weights past 2 GB - 200 MB as external FileConstant files next to the .air by itself);
+3. converts each `.air` with `atc --framework=1 ... --soc_version=<SoC>` when `atc` is on the PATH,
+   otherwise writes the exact commands into the artifact (`atc_commands.sh`);
+4. writes `npu_manifest.json`: torch, torch_npu and CANN versions, the SoC, the fixed KV-pool
+   shape (static graphs fix the block count), and per graph its inputs (runtime/buckets.py
+   graph_inputs + the two pools) and files. runtime/backends/npu.py refuses a mismatch.
+
+torch_npu and torchair are imported only inside functions of this module; the rest of the
+project never imports it unless BACKEND=npu.
 """
 from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ...graphs.config import ModelConfig
 from ...graphs.model import build_model
 from ...graphs.npu_variant import to_npu_variant
+from ...runtime.buckets import GraphKey, graph_inputs
 from ...runtime.engine import Engine
 from ...runtime.manifest import DTYPES
 from ...runtime.tokenizer import Tokenizer
 from ..buckets import Buckets
 from ..export import stage_module
 from ..spec import build_spec
+
+NPU_MANIFEST = "npu_manifest.json"
+NPU_FORMAT = 1
+
+# Models whose Ascend deployment runs in fp16 (BF16 is not supported there: the Atlas 300I DUO's
+# Ascend 310P has no bf16). Registry names and the checkpoint directory / hub names they go by.
+FP16_ONLY = ("internvl-chat-v1-5", "internvl2-2b", "internvl2-8b")
+
+# What the torch_npu wheel says (shared/reference/npu-torchair.md §2): torch_npu X.Y.Z requires
+# torch==X.Y.Z.*; 2.13.0 is built from the v2.13.0-26.2.0 branch (Ascend 26.2.0). Its README's CANN
+# table stops at CANN 8.5.0 -> torch_npu 2.12.0rc1, so the CANN release for 2.13.0 is not stated.
+ASCEND_RELEASE = {"2.13.0": "26.2.0"}
+CANN_NOTE = {"2.13.0": "the CANN toolkit of the Ascend 26.2.0 release (the torch_npu README's CANN table "
+                       "stops at CANN 8.5.0 -> torch_npu 2.12.0rc1; the exact CANN version for 2.13.0 is "
+                       "not stated there)"}
+GRAPH_LIMIT_BYTES = 2 * 1024 ** 3 - 200 * 1024 ** 2    # torchair keeps weights inside the .air up to this
+
+
+class NpuUnavailable(RuntimeError):
+    """BACKEND=npu cannot run here (torch_npu / torchair / CANN missing or mismatched)."""
+
+
+def torch_base_version(v: str | None = None) -> str:
+    return (v or torch.__version__).split("+")[0]
+
+
+def pairing_text(torch_version: str | None = None) -> str:
+    tv = torch_base_version(torch_version)
+    cann = CANN_NOTE.get(tv, f"the CANN toolkit that the torch_npu {tv} release notes name")
+    return (f"the installed torch {tv} pairs with torch_npu {tv} (its wheel requires torch=={tv}.*; torchair "
+            f"ships inside torch_npu) and {cann}")
+
+
+def unavailable_message(reason: str, torch_version: str | None = None) -> str:
+    tv = torch_base_version(torch_version)
+    return (f"BACKEND=npu needs torch_npu (with its torchair) and the Ascend CANN toolkit: {reason}. "
+            f"{pairing_text(tv)[0].upper()}{pairing_text(tv)[1:]}: install them with `pip install "
+            f"torch_npu=={tv}` on a machine with CANN, `source <CANN>/set_env.sh`, and set "
+            f"TORCH_DEVICE_BACKEND_AUTOLOAD=0 where torch_npu is installed without CANN")
+
+
+def import_torchair():
+    """-> (torch_npu, torchair), or NpuUnavailable with the one-line reason."""
+    os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")     # for any child process
+    try:
+        import torch_npu  # noqa: F401  (needs libascendcl/libhccl/libge_runner from CANN)
+    except Exception as e:      # ImportError, or OSError/RuntimeError for missing CANN libraries
+        raise NpuUnavailable(unavailable_message(f"`import torch_npu` failed ({type(e).__name__}: "
+                                                 f"{str(e).splitlines()[0] if str(e) else 'no message'})")) from None
+    npu_v = torch_base_version(getattr(torch_npu, "__version__", "unknown"))
+    if npu_v != torch_base_version():
+        raise NpuUnavailable(unavailable_message(f"torch_npu {npu_v} is installed, which does not pair with "
+                                                 f"torch {torch_base_version()}"))
+    try:
+        import torchair
+    except Exception as e:
+        raise NpuUnavailable(unavailable_message(f"`import torchair` failed ({type(e).__name__}: {e})")) from None
+    return torch_npu, torchair
+
+
+def cann_version() -> str | None:
+    """The CANN toolkit's version from the install info that set_env.sh points at (UNCONFIRMED file
+    layout: <ASCEND_TOOLKIT_HOME>/<arch>-linux/ascend_toolkit_install.info, `version=...`)."""
+    for var in ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH"):
+        home = os.environ.get(var)
+        if not home:
+            continue
+        for info in sorted(Path(home).glob("*/ascend_toolkit_install.info")) + sorted(Path(home).glob("version.cfg")):
+            for line in info.read_text(errors="replace").splitlines():
+                if line.strip().startswith(("version=", "Version=")):
+                    return line.split("=", 1)[1].strip()
+    return None
+
+
+def _canonical_name(name: str) -> str:
+    n = Path(name).name.lower().replace("_", "-")
+    if n.endswith("-hf"):
+        n = n[:-3]
+    return n
+
+
+def check_dtype(model_name: str, dtype: str) -> None:
+    """BACKEND=npu with DTYPE=bf16 is refused for the fp16-only models, with the reason."""
+    if dtype == "bf16" and _canonical_name(model_name) in FP16_ONLY:
+        raise ValueError(f"BACKEND=npu with DTYPE=bf16 is refused for {model_name}: InternVL-Chat-V1-5, "
+                         f"InternVL2-2B and InternVL2-8B run in fp16 on Ascend (BF16 is unsupported there: the "
+                         f"Atlas 300I DUO's Ascend 310P has no bf16); compile with DTYPE=fp16")
+
+
+def check_npu_request(model_name: str, dtype: str) -> None:
+    """Everything BACKEND=npu can refuse before any weight is read: dtype first, then the toolchain."""
+    check_dtype(model_name, dtype)
+    import_torchair()
 
 
 def eager_npu_engine(cfg: ModelConfig, weights: dict, tokenizer_dir, buckets: Buckets | None = None,
@@ -28,3 +146,133 @@ def eager_npu_engine(cfg: ModelConfig, weights: dict, tokenizer_dir, buckets: Bu
     model = to_npu_variant(build_model(cfg, weights, max_seq_len=buckets.max_context), ops)
     graphs = {name: stage_module(model, name) for name in buckets.graph_names()}
     return Engine(spec, graphs, tokenizer, "cpu", kv_cache_gb=kv_cache_gb)
+
+
+# ------------------------------------------------------------------ the artifact
+
+def default_num_blocks(buckets: Buckets) -> int:
+    """Static graphs fix the pool: room for the largest decode batch at the largest context, + the sink."""
+    return max(buckets.batch) * (buckets.max_context // buckets.block_size) + 1
+
+
+def npu_inputs(model, buckets: Buckets, name: str, dtype: torch.dtype, num_blocks: int) -> list[dict]:
+    """The graph's inputs in call order (what the .om takes and the ACL runner binds)."""
+    cfg = model.cfg
+    key = GraphKey.parse(name)
+    rows = [{"name": n, "dtype": str(dt).replace("torch.", ""), "shape": list(s)}
+            for n, dt, s in graph_inputs(key, hidden=cfg.llm.hidden_size, image_size=cfg.vision.image_size,
+                                         block_size=buckets.block_size, dtype=dtype)]
+    if key.stage != "vision":
+        attn = model.language_model.layers[0].self_attn
+        pool = [len(model.language_model.layers), num_blocks, buckets.block_size, attn.kv_heads, attn.head_dim]
+        rows += [{"name": n, "dtype": str(dtype).replace("torch.", ""), "shape": pool, "kv_pool": True}
+                 for n in ("k_cache", "v_cache")]
+    return rows
+
+
+def example_args(inputs: list[dict]) -> tuple:
+    """CPU placeholder tensors of those shapes (dynamo_export's documented examples pass CPU tensors)."""
+    out = []
+    for row in inputs:
+        dt = getattr(torch, row["dtype"])
+        out.append(torch.arange(row["shape"][0]) if row["name"] == "positions" else torch.zeros(row["shape"], dtype=dt))
+    return tuple(out)
+
+
+def atc_command(air: str, om_stem: str, soc: str, external_weight: bool) -> list[str]:
+    cmd = ["atc", "--framework=1", f"--model={air}", f"--output={om_stem}", f"--soc_version={soc}"]
+    if external_weight:
+        cmd.append("--external_weight=1")
+    return cmd
+
+
+def compile_npu(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Path, buckets: Buckets,
+                dtype: str = "fp16", tp: int = 1, soc: str | None = None, num_blocks: int | None = None,
+                source: dict | None = None, log: Callable[[str], None] = print, torchair=None,
+                torch_npu=None, ops=None) -> dict:
+    """Export every bucket of every rank to .air (+ .om where atc exists). `torchair`/`torch_npu`
+    may be passed in (tests pass recording stand-ins); by default they are imported here."""
+    check_dtype(cfg.name, dtype)
+    if torchair is None:
+        torch_npu, torchair = import_torchair()
+    soc = soc or os.environ.get("NPU_SOC")
+    if not soc:
+        raise ValueError("BACKEND=npu needs the target SoC for atc --soc_version: SOC=Ascend910B3 "
+                         "(Atlas 800I A2), SOC=Ascend310P3 (Atlas 300I DUO), ... (or $NPU_SOC)")
+    from ..artifact import copy_tokenizer
+    from ..tp import check_tp, fake_process_group, rank_shard
+    from ...graphs.parallel import SINGLE, TPInfo
+    import contextlib
+    if tp > 1:
+        check_tp(cfg, tp)
+    t0 = time.perf_counter()
+    tdtype = DTYPES[dtype]
+    num_blocks = num_blocks or default_num_blocks(buckets)
+    weights = {k: v.to(tdtype) if v.is_floating_point() else v for k, v in weights.items()}
+    out = Path(out)
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    atc = shutil.which("atc")
+    names = buckets.graph_names()
+    ranks, commands = [], []
+    npu_ops = ops if ops is not None else torch.ops.npu      # torch_npu's operators, same schemas as the stand-ins
+    with (fake_process_group(tp) if tp > 1 else contextlib.nullcontext("")) as group_name:
+        spec = build_spec(cfg, buckets, dtype, Tokenizer.from_dir(tokenizer_dir), TPInfo(0, tp, group_name))
+        for r in range(tp):
+            tpi = TPInfo(r, tp, group_name) if tp > 1 else SINGLE
+            model = build_model(cfg, weights if tp == 1 else rank_shard(cfg, weights, r, tp), tpi,
+                                max_seq_len=buckets.max_context)
+            to_npu_variant(model, npu_ops)
+            wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            graphs = {}
+            for i, name in enumerate(names, 1):
+                gdir = Path(f"rank{r}") / name
+                (staging / gdir).mkdir(parents=True)
+                inputs = npu_inputs(model, buckets, name, tdtype, num_blocks)
+                config = torchair.CompilerConfig()
+                if tp > 1:
+                    config.export.experimental.auto_atc_config_generated = True
+                with torch.no_grad():
+                    torchair.dynamo_export(*example_args(inputs), model=stage_module(model, name),
+                                           export_path=str(staging / gdir), export_name=name, dynamic=False,
+                                           config=config)
+                airs = sorted((staging / gdir).glob("*.air"))
+                if not airs:
+                    raise RuntimeError(f"torchair.dynamo_export wrote no .air for {name} in {staging / gdir}")
+                air = airs[0].relative_to(staging)
+                om_stem = str(gdir / name)
+                cmd = atc_command(str(air), om_stem, soc, wbytes > GRAPH_LIMIT_BYTES)
+                commands.append(cmd)
+                om = None
+                if atc:
+                    log(f"[atc rank {r} {i}/{len(names)}] {shlex.join(cmd)}")
+                    subprocess.run(cmd, cwd=staging, check=True)
+                    om = om_stem + ".om"
+                graphs[name] = {"air": str(air), "om": om, "inputs": inputs}
+                log(f"[npu export rank {r} {i}/{len(names)}] {name}: {air} ({time.perf_counter() - t0:.0f} s)")
+            ranks.append({"graphs": graphs})
+    script = staging / "atc_commands.sh"
+    script.write_text("#!/bin/sh\n# Run from this directory on a machine with the CANN toolkit "
+                      "(`source <CANN>/set_env.sh` first): .air -> .om, one per graph.\nset -e\n"
+                      + "".join(shlex.join(c) + "\n" for c in commands))
+    script.chmod(0o755)
+    copy_tokenizer(Path(tokenizer_dir), staging / "tokenizer")
+    manifest = dict(spec)
+    manifest.update({
+        "backend": "npu", "npu_format": NPU_FORMAT, "source": source or {},
+        "versions": {"torch": torch_base_version(), "torch_npu": torch_base_version(
+            getattr(torch_npu, "__version__", None) or "unknown"), "cann": cann_version()},
+        "soc": soc, "kv_pool": {"num_blocks": num_blocks, "block_size": buckets.block_size},
+        "om_built": bool(atc), "atc_commands": "atc_commands.sh",
+        "tokenizer_dir": "tokenizer", "graphs": sorted(names), "ranks": ranks,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "hardware_tested": False,
+    })
+    (staging / NPU_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    log(f"[done] {out}: {len(names)} graphs x {tp} rank(s), .om {'built' if atc else 'not built: atc is not on the PATH, commands in atc_commands.sh'}")
+    return manifest

@@ -1,0 +1,1 @@
+"""Runtime backends besides the AOTInductor graph loader (runtime/graph_loader.py)."""
