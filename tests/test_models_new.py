@@ -451,3 +451,31 @@ def test_internvl2_4b_longrope_matches_transformers_phi3_rotary():
         torch.testing.assert_close(sin, sin_r[0], rtol=1e-5, atol=1e-5)
     assert abs(ours.attention_factor - 1.1902380714238083) < 1e-9       # sqrt(1 + ln 32 / ln 4096)
     assert rotary_embedding(l.head_dim, l.rope_theta, sc, l.max_position_embeddings, 4096).long_inv_freq is None
+
+
+def test_internlm3_checkpoint_reads_as_llama(tiny_checkpoints, tmp_path):
+    """InternVL3-9B's LLM is InternLM3ForCausalLM: Llama's module names and math (separate q/k/v, no bias,
+    dynamic NTK RoPE, explicit head_dim). The Llama tiny checkpoint relabelled as InternLM3 (its
+    llm_config fields: bias / qkv_bias false, head_dim) loads to the same canonical weights and config
+    as the -hf Llama one, which the existing tests compare with transformers token for token."""
+    import json
+    import shutil
+    ck = tiny_checkpoints["llama_vit300m"]
+    d = shutil.copytree(ck.original_dirs["llama"], tmp_path / "internlm3")
+    c = json.loads((d / "config.json").read_text())
+    c["llm_config"].update(architectures=["InternLM3ForCausalLM"], model_type="internlm3", bias=False, qkv_bias=False,
+                           head_dim=c["llm_config"]["hidden_size"] // c["llm_config"]["num_attention_heads"])
+    c["llm_config"].pop("attention_bias", None)
+    c.pop("template")
+    (d / "config.json").write_text(json.dumps(c))
+    cfg, sd = load_checkpoint(d)
+    ref_cfg, ref = load_checkpoint(ck.hf_dir)
+    assert cfg.llm.arch == "internlm3" and cfg.template == "internvl2_5"       # no template in config: InternVL3's
+    for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "head_dim",
+              "rms_norm_eps", "rope_theta", "rope_scaling", "qkv_bias", "qk_norm"):
+        assert getattr(cfg.llm, f) == getattr(ref_cfg.llm, f), f
+    assert list(sd) == list(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
+    c["llm_config"]["qkv_bias"] = True
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(CheckpointError, match="InternLM3 with bias"):
+        load_checkpoint(d)
