@@ -215,6 +215,11 @@ def test_compiled_artifact_greedy_matches_transformers(name, fmt, new_checkpoint
     sep = {"qwen3_vit300m": "<|im_end|>", "phi3_vit6b": "<|end|>"}[name]
     assert m["generation"]["stop_token_ids"] == [tok.token_to_id(sep)]
     assert m["generation"]["eos_token_ids"] == [tok.eos_id]
+    # the rope_table pass folded the trigonometry into tables: Phi-3's context bucket (1024) is past its
+    # original_max_position_embeddings (64), so the long-factor tables are there as well
+    tables = {k.split(".")[3] for k in json.dumps(m).replace('"', " ").split() if k.startswith("_aoti.language_model.rotary.")}
+    assert {"cos_table", "sin_table"} <= tables
+    assert ({"long_cos_table", "long_sin_table"} <= tables) == name.startswith("phi3"), tables
 
 
 # ================================================================ tensor parallelism (eager, real ranks)
