@@ -102,6 +102,21 @@ def test_stage_graphs_equal_ours(ckpt, name):
             assert not torch.equal(x, orig)
 
 
+@pytest.mark.parametrize("spec", ["qwen3_vit300m", "phi3_vit6b"])
+def test_stage_graphs_equal_ours_qwen3_phi3(new_checkpoints, spec):
+    """Qwen3 (an npu_rms_norm over each q/k head before RoPE, head_dim 32) and Phi-3 (LongRoPE: the
+    decode rows sit on both sides of original_max_position_embeddings): prefill and decode equal ours."""
+    cfg, weights = load_checkpoint(new_checkpoints[spec].hf_dir)
+    ref, npu = _models(cfg, weights)
+    for name in ("prefill_t32_c256", "decode_b4_c256"):
+        args = _inputs(cfg, name, seed=3)
+        a, b = _clone(args), _clone(args)
+        with torch.no_grad():
+            torch.testing.assert_close(stage_module(npu, name)(*b), stage_module(ref, name)(*a), atol=1e-4, rtol=1e-4)
+        for x, y in zip(b[-2:], a[-2:]):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
 def _requests():
     import numpy as np
     from PIL import Image
