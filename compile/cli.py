@@ -133,6 +133,9 @@ def main(argv=None) -> int:
             check_tp_early(args.model, args.weights, args.tp)
         buckets = Buckets.parse(args.buckets)
         if backend == "npu":
+            if args.target != "native":
+                raise ValueError(f"TARGET={args.target} is a CPU target; BACKEND=npu takes TARGET=native "
+                                 f"(the NPU is chosen with SOC=...)")
             from .backends.npu import check_npu_request
             check_npu_request(name, args.dtype)      # bf16 refusal, torch_npu/torchair/CANN: before any weight
         work = out.parent / f".{out.name}.work"

@@ -307,6 +307,13 @@ def test_compile_backend_npu_refuses_bf16_for_fp16_models(model, tmp_path, capsy
     assert rc == 2 and "DTYPE=bf16 is refused" in err and "fp16" in err and "BF16 is unsupported" in err, err
 
 
+def test_compile_backend_npu_refuses_a_cpu_target(tmp_path, capsys):
+    from internvl_aot.compile import cli
+    rc = cli.main(["--model", "internvl2-1b", "--weights", "random", "--backend", "npu", "--dtype", "fp16",
+                   "--target", "x86-64-v3", "--out", str(tmp_path / "a")])
+    assert rc == 2 and "BACKEND=npu takes TARGET=native" in capsys.readouterr().err
+
+
 def test_bf16_refusal_is_only_for_those_models():
     from internvl_aot.compile.backends.npu import check_dtype
     check_dtype("internvl2-1b", "bf16")
