@@ -22,7 +22,6 @@ host->device and the logits back), not that ACL accepts it.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 
