@@ -514,6 +514,74 @@ def test_acl_loader_call_sequence_with_a_recording_acl(tmp_path):
     s.close()
 
 
+def test_engine_over_the_acl_loader_with_a_simulated_device(internlm2, tiny_checkpoints, tmp_path, monkeypatch):
+    """The whole box-side path minus the NPU: an artifact written by compile_npu (recorded exports, a
+    stand-in atc), opened by open_npu_engine through the ACL loader, where the recording `acl`'s
+    execute runs the NPU variant (CPU stand-ins) on tensors viewed over its simulated device memory,
+    the KV pool included. Engine gives the same greedy tokens as our eager graphs: the pool bound once
+    on the "device" and written in place there carries the cache across every call."""
+    from types import SimpleNamespace
+
+    from internvl_aot.compile.backends import npu as backend
+    from internvl_aot.compile.eager import eager_engine
+    from internvl_aot.runtime.backends.npu import NP_DTYPES, open_npu_engine
+    cfg, weights = internlm2
+    path = checkpoint_dir(tiny_checkpoints["llama_vit300m"], "internlm2")
+    (tmp_path / "bin").mkdir()
+    atc = tmp_path / "bin" / "atc"
+    atc.write_text("#!/bin/sh\nfor a; do case $a in --output=*) touch \"${a#--output=}.om\";; esac; done\n")
+    atc.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    bk = ENGINE_BUCKETS
+    m = backend.compile_npu(cfg, weights, path, tmp_path / "art", bk, dtype="fp32", soc="Ascend910B3",
+                            log=lambda s: None, torchair=_FakeTorchair(), torch_npu=SimpleNamespace(__version__="2.13.0"),
+                            ops=getattr(torch.ops, npu_ops.NAMESPACE))
+    graphs = m["ranks"][0]["graphs"]
+    names = list(graphs)                          # the loader loads them in this order: model ids 1, 2, ...
+    model = to_npu_variant(build_model(cfg, weights, max_seq_len=bk.max_context))
+    stages = {n: stage_module(model, n) for n in names}
+    calls = []
+
+    def run(model_id, ins, out):
+        name = names[model_id - 1]
+        calls.append(name)
+        args = []
+        for buf, row in zip(ins, graphs[name]["inputs"]):
+            dt = NP_DTYPES[row["dtype"]]
+            n = int(np.prod(row["shape"])) * np.dtype(dt).itemsize
+            args.append(torch.from_numpy(buf[:n].view(dt)).view(row["shape"]))   # views: pool writes stay
+        with torch.no_grad():
+            res = stages[name](*args).contiguous()
+        out[:] = res.numpy().view(np.uint8).reshape(-1)
+
+    acl = _FakeAcl(run)
+
+    def out_bytes(name):
+        key = GraphKey.parse(name)
+        per = cfg.num_image_token * cfg.llm.hidden_size if key.stage == "vision" else cfg.llm.vocab_size
+        return (1 if key.stage == "prefill" else key.size) * per * 4
+    ids = range(1, len(names) + 1)
+    acl.num_inputs = {i: len(graphs[n]["inputs"]) for i, n in zip(ids, names)}
+    acl.in_sizes = {i: [int(np.prod(r["shape"])) * np.dtype(NP_DTYPES[r["dtype"]]).itemsize
+                        for r in graphs[n]["inputs"]] for i, n in zip(ids, names)}
+    acl.out_sizes = {i: out_bytes(n) for i, n in zip(ids, names)}
+    reqs = _requests()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = open_npu_engine(tmp_path / "art", acl=acl, check_versions=False)
+        assert engine.allocator.num_blocks == m["kv_pool"]["num_blocks"]
+        got = engine.generate(reqs)
+        want = eager_engine(cfg, weights, path, bk).generate(reqs)
+    finally:
+        torch.set_num_threads(threads)
+    assert {GraphKey.parse(n).stage for n in calls} == {"vision", "prefill", "decode"}
+    assert sum(1 for e in acl.log if e[0] == "load") == len(names)
+    for r, w, g in zip(reqs, want, got):
+        assert g.output_token_ids == w.output_token_ids, r.prompt
+    engine.npu_session.close()
+
+
 @npu
 def test_om_graphs_on_an_npu_equal_the_cpu_stand_ins():
     """On an Atlas 800I A2 / 300I DUO: compile BACKEND=npu, run each .om through the ACL loader and compare

@@ -34,7 +34,19 @@ NPU_MANIFEST = "npu_manifest.json"
 ACL_MEM_MALLOC_HUGE_FIRST = 0
 ACL_MEMCPY_HOST_TO_DEVICE = 1
 ACL_MEMCPY_DEVICE_TO_HOST = 2
-NP_DTYPES = {"float16": np.float16, "float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+NP_DTYPES = {"float16": np.float16, "float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_,
+             "bfloat16": np.uint16}      # numpy has no bf16: its bits travel as uint16
+MANIFEST_DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
+
+
+def _to_np(t: torch.Tensor, dtype: str) -> np.ndarray:
+    t = t.detach().cpu().to(getattr(torch, dtype)).contiguous()
+    return (t.view(torch.uint16) if dtype == "bfloat16" else t).numpy()
+
+
+def _from_np(a: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
 def _base(v):
@@ -186,17 +198,15 @@ class OmGraph:
                                      f"the .om takes {row['shape']}")
                 if is_pool:
                     continue                    # the device pool, bound once, written in place by the graph
-                arr = np.ascontiguousarray(t.detach().cpu().numpy().astype(NP_DTYPES[row["dtype"]], copy=False))
+                arr = _to_np(t, row["dtype"])
                 _check(acl.rt.memcpy(ptr, size, acl.util.numpy_to_ptr(arr), arr.nbytes, ACL_MEMCPY_HOST_TO_DEVICE),
                        f"rt.memcpy {row['name']}")
             _check(acl.mdl.execute(self.model_id, self.in_ds, self.out_ds), f"mdl.execute {self.name}")
-            out = np.empty(self.out_size // np.dtype(self._out_dtype()).itemsize, dtype=self._out_dtype())
+            dt = MANIFEST_DTYPES[self.s.manifest["dtype"]]
+            out = np.empty(self.out_size // np.dtype(NP_DTYPES[dt]).itemsize, dtype=NP_DTYPES[dt])
             _check(acl.rt.memcpy(acl.util.numpy_to_ptr(out), out.nbytes, self.out_ptr, self.out_size,
                                  ACL_MEMCPY_DEVICE_TO_HOST), "rt.memcpy (output)")
-        return torch.from_numpy(out).view(self._out_shape(args))
-
-    def _out_dtype(self):
-        return NP_DTYPES[self.s.manifest["dtype"].replace("fp16", "float16").replace("fp32", "float32")]
+        return _from_np(out, dt).view(self._out_shape(args))
 
     def _out_shape(self, args):
         name = self.name
@@ -215,3 +225,33 @@ class OmGraph:
         acl.rt.free(self.out_ptr)
         acl.mdl.destroy_dataset(self.in_ds)
         acl.mdl.destroy_dataset(self.out_ds)
+
+
+def open_npu_engine(artifact, acl=None, check_versions: bool = True, device_id: int = 0):
+    """An Engine over a TP=1 BACKEND=npu artifact's .om graphs (never run on an NPU by us).
+
+    The engine's block allocator must cover exactly the graphs' fixed pool (kv_pool.num_blocks), so
+    its budget is sized to that; its host pool only carries the shape (the device pool is the one
+    the graphs use), which costs one pool's worth of host memory. TP>1 needs the follower ranks to
+    open their sessions (runtime/tp_worker.py): not done."""
+    from ..engine import Engine
+    from ..kv_cache import GiB, KVPool
+    from ..spec import RuntimeSpec
+    from ..tokenizer import Tokenizer
+    artifact = Path(artifact)
+    manifest = json.loads((artifact / NPU_MANIFEST).read_text())
+    if int(manifest.get("tp", 1)) != 1:
+        raise ArtifactError("a TP>1 BACKEND=npu artifact cannot be opened yet (its follower ranks are not wired)")
+    session = NpuSession.open(artifact, 0, device_id, acl=acl, check_versions=check_versions)
+    spec = RuntimeSpec.from_dict(manifest)
+    blocks = manifest["kv_pool"]["num_blocks"]
+    per_block = KVPool.bytes_per_block(spec.llm.num_layers, spec.rank_kv_heads, spec.llm.head_dim,
+                                       spec.buckets.block_size, spec.torch_dtype)
+    engine = Engine(manifest, session.graphs, Tokenizer.from_dir(artifact / manifest["tokenizer_dir"]), "cpu",
+                    kv_cache_gb=(blocks + 0.5) * per_block / GiB)
+    if engine.allocator.num_blocks != blocks:
+        session.close()
+        raise ArtifactError(f"the engine's KV pool has {engine.allocator.num_blocks} blocks, the .om graphs "
+                            f"take {blocks}")
+    engine.npu_session = session
+    return engine
