@@ -21,7 +21,7 @@ Architecture (InternVL2, at toy width): InternViT-300M-style encoder (448 px til
 LayerNorm, qkv bias), pixel shuffle v2 (downsample 0.5: 256 tokens per tile), the `mlp1`
 projector, and an InternLM2 decoder (packed `wqkv`, one query head per KV head, RMSNorm, SwiGLU). It is trained as
 transformers' InternVLForConditionalGeneration (Llama backbone, the same math) and converted to
-the original format with InternLM2 names by tests/tiny_checkpoints.py's `write_original`.
+the original format with InternLM2 names by compile/checkpoint/writer.py's `write_original`.
 
 Tokenizer: a SentencePiece BPE model trained here on the question/answer texts and the chat
 template (InternLM2 style: `<|im_start|>`/`<|im_end|>` inside the model, digits split), followed
@@ -67,10 +67,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-sys.path.insert(0, str(ROOT / "tests"))
 
 import demo_vqa  # noqa: E402
-from tiny_checkpoints import INTERNVL_TOKENS, write_original  # noqa: E402
+from internvl_aot.compile.checkpoint.writer import INTERNVL_TOKENS, write_original  # noqa: E402
 
 from internvl_aot.runtime import image_tiling, templates  # noqa: E402
 from internvl_aot.runtime.tokenizer import Tokenizer  # noqa: E402
