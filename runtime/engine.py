@@ -100,6 +100,11 @@ class Engine:
         the cores shared out between the ranks)."""
         from .artifact import load_artifact, open_tp_artifact
         from .manifest import read_manifest
+        if (Path(path) / "npu_manifest.json").is_file():       # BACKEND=npu: .om graphs through ACL
+            from .backends.npu import open_npu_engine
+            engine = open_npu_engine(path)
+            engine.scheduler.prefill_chunks_per_decode = prefill_chunks_per_decode
+            return engine
         if int(read_manifest(Path(path)).get("tp", 1)) > 1:
             spec, graphs, tokenizer, dev, group = open_tp_artifact(Path(path), device, skip_verify, threads)
             try:

@@ -580,6 +580,12 @@ def test_engine_over_the_acl_loader_with_a_simulated_device(internlm2, tiny_chec
     for r, w, g in zip(reqs, want, got):
         assert g.output_token_ids == w.output_token_ids, r.prompt
     engine.npu_session.close()
+    # Engine.from_artifact (internvl-run, internvl-serve) opens the same artifact through the real pyACL,
+    # which this box has not: a one-line reason, not a crash
+    from internvl_aot.runtime.engine import Engine
+    from internvl_aot.runtime.errors import ArtifactError
+    with pytest.raises(ArtifactError, match="pyACL"):
+        Engine.from_artifact(tmp_path / "art")
 
 
 @npu
