@@ -17,7 +17,6 @@ import base64
 import contextlib
 import io
 import json
-import os
 import socket
 import subprocess
 import sys
