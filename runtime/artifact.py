@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,10 +33,9 @@ def open_checked(path: Path, skip_verify: bool = False, trusted_keys=None) -> tu
 
 
 def load_artifact(path: Path, device: str | None = None, skip_verify: bool = False, rank: int = 0,
-                  log=None, tokenizer: bool = True, checked: bool = False):
+                  tokenizer: bool = True, checked: bool = False):
     """-> (manifest, {graph name: callable}, tokenizer (None when not asked for), device) of one rank.
     `path`: an artifact directory or a bundle. checked: open_checked() ran on it already."""
-    t0 = time.perf_counter()
     if checked:
         path = Path(path)
         manifest = read_manifest(path)
@@ -55,15 +53,10 @@ def load_artifact(path: Path, device: str | None = None, skip_verify: bool = Fal
     except GraphLoadError as e:
         raise ArtifactError(str(e)) from None
     tok = Tokenizer.from_dir(path / manifest["tokenizer_dir"]) if tokenizer else None
-    if log:
-        log(f"loaded {path.name}{f' rank {rank}' if rank else ''}: {len(graphs)} graphs, "
-            f"{sum(t.numel() * t.element_size() for t in weights.values()) / 1e9:.2f} GB "
-            f"weights in {time.perf_counter() - t0:.1f} s")
     return manifest, graphs, tok, device
 
 
-def open_tp_artifact(path: Path, device: str | None = None, skip_verify: bool = False, threads: int | None = None,
-                     log=None):
+def open_tp_artifact(path: Path, device: str | None = None, skip_verify: bool = False, threads: int | None = None):
     """A tensor-parallel artifact: start the follower ranks (runtime/tp.py), load rank 0 here.
 
     -> (manifest, rank 0's graphs wrapped to drive the followers, tokenizer, device, RankGroup)."""
@@ -97,10 +90,10 @@ def open_tp_artifact(path: Path, device: str | None = None, skip_verify: bool = 
     env[QUIET_ENV] = "1"        # the followers do not repeat rank 0's "unverified" note
     if device.type == "cpu":
         env["OMP_NUM_THREADS"] = str(threads)
-    group = RankGroup(manifest, device, log)
+    group = RankGroup(manifest, device)
     group.launch(follower_argv, env)
     try:
-        _, graphs, tok, device = load_artifact(path, str(device), skip_verify=True, rank=0, log=log, checked=True)
+        _, graphs, tok, device = load_artifact(path, str(device), skip_verify=True, rank=0, checked=True)
         group.wait_loaded()
     except BaseException:
         group.stop()

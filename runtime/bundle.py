@@ -282,7 +282,7 @@ def display_name(path: str | os.PathLike) -> str:
     return _origin.get(str(Path(path)), str(path))
 
 
-def resolve_artifact(path: str | os.PathLike, log=None) -> Path:
+def resolve_artifact(path: str | os.PathLike) -> Path:
     """An artifact directory as is; a bundle -> its unpacked directory in the cache (unpacked and
     checked on first use)."""
     path = Path(path)
@@ -301,8 +301,6 @@ def resolve_artifact(path: str | os.PathLike, log=None) -> Path:
             return final
         if final.exists():                     # never complete (a crash between rename steps cannot leave one)
             shutil.rmtree(final)
-        if log:
-            log(f"unpacking {path} into {final}")
         unpack(path, final)
         _fresh.add(str(final))
     return final

@@ -90,11 +90,10 @@ class LeaderGraph:
 class RankGroup:
     """Rank 0's side of the group: the follower processes, the store, the process groups."""
 
-    def __init__(self, spec: dict, device: torch.device, log: Callable[[str], None] | None = None):
+    def __init__(self, spec: dict, device: torch.device):
         self.spec, self.world = spec, int(spec["tp"])
         self.device = torch.device(device)
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
-        self.log = log or (lambda msg: None)
         self.procs: list[subprocess.Popen | None] = [None] * self.world
         self.store = None
         self.channel: StepChannel | None = None
@@ -136,7 +135,6 @@ class RankGroup:
         self._spawned.wait()
         if self._spawn_error is not None:
             raise TPError(f"cannot start the follower ranks: {self._spawn_error}")
-        self.log(f"tp: {self.world} ranks, rendezvous {addr}:{port}, backend {self.backend}")
         try:
             self._wait_for("joined", JOIN_TIMEOUT_S, "to start")
             if self.device.type == "cuda":
