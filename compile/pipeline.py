@@ -29,16 +29,13 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
                   dtype: str = "bf16", backend: str = "cpu", tp: int = 1, source: dict | None = None,
                   passes: list[str] | None = None, log: Callable[[str], None] = print,
                   target: str = "native") -> dict:
-    """target: the CPU the artifact is for (runtime/isa.py: native, x86-64-v3, x86-64-v4, ...);
-    compile/targets.py applies it to Inductor, and `targets.current()` tells passes about it."""
+    """Checkpoint weights -> artifact directory `out`: per rank, export every bucket graph, run the
+    passes, compile (rank 0's packages reused by the other ranks when their programs agree), then
+    write the artifact. target: the CPU the artifact is for (runtime/isa.py: native, x86-64-v3,
+    x86-64-v4, ...); compile/targets.py applies it to Inductor, and `targets.current()` tells passes
+    about it."""
     from . import targets
-    cpu_target = targets.resolve(target)
-    if backend != "cpu" and target != "native":
-        raise ValueError(f"TARGET={target} is a CPU target; BACKEND={backend} takes TARGET=native")
-    if tp > 1:
-        check_tp(cfg, tp)
-    if backend == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("BACKEND=cuda needs a visible CUDA device on the compiling machine")
+    cpu_target = _check_request(cfg, backend, target, tp, targets)
     t_start = time.perf_counter()
     device = torch.device("cuda" if backend == "cuda" else "cpu")
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
@@ -50,19 +47,13 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
         + (f", target {target} (-march={cpu_target.march}, {cpu_target.vec_isa or 'native'} vectors, "
            f"native bf16: {'yes' if cpu_target.native_bf16 else 'no'})" if backend == "cpu" else "")
         + (f", TP={tp} ({tp} ranks)" if tp > 1 else ""))
-
     out = Path(out)
-    staging = out.parent / f".{out.name}.partial"
-    if staging.exists():
-        import shutil
-        shutil.rmtree(staging)
-    (staging / "rank0" / "graphs").mkdir(parents=True)
+    staging = _fresh_staging(out)
 
     def progress(msg):
         log(f"[aoti] {msg} (elapsed {time.perf_counter() - t_start:.0f} s)")
 
     ranks, pass_reports, graph_s, tp_info = [], {}, {}, {}
-    base_programs: dict = {}
     # A fake process group of the runtime's size and group name while Inductor compiles (compile/tp.py).
     with (fake_process_group(tp) if tp > 1 else contextlib.nullcontext("")) as group_name, \
             targets.activate(cpu_target):
@@ -71,19 +62,10 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
             tpi = TPInfo(r, tp, group_name) if tp > 1 else SINGLE
             rank_weights = weights if tp == 1 else rank_shard(cfg, weights, r, tp)
             model = build_model(cfg, rank_weights, tpi, max_seq_len=buckets.max_context)
-            where = f" rank {r}" if tp > 1 else ""
-            programs = {}
-            for i, name in enumerate(names, 1):
-                t0 = time.perf_counter()
-                ep = export_graph(model, buckets, name, tdtype, device)
-                nodes_before = _count_calls(ep)
-                # One RoPE table sized for the largest context, shared by every graph of the artifact.
-                ep, report = run_passes(ep, passes, {"rope_table": {"max_context": buckets.max_context}})
-                programs[name] = ep
-                if r == 0:
-                    pass_reports[name] = {"ops_before": nodes_before, "ops_after": _count_calls(ep), "passes": report}
-                log(f"[export{where} {i}/{len(names)}] {name}: {nodes_before} -> {_count_calls(ep)} ops "
-                    f"in {time.perf_counter() - t0:.1f} s (elapsed {time.perf_counter() - t_start:.0f} s)")
+            programs, reports = _export_rank(model, buckets, names, tdtype, device, passes,
+                                             f" rank {r}" if tp > 1 else "", log, t_start)
+            if r == 0:
+                pass_reports = reports
             graphs_dir = staging / f"rank{r}" / "graphs"
             options = TP_COMPILE_OPTIONS if tp > 1 else None
             if r == 0:
@@ -94,16 +76,8 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
                     for n in compiled:
                         check_outputs(graphs_dir / compiled[n].package)
             else:
-                compiled = {}
-                for name, ep in programs.items():
-                    reused = reuse_compiled(ranks[0]["graphs"][name], staging / "rank0" / "graphs",
-                                            base_programs[name], ep, graphs_dir)
-                    if reused is None:      # a program that differs from rank 0's: compile it for this rank
-                        log(f"[aoti] rank {r} {name}: program differs from rank 0's, compiling it")
-                        reused = compile_graphs({name: ep}, graphs_dir, device=backend, progress=progress,
-                                                options=options)[name]
-                        check_outputs(graphs_dir / reused.package)
-                    compiled[name] = reused
+                compiled = _reuse_rank0(r, programs, base_programs, ranks[0]["graphs"], staging, graphs_dir,
+                                        backend, progress, options, log)
                 tp_info.setdefault("reused_rank0_graphs", {})[f"rank{r}"] = sum(
                     1 for g in compiled.values() if g.compile_s == 0.0)
             ranks.append({"weights": collect_weights(programs, compiled), "graphs": compiled})
@@ -118,6 +92,64 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
     if tp > 1:
         info["tp"] = tp_info
     write_artifact(out, staging, spec, ranks, Path(tokenizer_dir), source or {}, backend, info, target=target)
+    return _summary(out, ranks, tp, compile_s, log)
+
+
+def _check_request(cfg: ModelConfig, backend: str, target: str, tp: int, targets):
+    """Refuse what cannot be compiled before any work; -> the CPU target."""
+    cpu_target = targets.resolve(target)
+    if backend != "cpu" and target != "native":
+        raise ValueError(f"TARGET={target} is a CPU target; BACKEND={backend} takes TARGET=native")
+    if tp > 1:
+        check_tp(cfg, tp)
+    if backend == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("BACKEND=cuda needs a visible CUDA device on the compiling machine")
+    return cpu_target
+
+
+def _fresh_staging(out: Path) -> Path:
+    """The directory the artifact is built in, beside `out` (renamed into place when complete)."""
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists():
+        import shutil
+        shutil.rmtree(staging)
+    (staging / "rank0" / "graphs").mkdir(parents=True)
+    return staging
+
+
+def _export_rank(model, buckets: Buckets, names: list[str], tdtype, device, passes, where: str, log,
+                 t_start: float) -> tuple[dict, dict]:
+    """Every bucket graph of one rank's model, exported and passed: -> (programs, pass reports)."""
+    programs, reports = {}, {}
+    for i, name in enumerate(names, 1):
+        t0 = time.perf_counter()
+        ep = export_graph(model, buckets, name, tdtype, device)
+        nodes_before = _count_calls(ep)
+        # One RoPE table sized for the largest context, shared by every graph of the artifact.
+        ep, report = run_passes(ep, passes, {"rope_table": {"max_context": buckets.max_context}})
+        programs[name] = ep
+        reports[name] = {"ops_before": nodes_before, "ops_after": _count_calls(ep), "passes": report}
+        log(f"[export{where} {i}/{len(names)}] {name}: {nodes_before} -> {_count_calls(ep)} ops "
+            f"in {time.perf_counter() - t0:.1f} s (elapsed {time.perf_counter() - t_start:.0f} s)")
+    return programs, reports
+
+
+def _reuse_rank0(r: int, programs: dict, base_programs: dict, rank0_graphs: dict, staging: Path, graphs_dir: Path,
+                 backend: str, progress, options, log) -> dict:
+    """Rank r's graphs: rank 0's packages wherever the programs agree, a compile of its own elsewhere."""
+    compiled = {}
+    for name, ep in programs.items():
+        reused = reuse_compiled(rank0_graphs[name], staging / "rank0" / "graphs", base_programs[name], ep, graphs_dir)
+        if reused is None:      # a program that differs from rank 0's: compile it for this rank
+            log(f"[aoti] rank {r} {name}: program differs from rank 0's, compiling it")
+            reused = compile_graphs({name: ep}, graphs_dir, device=backend, progress=progress,
+                                    options=options)[name]
+            check_outputs(graphs_dir / reused.package)
+        compiled[name] = reused
+    return compiled
+
+
+def _summary(out: Path, ranks: list, tp: int, compile_s: float, log) -> dict:
     size = dir_size(out)
     wbytes = sum(t.numel() * t.element_size() for r in ranks for t in r["weights"].values())
     per_rank = f" x {tp} ranks" if tp > 1 else ""
