@@ -44,15 +44,19 @@ def test_vision_embeddings_and_logits(name, fmt, tiny_checkpoints, tiny_hf_model
     model = build_model(cfg, weights)
     hf = tiny_hf_model(name)
     torch.manual_seed(0)
-    pixels = torch.randn(3, 3, 448, 448)
+    check_vision_and_prefill(model, hf, cfg, torch.randn(3, 3, 448, 448))
+
+
+def check_vision_and_prefill(model, hf, cfg, pixels):
+    """Our vision embeddings and the logits of one prefill over a prompt with 256 image tokens (the
+    first image's) against transformers, both within 1e-4; -> our image embeddings."""
+    n = pixels.shape[0]
     with torch.no_grad():
         ref = hf.model.get_image_features(pixels, vision_feature_layer=hf.config.vision_feature_layer,
                                           vision_feature_select_strategy="default").pooler_output
         ours = VisionStage(model)(pixels)
-        assert ours.shape == ref.shape == (3, 256, cfg.llm.hidden_size)
+        assert ours.shape == ref.shape == (n, 256, cfg.llm.hidden_size)
         assert _rel(ours, ref) < 1e-4
-
-        # One prefill over a prompt with 256 image tokens; logits of the last position.
         img_id = cfg.image_context_token_id
         ids = [1, 5, 9] + [img_id] * 256 + [7, 11, 13, 17]
         t = len(ids)
@@ -69,6 +73,7 @@ def test_vision_embeddings_and_logits(name, fmt, tiny_checkpoints, tiny_hf_model
         logits = PrefillStage(model)(ids_t, torch.arange(t), embeds, mask, torch.arange(t) + bs, table,
                                      torch.tensor([t - 1]), k, v)
         assert _rel(logits[0, :ref_logits.shape[0]], ref_logits) < 1e-4
+    return ours
 
 
 def _requests(max_new=32):

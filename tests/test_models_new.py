@@ -18,11 +18,11 @@ import torch
 
 from internvl_aot.compile.buckets import Buckets
 from internvl_aot.compile.checkpoint import CheckpointError, canonical_shapes, load_checkpoint
-from internvl_aot.graphs.model import PrefillStage, VisionStage, build_model
+from internvl_aot.graphs.model import PrefillStage, build_model
 from internvl_aot.runtime.engine import Engine, Request
 from internvl_aot.runtime.sampler import SamplingParams
 from internvl_aot.runtime.tokenizer import Tokenizer
-from test_graphs_vs_transformers import _image, _rel, hf_greedy
+from test_graphs_vs_transformers import _image, _rel, check_vision_and_prefill, hf_greedy
 from tiny_checkpoints import PHI3_ORIGINAL_MAX, load_hf_model
 
 CASES = [("qwen3_vit300m", "hf"), ("qwen3_vit300m", "qwen3"), ("phi3_vit6b", "hf"), ("phi3_vit6b", "phi3")]
@@ -114,33 +114,16 @@ def test_vision_embeddings_and_logits(name, fmt, new_checkpoints):
     model = build_model(cfg, weights, max_seq_len=2048)
     hf = _hf(ck)
     torch.manual_seed(0)
-    pixels = torch.randn(2, 3, 448, 448)
+    # One prefill of 263 tokens (Phi-3: past original_max_position_embeddings, so the long factors)
+    check_vision_and_prefill(model, hf, cfg, torch.randn(2, 3, 448, 448))
+    bs, nblocks = 16, 64
+    attn = model.language_model.layers[0].self_attn
+    k = torch.zeros(cfg.llm.num_layers, nblocks, bs, attn.kv_heads, attn.head_dim)
+    v = torch.zeros_like(k)
     with torch.no_grad():
-        ref = hf.model.get_image_features(pixels, vision_feature_layer=hf.config.vision_feature_layer,
-                                          vision_feature_select_strategy="default").pooler_output
-        ours = VisionStage(model)(pixels)
-        assert ours.shape == ref.shape == (2, 256, cfg.llm.hidden_size)
-        assert _rel(ours, ref) < 1e-4
-        # One prefill of 263 tokens (Phi-3: past original_max_position_embeddings, so the long factors)
-        img_id = cfg.image_context_token_id
-        ids = [1, 5, 9] + [img_id] * 256 + [7, 11, 13, 17]
-        t = len(ids)
-        ref_logits = hf(input_ids=torch.tensor([ids]), pixel_values=pixels[:1]).logits[0, -1]
-        bs, nblocks = 16, 64
-        attn = model.language_model.layers[0].self_attn
-        shape = (cfg.llm.num_layers, nblocks, bs, attn.kv_heads, attn.head_dim)
-        k, v = torch.zeros(shape), torch.zeros(shape)
-        ids_t = torch.tensor(ids)
-        mask = ids_t == img_id
-        embeds = torch.zeros(t, cfg.llm.hidden_size)
-        embeds[mask] = ours[0]
-        logits = PrefillStage(model)(ids_t, torch.arange(t), embeds, mask, torch.arange(t) + bs,
-                                     torch.arange(1, nblocks)[None], torch.tensor([t - 1]), k, v)
-        assert _rel(logits[0, :ref_logits.shape[0]], ref_logits) < 1e-4
         # and a short one (Phi-3: below the threshold, the short factors)
         short = [1, 5, 9, 7, 11, 13, 17, 19]
         ref_short = hf(input_ids=torch.tensor([short])).logits[0, -1]
-        k.zero_(), v.zero_()
         n = len(short)
         logits = PrefillStage(model)(torch.tensor(short), torch.arange(n), torch.zeros(n, cfg.llm.hidden_size),
                                      torch.zeros(n, dtype=torch.bool), torch.arange(n) + bs,
