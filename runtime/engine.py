@@ -207,20 +207,17 @@ class Engine:
                 seq = work.seqs[0]
                 px = seq.pixel_values[work.start:work.start + work.size]
                 self.scheduler.vision_done(work, self.runner.vision_chunk(px, work.size))
-                padded = work.size
             elif work.kind == "prefill":
                 logits = self.runner.prefill_chunk(work.seqs[0], work.start, work.size)
-                padded = work.size
                 if self.scheduler.prefill_done(work):
                     finished = self.scheduler.tokens_sampled(work, self._sample(work.seqs, logits))
                     new_tokens = 1
             else:
                 logits = self.runner.decode(work.seqs)
-                padded = self.runner.policy.decode_key(len(work.seqs), max(len(s) for s in work.seqs)).size
                 finished = self.scheduler.tokens_sampled(work, self._sample(work.seqs, logits))
                 new_tokens = len(work.seqs)
         return StepRecord(work.kind, [s.seq_id for s in work.seqs], new_tokens, time.perf_counter() - t0,
-                          padded=padded, finished=finished)
+                          finished=finished)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         return self.sampler(logits, [s.params for s in seqs], [s.all_ids for s in seqs],

@@ -60,7 +60,6 @@ class StepRecord:
     seq_ids: list[int]
     new_tokens: int                    # tokens sampled in this step
     seconds: float
-    padded: int = 0                    # bucket rows/tokens/tiles run, padding included
     finished: list[int] = field(default_factory=list)
 
 
