@@ -131,6 +131,12 @@ def test_openai_client_chat_stream_and_models(server, cli_answer):
     assert [m.id for m in client.models.list()] == ["internvl-demo"]
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="x", messages=msgs, temperature=5)
+    # fields that ask for nothing are accepted, the same fields asking for something are refused
+    r = client.chat.completions.create(model="x", messages=msgs, max_tokens=MAX_NEW, temperature=0,
+                                       response_format={"type": "text"}, tools=[], logit_bias={})
+    assert r.choices[0].message.content == cli_answer
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model="x", messages=msgs, response_format={"type": "json_object"})
 
 
 def test_huggingface_hub_client_tgi_and_chat(server, cli_answer):

@@ -50,7 +50,7 @@ class Server:
         def wrap(fn: Callable[..., Awaitable[Response]]):
             async def handler(request: Request, **path):
                 try:
-                    body = parse_json(await request.body()) if request.method == "POST" else None
+                    body = await json_body(request) if request.method == "POST" else None
                     resp = await fn(request, body, **path)
                 except ApiError as e:
                     status = status_of(e) if status_of else e.status
@@ -98,6 +98,13 @@ class Server:
                 gen.cancel()
         return StreamingResponse(body(), media_type=media_type,
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def json_body(request: Request) -> Any:
+    """The request's JSON body, parsed once (the /generate dispatch and the handler both read it)."""
+    if not hasattr(request.state, "json_body"):
+        request.state.json_body = parse_json(await request.body())
+    return request.state.json_body
 
 
 def sse(obj: Any, space: bool = True) -> bytes:
@@ -179,9 +186,9 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
     @app.post("/generate")
     async def generate(request: Request):
         try:
-            body = json.loads(await request.body() or b"null")
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            body = None
+            body = await json_body(request)
+        except ApiError:
+            body = None              # TGI's handler answers it, in TGI's error shape
         if isinstance(body, dict) and "prompt" in body:
             return await vllm_generate(request)
         return await tgi_generate(request)

@@ -40,6 +40,7 @@ class Generation:
     seq: Sequence
     request: GenRequest
     loop: "EngineLoop"
+    decoder: object = None            # the tokenizer's StreamDecoder for this request's text
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
@@ -99,8 +100,8 @@ class EngineLoop:
             raise ApiError(503, f"the engine is down: {self.dead}", kind="unavailable")
         loop = asyncio.get_running_loop()
         seq = await loop.run_in_executor(None, self._prepare, req)
-        gen = Generation(seq=seq, request=req, loop=self)
-        gen._decoder = self.engine.tokenizer.stream(skip_special_tokens=True)
+        gen = Generation(seq=seq, request=req, loop=self,
+                         decoder=self.engine.tokenizer.stream(skip_special_tokens=True))
         seq.on_token = lambda s, tok, g=gen: self._on_token(g, tok)
         self._inbox.put(("add", gen))
         self._wake.set()
@@ -147,7 +148,7 @@ class EngineLoop:
         if self.engine.is_stop_token(gen.seq, tok):
             self._emit(gen, Event("token", tok, "", special=True))
             return
-        delta = gen._decoder.feed(tok)
+        delta = gen.decoder.feed(tok)
         if gen.request.stop:
             delta = self._cut_at_stop(gen, delta)
         gen.text += delta
@@ -172,7 +173,7 @@ class EngineLoop:
             gen.finish_reason = seq.finish_reason or "error"
         tail = ""
         if gen.finish_reason != "stop_sequence" and not gen.error:
-            tail = gen._decoder.finish()
+            tail = gen.decoder.finish()
             gen.text += tail
         gen.done = True
         self._gens.pop(seq.seq_id, None)

@@ -21,8 +21,10 @@ from .protocol import (ApiError, GenRequest, check_bool, check_number, make_para
                        stop_list)
 
 FINISH = {"stop": "stop", "stop_sequence": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
-UNSUPPORTED_IF_SET = ("tools", "functions", "response_format", "logit_bias", "audio", "prediction",
-                      "top_logprobs", "tool_choice")
+# Fields this server does not implement, with the values that ask for nothing (accepted); any other value is refused.
+UNSUPPORTED_IF_SET = {"tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
+                      "response_format": (None, {"type": "text"}), "logit_bias": (None, {}), "audio": (None,),
+                      "prediction": (None,), "top_logprobs": (None, 0)}
 
 
 def error_body(e: ApiError) -> dict:
@@ -36,9 +38,8 @@ def status_of(e: ApiError) -> int:
 
 
 def _sampling(body: dict, server, default_max: int):
-    for name in UNSUPPORTED_IF_SET:
-        if body.get(name) not in (None, {}, [], "none", "auto") or (name == "response_format" and
-                                                                    body.get(name) not in (None, {"type": "text"})):
+    for name, harmless in UNSUPPORTED_IF_SET.items():
+        if body.get(name) not in harmless:
             raise ApiError(400, f"`{name}` is not supported by this server", param=name)
     if check_number("n", body.get("n"), integer=True) not in (None, 1):
         raise ApiError(400, "`n` > 1 is not supported", param="n")

@@ -86,7 +86,7 @@ def parse_inputs(value) -> tuple[str, list]:
     return text, images
 
 
-def _token(server, tok: int, text: str, special: bool) -> dict:
+def _token(tok: int, text: str, special: bool) -> dict:
     return {"id": int(tok), "text": text, "logprob": None, "special": bool(special)}
 
 
@@ -107,7 +107,7 @@ def register(app, server):
              "seed": gen.seq.params.seed}
         if with_tokens:
             d["prefill"] = []
-            d["tokens"] = [_token(server, t, engine.tokenizer.decode([t]), t in engine.stop_ids)
+            d["tokens"] = [_token(t, engine.tokenizer.decode([t]), t in engine.stop_ids)
                            for t in gen.output_ids]
         return d
 
@@ -130,13 +130,13 @@ def register(app, server):
                     if held is not None:
                         index += 1
                         yield sse({"index": index, "token": held, "generated_text": None, "details": None})
-                    held = _token(server, ev.token, ev.text, ev.special)
+                    held = _token(ev.token, ev.text, ev.special)
                     continue
                 if ev.error:
                     yield sse({"error": ev.error, "error_type": "incomplete_generation"})
                     return
                 if held is None:
-                    held = _token(server, 0, "", True)
+                    held = _token(0, "", True)
                 held["text"] += ev.text
                 index += 1
                 d = details_of(gen, False)

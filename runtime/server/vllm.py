@@ -53,8 +53,9 @@ def parse(body: dict, server) -> GenRequest:
     ids = body.get("stop_token_ids") or []
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise ApiError(422, "`stop_token_ids` must be a list of integers")
+    max_tokens = check_number("max_tokens", body.get("max_tokens"), integer=True)
     params = make_params(
-        max_new_tokens=check_number("max_tokens", body.get("max_tokens"), integer=True) or 16, max_cap=server.cap,
+        max_new_tokens=16 if max_tokens is None else max_tokens, max_cap=server.cap,
         temperature=1.0 if temperature is None else temperature,
         top_p=check_number("top_p", body.get("top_p"), lo=0, hi=1, lo_open=True) or 1.0,
         top_k=top_k or 0, repetition_penalty=check_number("repetition_penalty", body.get("repetition_penalty"),
@@ -62,8 +63,6 @@ def parse(body: dict, server) -> GenRequest:
         seed=check_number("seed", body.get("seed"), integer=True), ignore_eos=bool(check_bool(
             "ignore_eos", body.get("ignore_eos"))), stop_token_ids=ids,
         stop_at_eos=bool(check_bool("stop_at_eos", body.get("stop_at_eos"))))
-    if body.get("max_tokens") == 0:
-        raise ApiError(422, "`max_tokens` must be >= 1, got 0")
     return GenRequest(prompt=text, images=images, params=params, stop=stop_list(body.get("stop")), stream=stream)
 
 
