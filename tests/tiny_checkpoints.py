@@ -286,6 +286,19 @@ def load_hf_model(hf_dir: Path, attn_implementation: str = "eager"):
 _CACHE: dict = {}
 
 
+def _build_specs(specs: dict, root: Path) -> dict[str, TinyCheckpoint]:
+    """root/<spec>/hf and root/<spec>/original-<flavour> for each spec."""
+    out = {}
+    for spec in specs.values():
+        base = root / spec.name
+        ck = TinyCheckpoint(spec, base / "hf")
+        ck.image_token_id = build_hf_checkpoint(spec, ck.hf_dir)
+        for flavour in spec.originals:
+            ck.original_dirs[flavour] = write_original(ck.hf_dir, base / f"original-{flavour}", flavour)
+        out[spec.name] = ck
+    return out
+
+
 def build_all(root: Path) -> dict[str, TinyCheckpoint]:
     """Every spec under `root` (built once per root per process):
     root/<spec>/hf, root/<spec>/original-<flavour>; also root/llama_vit300m/original-internlm2-sharded
@@ -293,14 +306,7 @@ def build_all(root: Path) -> dict[str, TinyCheckpoint]:
     root = Path(root)
     if root in _CACHE:
         return _CACHE[root]
-    out = {}
-    for spec in SPECS.values():
-        base = root / spec.name
-        ck = TinyCheckpoint(spec, base / "hf")
-        ck.image_token_id = build_hf_checkpoint(spec, ck.hf_dir)
-        for flavour in spec.originals:
-            ck.original_dirs[flavour] = write_original(ck.hf_dir, base / f"original-{flavour}", flavour)
-        out[spec.name] = ck
+    out = _build_specs(SPECS, root)
     ck = out["llama_vit300m"]
     ck.original_dirs["internlm2-sharded"] = write_original(
         ck.hf_dir, root / "llama_vit300m" / "original-internlm2-sharded", "internlm2", shards=2)
@@ -317,14 +323,7 @@ def build_new(root: Path) -> dict[str, TinyCheckpoint]:
     key = ("new", root)
     if key in _CACHE:
         return _CACHE[key]
-    out = {}
-    for spec in NEW_SPECS.values():
-        base = root / spec.name
-        ck = TinyCheckpoint(spec, base / "hf")
-        ck.image_token_id = build_hf_checkpoint(spec, ck.hf_dir)
-        for flavour in spec.originals:
-            ck.original_dirs[flavour] = write_original(ck.hf_dir, base / f"original-{flavour}", flavour)
-        out[spec.name] = ck
+    out = _build_specs(NEW_SPECS, root)
     ck = out["qwen3_vit300m"]
     d = shutil.copytree(ck.original_dirs["qwen3"], root / "qwen3_vit300m" / "original-qwen3-vocab")
     (d / "tokenizer.json").unlink()
