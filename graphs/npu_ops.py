@@ -1,10 +1,15 @@
 """CPU stand-ins for the Ascend NPU operators the NPU graph variant calls (graphs/npu_variant.py).
 
-Registered as custom operators under their own namespace, `torch.ops.internvl_npu.*`, with the
-schemas of torch_npu's ops (Ascend/op-plugin `op_plugin_functions.yaml`; the facts and their
-sources: shared/reference/npu-torchair.md §1.8), so a graph written against them has the same
-call sites as one written against `torch.ops.npu.*`, and `npu_variant.to_npu_variant(model,
-ops=torch.ops.npu)` builds the graph torchair converts. The CPU kernels are written from the
+Registered as custom operators under their own namespaces with the schemas of the real ones:
+`torch.ops.internvl_npu.*` with torch_npu's (`torch.ops.npu.*`, Ascend/op-plugin
+`op_plugin_functions.yaml`; the facts and their sources: shared/reference/npu-torchair.md §1.8),
+and `torch.ops.internvl_air.npu_fused_infer_attention_score` with torchair's graph-mode variant
+(`torch.ops.air.*`, Ascend/torchair python/torchair/ops/_npu_fused_infer_attention_score.py,
+exposed as `torchair.ops.npu_fused_infer_attention_score`), which takes actual_seq_lengths /
+actual_seq_lengths_kv as int64 *tensors* where torch_npu's takes `SymInt[]`. A graph written
+against them has the same call sites as one written against the real ops:
+`npu_variant.to_npu_variant(model, OpSet(torch.ops.npu, torch.ops.air))` builds the graph
+torchair converts. The CPU kernels are written from the
 documented semantics in plain PyTorch; they are for tests and for running the NPU variant on a
 CPU, never for speed. None of them was checked against a real NPU kernel by us.
 
@@ -14,7 +19,9 @@ Semantics implemented (and what is not):
   BSH or [num_blocks, kv_heads, block_size, d] in BNSD); GQA through num_key_value_heads;
   `atten_mask` (bool/int8/uint8, 1 = masked out, broadcast from [B, 1, Sq, Skv], [B, Sq, Skv]
   or [Sq, Skv]) with sparse_mode=0; `actual_seq_lengths_kv` (keys past a sequence's length are
-  masked). Quantisation, pse_shift, shared prefixes, rope split, pre/next_tokens windows and
+  masked) and `actual_seq_lengths` (query rows past a sequence's length are not computed: the
+  stand-in writes zeros there; what the NPU kernel leaves there is not documented, so a graph
+  must not read those rows), as int lists (torch_npu's op) or int64 tensors (torchair's). Quantisation, pse_shift, shared prefixes, rope split, pre/next_tokens windows and
   the other sparse modes are refused (NotImplementedError), not approximated. softmax_lse is
   returned as a [1] zero tensor unless softmax_lse_flag (then the real log-sum-exp, fp32).
 - npu_scatter_nd_update_ / npu_scatter_nd_update: self[indices[i]] = updates[i], indices
@@ -31,10 +38,13 @@ Semantics implemented (and what is not):
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-NAMESPACE = "internvl_npu"
+NAMESPACE = "internvl_npu"          # stands in for torch.ops.npu (torch_npu)
+AIR_NAMESPACE = "internvl_air"      # stands in for torch.ops.air (torchair.ops, graph mode only)
 
 _FIA_SCHEMA = (
     "npu_fused_infer_attention_score(Tensor query, Tensor key, Tensor value, *, Tensor? pse_shift=None, "
@@ -50,6 +60,14 @@ _FIA_SCHEMA = (
     "int num_key_value_heads=0, int sparse_mode=0, int inner_precise=0, int block_size=0, "
     "int antiquant_mode=0, int key_antiquant_mode=0, int value_antiquant_mode=0, "
     "bool softmax_lse_flag=False) -> (Tensor, Tensor)")
+
+# torchair.ops' variant: the same op with the actual_seq_length arguments as tensors, so a static
+# graph takes the per-step lengths as data (a SymInt[] would be baked into a dynamic=False export,
+# and torchair has no GE converter for the .tolist()/item() that would turn a tensor into one).
+_AIR_FIA_SCHEMA = (_FIA_SCHEMA.replace("SymInt[]? actual_seq_lengths=None", "Tensor? actual_seq_lengths=None")
+                   .replace("SymInt[]? actual_seq_lengths_kv=None", "Tensor? actual_seq_lengths_kv=None")
+                   .replace("SymInt[]? actual_shared_prefix_len=None", "Tensor? actual_shared_prefix_len=None"))
+AIR_SCHEMAS = {"npu_fused_infer_attention_score": _AIR_FIA_SCHEMA}
 
 SCHEMAS = {
     "npu_fused_infer_attention_score": _FIA_SCHEMA,
@@ -67,7 +85,7 @@ _UNSUPPORTED_FIA = ("pse_shift", "dequant_scale1", "quant_scale1", "dequant_scal
                     "antiquant_scale", "antiquant_offset", "key_antiquant_scale", "key_antiquant_offset",
                     "value_antiquant_scale", "value_antiquant_offset", "query_padding_size", "kv_padding_size",
                     "key_shared_prefix", "value_shared_prefix", "actual_shared_prefix_len", "query_rope",
-                    "key_rope", "key_rope_antiquant_scale", "actual_seq_lengths")
+                    "key_rope", "key_rope_antiquant_scale")
 
 
 # ------------------------------------------------------------------ attention
@@ -90,7 +108,12 @@ def _fia_shapes(query, key, num_heads, num_key_value_heads, input_layout, block_
     return b, sq, num_heads, kvh, d, skv
 
 
-def _fia_cpu(query, key, value, *, atten_mask=None, actual_seq_lengths_kv=None, block_table=None,
+def _lengths(x, device) -> torch.Tensor:
+    return x.to(device=device, dtype=torch.long) if isinstance(x, torch.Tensor) else torch.tensor(list(x), device=device)
+
+
+def _fia_cpu(query, key, value, *, atten_mask=None, actual_seq_lengths=None, actual_seq_lengths_kv=None,
+             block_table=None,
              num_heads=1, scale=1.0, pre_tokens=2147483647, next_tokens=2147483647, input_layout="BSH",
              num_key_value_heads=0, sparse_mode=0, inner_precise=0, block_size=0, softmax_lse_flag=False,
              **rest):
@@ -124,10 +147,17 @@ def _fia_cpu(query, key, value, *, atten_mask=None, actual_seq_lengths_kv=None, 
             if m.dim() == 3 or m.shape[1] == 1 else m.reshape(b, kvh, g, sq, skv)
         hidden = hidden | m
     if actual_seq_lengths_kv is not None:
-        lens = torch.tensor(list(actual_seq_lengths_kv), device=query.device)
+        lens = _lengths(actual_seq_lengths_kv, query.device)
         hidden = hidden | (torch.arange(skv, device=query.device)[None, :] >= lens[:, None]).view(b, 1, 1, 1, skv)
+    rows = None
+    if actual_seq_lengths is not None:
+        q_lens = _lengths(actual_seq_lengths, query.device)
+        rows = (torch.arange(sq, device=query.device)[None, :] < q_lens[:, None]).view(b, 1, 1, sq, 1)
+        hidden = hidden & rows                  # rows not computed: no -inf-only softmax there
     scores = scores.masked_fill(hidden, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    if rows is not None:
+        probs = probs * rows
     out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v.float()).to(query.dtype)   # [B, Sq, kvh, g, d]
     out = out.reshape(b, sq, h * d) if input_layout == "BSH" else out.reshape(b, sq, h, d).transpose(1, 2)
     if softmax_lse_flag:
@@ -201,14 +231,20 @@ def _swiglu_fake(x, dim=-1):
 
 
 _LIB = None
+_AIR_LIB = None
 
 
 def register() -> None:
     """Define the stand-ins once per process (idempotent; importing graphs.npu_variant calls it)."""
-    global _LIB
+    global _LIB, _AIR_LIB
     if _LIB is not None or hasattr(torch.ops, NAMESPACE) and hasattr(getattr(torch.ops, NAMESPACE),
                                                                      "npu_swiglu"):
         return
+    air = torch.library.Library(AIR_NAMESPACE, "DEF")
+    air.define(_AIR_FIA_SCHEMA)
+    air.impl("npu_fused_infer_attention_score", _fia_cpu, "CPU")
+    torch.library.register_fake(f"{AIR_NAMESPACE}::npu_fused_infer_attention_score", _fia_fake, lib=air)
+    _AIR_LIB = air
     lib = torch.library.Library(NAMESPACE, "DEF")
     for schema in SCHEMAS.values():
         lib.define(schema)
@@ -227,6 +263,17 @@ def register() -> None:
     for name, fn in fakes.items():
         torch.library.register_fake(f"{NAMESPACE}::{name}", fn, lib=lib)
     _LIB = lib
+
+
+class OpSet(NamedTuple):
+    """The two operator namespaces the NPU variant calls: torch_npu's (`npu`) and torchair's (`air`)."""
+    npu: object
+    air: object
+
+
+def stand_ins() -> OpSet:
+    register()
+    return OpSet(getattr(torch.ops, NAMESPACE), getattr(torch.ops, AIR_NAMESPACE))
 
 
 register()

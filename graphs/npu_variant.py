@@ -9,12 +9,19 @@ module, to forwards that call `ops.<name>` where an NPU wants a fused operator:
 - RoPE on q and k -> npu_apply_rotary_pos_emb (layout BSND, rotary_mode "half");
 - the KV-cache writes -> npu_scatter_nd_update_ on the 5-D pool (indices [N, 3]: layer, block,
   offset), in place;
-- paged attention, prefill chunks and decode alike -> npu_fused_infer_attention_score with
-  input_layout "BSH", the layer's pool viewed as [num_blocks, block_size, kv_heads * head_dim],
-  block_table (int32), block_size, num_key_value_heads, sparse_mode 0, an atten_mask
-  [B, 1, T, S] (bool, True = masked: keys past each query's position; S = max_blocks *
-  block_size) and actual_seq_lengths_kv = [S] * B (static; the mask carries the real lengths,
-  so a graph has no data-dependent int list);
+- paged attention, prefill chunks and decode alike -> torchair's npu_fused_infer_attention_score
+  (`torch.ops.air`, torchair.ops: torch_npu's op with the actual_seq_length arguments as int64
+  tensors) with input_layout "BSH", the layer's pool viewed as [num_blocks, block_size,
+  kv_heads * head_dim], block_table (int32), block_size, num_key_value_heads, sparse_mode 0 and
+  the real per-step lengths, computed in the graph from its inputs (so a static .om takes them
+  as data each call and FIA does not attend over the padded keys of the context bucket):
+  actual_seq_lengths_kv = position of the last real token + 1 per row (decode: positions + 1;
+  prefill: positions[last_index] + 1), actual_seq_lengths = last_index + 1 for a prefill chunk
+  (its padded query rows are not computed). A prefill chunk also takes an atten_mask [B, 1, T,
+  S] (bool, True = masked: keys past each query's position; S = max_blocks * block_size) for
+  the causal order inside the chunk; decode (one query per row) needs none. torch_npu's own op
+  takes the lengths as `SymInt[]`, which a dynamic=False export bakes in as constants (and
+  torchair has no converter for the .tolist() that would make them data), hence torchair's;
 - the SwiGLU MLP -> one gate_up linear (the gate and up weights concatenated once, here) +
   npu_swiglu.
 
@@ -22,9 +29,10 @@ All-reduces stay as they are: graphs/parallel.py already emits `_c10d_functional
 `wait_tensor`, which torchair converts to HcomAllReduce (reference §1.9). The ViT's own attention
 and LayerNorms are left as aten ops (torchair lowers them through its aten converters).
 
-`ops` is `torch.ops.internvl_npu` (the CPU stand-ins, graphs/npu_ops.py) by default; on a box with
-torch_npu it is `torch.ops.npu` (compile/backends/npu.py), same schemas, same call sites. Nothing
-here imports torch_npu.
+`ops` is an `npu_ops.OpSet(npu, air)`: the CPU stand-ins (`torch.ops.internvl_npu`,
+`torch.ops.internvl_air`, graphs/npu_ops.py) by default; on a box with torch_npu and torchair it is
+`OpSet(torch.ops.npu, torch.ops.air)` (compile/backends/npu.py), same schemas, same call sites.
+Nothing here imports torch_npu or torchair.
 """
 from __future__ import annotations
 
@@ -38,23 +46,26 @@ from .norm import RMSNorm
 npu_ops.register()
 
 
-def default_ops():
-    return getattr(torch.ops, npu_ops.NAMESPACE)
+def default_ops() -> npu_ops.OpSet:
+    return npu_ops.stand_ins()
 
 
 class NpuRMSNorm(RMSNorm):
     def forward(self, x):
-        return self._npu_ops.npu_rms_norm(x, self.weight, self.eps)[0]
+        return self._npu_ops.npu.npu_rms_norm(x, self.weight, self.eps)[0]
 
 
 class NpuMLP(MLP):
     def forward(self, x):
-        return self.down_proj(self._npu_ops.npu_swiglu(torch.nn.functional.linear(x, self.gate_up_weight), -1))
+        return self.down_proj(self._npu_ops.npu.npu_swiglu(torch.nn.functional.linear(x, self.gate_up_weight), -1))
 
 
 class NpuAttention(Attention):
-    def forward(self, x, cos, sin, positions, slot_mapping, block_tables, k_cache, v_cache):
-        ops = self._npu_ops
+    def forward(self, x, cos, sin, positions, slot_mapping, block_tables, k_cache, v_cache, q_lens=None,
+                kv_lens=None):
+        """As Attention.forward; q_lens / kv_lens [B] int64: the real query rows and keys of each
+        row (default: every query row; keys up to the largest position + 1)."""
+        ops = self._npu_ops.npu
         b, t, _ = x.shape
         q = self.q_proj(x).view(b * t, self.heads, self.head_dim)
         k = self.k_proj(x).view(b * t, self.kv_heads, self.head_dim)
@@ -72,25 +83,33 @@ class NpuAttention(Attention):
         nb = k_cache.shape[1]
         key = k_cache[self.layer].view(nb, block_size, self.kv_heads * d)
         value = v_cache[self.layer].view(nb, block_size, self.kv_heads * d)
-        s = block_tables.shape[1] * block_size
-        mask = (torch.arange(s, device=x.device)[None, None, :] > positions[:, :, None])[:, None]   # [B, 1, T, S]
-        out, _ = ops.npu_fused_infer_attention_score(
-            q.reshape(b, t, self.heads * d), key, value, atten_mask=mask, actual_seq_lengths_kv=[s] * b,
+        if kv_lens is None:
+            kv_lens = positions.amax(dim=1) + 1
+        mask = None
+        if t > 1:        # causal order inside a chunk; one query per row needs only the lengths
+            s = block_tables.shape[1] * block_size
+            mask = (torch.arange(s, device=x.device)[None, None, :] > positions[:, :, None])[:, None]   # [B,1,T,S]
+        out, _ = self._npu_ops.air.npu_fused_infer_attention_score(
+            q.reshape(b, t, self.heads * d), key, value, atten_mask=mask,
+            actual_seq_lengths=q_lens if t > 1 else None, actual_seq_lengths_kv=kv_lens,
             block_table=block_tables.to(torch.int32), num_heads=self.heads, scale=self.scale,
             input_layout="BSH", num_key_value_heads=self.kv_heads, sparse_mode=0, block_size=block_size)
         return self.o_proj(out.to(x.dtype))
 
 
 class NpuLanguageModel(LanguageModel):
-    def forward(self, x, positions, slot_mapping, block_tables, k_cache, v_cache):
-        """As LanguageModel.forward, each residual add fused with the norm that reads it."""
-        ops = self._npu_ops
+    def forward(self, x, positions, slot_mapping, block_tables, k_cache, v_cache, q_lens=None, kv_lens=None):
+        """As LanguageModel.forward, each residual add fused with the norm that reads it, the real
+        lengths (NpuAttention) computed once for every layer."""
+        ops = self._npu_ops.npu
         cos, sin = self.rotary(positions, x.dtype)
         flat_slots = slot_mapping.reshape(-1)
+        if kv_lens is None:
+            kv_lens = positions.amax(dim=1) + 1          # decode: positions + 1
         layers = list(self.layers)
         h = ops.npu_rms_norm(x, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)[0]
         for i, layer in enumerate(layers):
-            a = layer.self_attn(h, cos, sin, positions, flat_slots, block_tables, k_cache, v_cache)
+            a = layer.self_attn(h, cos, sin, positions, flat_slots, block_tables, k_cache, v_cache, q_lens, kv_lens)
             post = layer.post_attention_layernorm
             h, _, x = ops.npu_add_rms_norm(x, a, post.weight, post.eps)
             m = layer.mlp(h)
@@ -101,14 +120,26 @@ class NpuLanguageModel(LanguageModel):
                 x = x + m
         return x
 
+    def prefill(self, input_ids, positions, image_embeds, image_mask, slot_mapping, block_table, last_index,
+                k_cache, v_cache):
+        """As LanguageModel.prefill, FIA told the chunk's real length (last_index + 1 queries) and its
+        keys (up to the last real token's position + 1): the padded rows and keys are not attended."""
+        x = self.embed(input_ids, image_embeds, image_mask)[None]
+        q_lens = last_index + 1
+        kv_lens = positions.index_select(0, last_index) + 1
+        h = self(x, positions[None], slot_mapping[None], block_table, k_cache, v_cache, q_lens, kv_lens)[0]
+        return self.lm_head(self.norm(h.index_select(0, last_index)))
+
 
 _SWAPS = ((LanguageModel, NpuLanguageModel), (Attention, NpuAttention), (MLP, NpuMLP), (RMSNorm, NpuRMSNorm))
 
 
-def to_npu_variant(model: nn.Module, ops=None) -> nn.Module:
+def to_npu_variant(model: nn.Module, ops: npu_ops.OpSet | None = None) -> nn.Module:
     """Switch `model` (an InternVL or any module holding the decoder's parts) to the NPU operators,
-    in place; returns it. Idempotent. `ops`: the operator namespace (default the CPU stand-ins)."""
+    in place; returns it. Idempotent. `ops`: the two operator namespaces (default the CPU stand-ins)."""
     ops = ops if ops is not None else default_ops()
+    if not isinstance(ops, npu_ops.OpSet):
+        raise TypeError(f"to_npu_variant takes an npu_ops.OpSet(npu, air), not {type(ops).__name__}")
     for mod in model.modules():
         for base, npu in _SWAPS:
             if type(mod) is base:

@@ -68,13 +68,15 @@ def _inputs(cfg, name, seed=0):
     tables = (1 + torch.randperm(rows * mb, generator=g)).view(rows, mb)
     if key.stage == "prefill":
         t = key.size
+        n = t - 2                                      # 2 padded rows, as the model runner pads them
         pos = torch.arange(t) + 40                     # the second chunk: keys 0..39 already in the pool
         slots = tables[0][pos // bs] * bs + pos % bs
+        pos[n:], slots[n:] = 0, 0                      # padding: position 0, the sink slot
         ids = torch.randint(0, llm.vocab_size, (t,), generator=g)
         emb = torch.randn(t, llm.hidden_size, generator=g)
         mask = torch.zeros(t, dtype=torch.bool)
         mask[5:20] = True
-        return (ids, pos, emb, mask, slots, tables, torch.tensor([t - 3]), *kv)
+        return (ids, pos, emb, mask, slots, tables, torch.tensor([n - 1]), *kv)
     pos = torch.tensor([3, 17, 100, 250][:rows])
     slots = tables[torch.arange(rows), pos // bs] * bs + pos % bs
     ids = torch.randint(0, llm.vocab_size, (rows,), generator=g)
@@ -98,8 +100,14 @@ def test_stage_graphs_equal_ours(ckpt, name):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     if GraphKey.parse(name).stage != "vision":
         for x, y, orig in zip(b[-2:], a[-2:], args[-2:]):          # the K/V writes: same slots, same values
-            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(_real(x), _real(y), atol=1e-4, rtol=1e-4)
             assert not torch.equal(x, orig)
+
+
+def _real(pool):
+    """The pool without block 0, the sink that padded rows write to: the NPU variant does not
+    compute padded query rows (FIA's actual_seq_lengths), so what lands there differs from ours."""
+    return pool[:, 1:]
 
 
 @pytest.mark.parametrize("spec", ["qwen3_vit300m", "phi3_vit6b"])
@@ -114,7 +122,7 @@ def test_stage_graphs_equal_ours_qwen3_phi3(new_checkpoints, spec):
         with torch.no_grad():
             torch.testing.assert_close(stage_module(npu, name)(*b), stage_module(ref, name)(*a), atol=1e-4, rtol=1e-4)
         for x, y in zip(b[-2:], a[-2:]):
-            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(_real(x), _real(y), atol=1e-4, rtol=1e-4)
 
 
 def _requests():
@@ -171,6 +179,60 @@ def test_engine_fp16_greedy_tokens_equal_ours(internlm2, tiny_checkpoints):
     assert [g.output_token_ids for g in got] == [w.output_token_ids for w in want]
 
 
+class _LengthsIgnored:
+    """torchair's FIA as a kernel that ignored the lengths would behave: every key of the context
+    bucket attended, every query row computed."""
+
+    def __init__(self):
+        real = npu_ops.stand_ins().air
+
+        def fia(*args, actual_seq_lengths=None, actual_seq_lengths_kv=None, **kw):
+            return real.npu_fused_infer_attention_score(*args, **kw)
+        self.npu_fused_infer_attention_score = fia
+
+
+@pytest.mark.parametrize("name", ["prefill_t32_c256", "decode_b4_c256"])
+def test_fia_gets_the_real_lengths_and_needs_them(internlm2, name):
+    """The per-step lengths reach FIA as data computed from the graph's inputs (prefill: last_index + 1
+    queries, positions[last_index] + 1 keys; decode: positions + 1 keys, no mask), and they carry the
+    result: with them ignored, decode attends over the bucket's padded keys (random K/V here) and
+    the logits part from ours; prefill still agrees (its causal mask covers the keys) but the padded
+    rows are computed again."""
+    cfg, weights = internlm2
+    ref, npu = _models(cfg, weights)
+    seen = []
+    real = npu_ops.stand_ins().air
+
+    def recording(*args, **kw):
+        seen.append({k: kw.get(k) for k in ("actual_seq_lengths", "actual_seq_lengths_kv", "atten_mask")})
+        return real.npu_fused_infer_attention_score(*args, **kw)
+    spy = type("Spy", (), {"npu_fused_infer_attention_score": staticmethod(recording)})()
+    to_npu_variant(npu, npu_ops.OpSet(npu_ops.stand_ins().npu, spy))
+    args = _inputs(cfg, name, seed=4)
+    with torch.no_grad():
+        want = stage_module(ref, name)(*_clone(args))
+        got = stage_module(npu, name)(*_clone(args))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert len(seen) == cfg.llm.num_layers
+    first = seen[0]
+    if name.startswith("prefill"):
+        last = int(args[6])
+        assert first["actual_seq_lengths"].tolist() == [last + 1]
+        assert first["actual_seq_lengths_kv"].tolist() == [int(args[1][last]) + 1]
+        assert first["atten_mask"].shape == (1, 1, 32, 256)
+    else:
+        assert first["actual_seq_lengths"] is None and first["atten_mask"] is None
+        assert first["actual_seq_lengths_kv"].tolist() == (args[1] + 1).tolist()
+    assert all(x.dtype == torch.int64 for x in (first["actual_seq_lengths_kv"],))
+    to_npu_variant(npu, npu_ops.OpSet(npu_ops.stand_ins().npu, _LengthsIgnored()))
+    with torch.no_grad():
+        ignored = stage_module(npu, name)(*_clone(args))
+    if name.startswith("decode"):
+        assert (ignored - want).abs().max() > 1e-2
+    else:
+        torch.testing.assert_close(ignored, want, atol=1e-4, rtol=1e-4)
+
+
 def _op_names(gm) -> set[str]:
     return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
 
@@ -203,10 +265,22 @@ def test_npu_variant_under_aot_eager_fullgraph_static(internlm2, name):
     assert ops["npu_scatter_nd_update_"] == 2 * layers
     assert ops["npu_apply_rotary_pos_emb"] == layers and ops["npu_swiglu"] == layers
     assert ops["npu_add_rms_norm"] == 2 * layers - 1 and ops["npu_rms_norm"] == 2
+    _assert_lengths_are_data(graphs[0], name)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for x, y in zip(comp_args[-2:], eager_args[-2:]):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def _assert_lengths_are_data(gm, name):
+    """Every FIA is torchair's (tensor lengths), its actual_seq_lengths_kv (and a prefill chunk's
+    actual_seq_lengths) an FX node computed from the inputs, never a list baked into the graph."""
+    fias = [n for n in gm.graph.nodes if n.op == "call_function" and "npu_fused_infer_attention_score" in str(n.target)]
+    assert fias and all(npu_ops.AIR_NAMESPACE in str(n.target) for n in fias)
+    for n in fias:
+        assert isinstance(n.kwargs["actual_seq_lengths_kv"], torch.fx.Node)
+        q = n.kwargs.get("actual_seq_lengths")
+        assert isinstance(q, torch.fx.Node) if name.startswith("prefill") else q is None
 
 
 def test_npu_variant_exports(internlm2):
@@ -223,6 +297,7 @@ def test_npu_variant_exports(internlm2):
             ops = uses_npu_ops(ep)
             assert ops["npu_fused_infer_attention_score"] == cfg.llm.num_layers
             assert ops["npu_scatter_nd_update_"] == 2 * cfg.llm.num_layers
+            _assert_lengths_are_data(ep.graph_module, name)
             dec = ep.run_decompositions()
             mutated = set(dec.graph_signature.user_inputs_to_mutate.values())
             assert mutated == {"k_cache", "v_cache"}
@@ -255,6 +330,15 @@ def test_stand_in_semantics_by_hand():
             qh = q[bi].view(sq, h, d)[:, hi]
             p = torch.softmax(qh @ k[:, hi // 2].T * 0.3, -1)
             torch.testing.assert_close(out[bi].view(sq, h, d)[:, hi], p @ v[:, hi // 2], atol=1e-5, rtol=1e-5)
+    # torchair's variant: the same with tensor lengths; query rows past actual_seq_lengths not computed
+    air = npu_ops.stand_ins().air
+    out2, _ = air.npu_fused_infer_attention_score(q, kc, vc, atten_mask=mask, actual_seq_lengths=torch.tensor([3, 2]),
+                                                  actual_seq_lengths_kv=torch.tensor([8, 5]), block_table=table,
+                                                  num_heads=h, scale=0.3, input_layout="BSH",
+                                                  num_key_value_heads=kvh, block_size=bs)
+    torch.testing.assert_close(out2[0], out[0])
+    torch.testing.assert_close(out2[1, :2], out[1, :2])
+    assert out2[1, 2].eq(0).all()
     cache = torch.zeros(2, 3, 4, 5)
     ops.npu_scatter_nd_update_(cache, torch.tensor([[1, 2], [0, 0]]), torch.ones(2, 4, 5) * 7)
     assert cache[1, 2].eq(7).all() and cache[0, 0].eq(7).all() and cache.sum() == 2 * 20 * 7
@@ -365,7 +449,7 @@ def test_npu_artifact_writer_with_recorded_exports(internlm2, tiny_checkpoints, 
     (tmp_path / "cann" / "x86_64-linux" / "ascend_toolkit_install.info").write_text("package_name=x\nversion=8.5.0\n")
     m = backend.compile_npu(cfg, weights, path, tmp_path / "art", BUCKETS, dtype="fp16", soc="Ascend910B3",
                             log=lambda s: None, torchair=fake, torch_npu=SimpleNamespace(__version__="2.13.0"),
-                            ops=getattr(torch.ops, npu_ops.NAMESPACE))
+                            ops=npu_ops.stand_ins())
     art = tmp_path / "art"
     names = BUCKETS.graph_names()
     assert [c[0] for c in fake.calls] == names and all(c[2] is False for c in fake.calls)
@@ -405,7 +489,7 @@ def test_npu_artifact_writer_with_recorded_exports(internlm2, tiny_checkpoints, 
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
     m2 = backend.compile_npu(cfg, weights, path, tmp_path / "art2", BUCKETS, dtype="fp16", soc="Ascend310P3",
                              log=lambda s: None, torchair=_FakeTorchair(), torch_npu=SimpleNamespace(__version__="2.13.0"),
-                             ops=getattr(torch.ops, npu_ops.NAMESPACE))
+                             ops=npu_ops.stand_ins())
     assert m2["om_built"] is True
     for name in names:
         assert (tmp_path / "art2" / m2["ranks"][0]["graphs"][name]["om"]).is_file()
@@ -535,7 +619,7 @@ def test_engine_over_the_acl_loader_with_a_simulated_device(internlm2, tiny_chec
     bk = ENGINE_BUCKETS
     m = backend.compile_npu(cfg, weights, path, tmp_path / "art", bk, dtype="fp32", soc="Ascend910B3",
                             log=lambda s: None, torchair=_FakeTorchair(), torch_npu=SimpleNamespace(__version__="2.13.0"),
-                            ops=getattr(torch.ops, npu_ops.NAMESPACE))
+                            ops=npu_ops.stand_ins())
     graphs = m["ranks"][0]["graphs"]
     names = list(graphs)                          # the loader loads them in this order: model ids 1, 2, ...
     model = to_npu_variant(build_model(cfg, weights, max_seq_len=bk.max_context))

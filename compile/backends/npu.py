@@ -5,7 +5,8 @@ What it does, where the tools exist (none of it has been run on an NPU or with C
    (`NpuUnavailable`, naming torch_npu, CANN and the versions that pair with the installed torch),
    and refuses DTYPE=bf16 for the models whose Ascend deployment is fp16 (`check_dtype`);
 2. builds each rank's model, switches it to the NPU operators (graphs/npu_variant.py with
-   `torch.ops.npu`: the same schemas as the CPU stand-ins) and exports every bucket with
+   `OpSet(torch.ops.npu, torch.ops.air)`: torch_npu's operators and torchair.ops' attention with
+   tensor sequence lengths, the same schemas as the CPU stand-ins) and exports every bucket with
    `torchair.dynamo_export` (static shapes, dynamic=False: one `.air` per graph; torchair writes
    weights past 2 GB - 200 MB as external FileConstant files next to the .air by itself);
 3. converts each `.air` with `atc --framework=1 ... --soc_version=<SoC>` when `atc` is on the PATH,
@@ -35,6 +36,7 @@ from ...graphs.model import build_model
 from ...graphs.npu_variant import to_npu_variant
 from ...runtime.buckets import GraphKey, graph_inputs
 from ...runtime.engine import Engine
+from ...runtime.backends.npu import cann_version     # the box and the compiler read it alike
 from ...runtime.manifest import DTYPES
 from ...runtime.tokenizer import Tokenizer
 from ..buckets import Buckets
@@ -98,20 +100,6 @@ def import_torchair():
     except Exception as e:
         raise NpuUnavailable(unavailable_message(f"`import torchair` failed ({type(e).__name__}: {e})")) from None
     return torch_npu, torchair
-
-
-def cann_version() -> str | None:
-    """The CANN toolkit's version from the install info that set_env.sh points at (UNCONFIRMED file
-    layout: <ASCEND_TOOLKIT_HOME>/<arch>-linux/ascend_toolkit_install.info, `version=...`)."""
-    for var in ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH"):
-        home = os.environ.get(var)
-        if not home:
-            continue
-        for info in sorted(Path(home).glob("*/ascend_toolkit_install.info")) + sorted(Path(home).glob("version.cfg")):
-            for line in info.read_text(errors="replace").splitlines():
-                if line.strip().startswith(("version=", "Version=")):
-                    return line.split("=", 1)[1].strip()
-    return None
 
 
 def _canonical_name(name: str) -> str:
@@ -217,7 +205,9 @@ def compile_npu(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Path,
     atc = shutil.which("atc")
     names = buckets.graph_names()
     ranks, commands = [], []
-    npu_ops = ops if ops is not None else torch.ops.npu      # torch_npu's operators, same schemas as the stand-ins
+    from ...graphs.npu_ops import OpSet
+    # torch_npu's operators and torchair.ops' FIA (torch.ops.air exists once torchair is imported)
+    npu_ops = ops if ops is not None else OpSet(torch.ops.npu, torch.ops.air)
     with (fake_process_group(tp) if tp > 1 else contextlib.nullcontext("")) as group_name:
         spec = build_spec(cfg, buckets, dtype, Tokenizer.from_dir(tokenizer_dir), TPInfo(0, tp, group_name))
         for r in range(tp):

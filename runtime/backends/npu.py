@@ -63,8 +63,23 @@ def box_versions() -> dict:
             npu = version("torch_npu")
         except Exception:
             npu = "unknown"
-    from ...compile.backends.npu import cann_version
     return {"torch": _base(torch.__version__), "torch_npu": _base(npu), "cann": cann_version()}
+
+
+def cann_version() -> str | None:
+    """The CANN toolkit's version from the install info that set_env.sh points at (UNCONFIRMED file
+    layout: <ASCEND_TOOLKIT_HOME>/<arch>-linux/ascend_toolkit_install.info, `version=...`). Here, not
+    in compile/, because the NPU box runs the runtime alone."""
+    import os
+    for var in ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH"):
+        home = os.environ.get(var)
+        if not home:
+            continue
+        for info in sorted(Path(home).glob("*/ascend_toolkit_install.info")) + sorted(Path(home).glob("version.cfg")):
+            for line in info.read_text(errors="replace").splitlines():
+                if line.strip().startswith(("version=", "Version=")):
+                    return line.split("=", 1)[1].strip()
+    return None
 
 
 def check_npu_manifest(manifest: dict, versions: dict, soc: str | None) -> None:
