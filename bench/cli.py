@@ -3,6 +3,7 @@
     internvl-bench --artifact artifacts/internvl2-2b-tp1-cpu-bf16                     # batch 1..10, 256 tokens
     internvl-bench --artifact DIR --batch-sizes 1,8 --output-tokens 32 --compare transformers
     internvl-bench --artifact DIR --compare transformers,transformers-compile --hf-dtype bf16,fp32
+    internvl-bench --artifact DIR --batch-sizes 1,4 --compare llama.cpp --llamacpp-types f16,q8_0 --gguf-dir build/gguf
 
 One image, B identical requests submitted together, N output tokens each (EOS ignored, greedy).
 Writes OUT/benchmark.csv (one row per engine and batch size) and OUT/benchmark.json (the rows
@@ -29,7 +30,10 @@ COLUMNS = ["engine", "dtype", "batch_size", "input_tokens", "output_tokens", "nu
            "step_read_mb", "copy_gbs", "roofline_ms", "roofline_frac",
            "match_tokens", "ratio_ttft", "ratio_decode_tok_s", "ratio_e2e_tok_s", "ratio_peak_rss",
            "threads", "load_s", "warmup_s", "rss_mode", "error"]
-ENGINES = ("transformers", "transformers-compile")
+ENGINES = ("transformers", "transformers-compile", "llama.cpp")
+LLAMACPP_TYPES = ("f32", "f16", "bf16", "q8_0")  # bench/gguf_export.TYPES (not imported: it needs gguf)
+# Bytes per weight of each GGUF type, for the roofline (q8_0: 32 int8 + one f16 scale per block).
+GGUF_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
 DEFAULT_PROMPT = "Please describe the image in detail."
 
 
@@ -56,6 +60,11 @@ def parse_args(argv=None):
     ap.add_argument("--compare", default="", help=f"comma-separated: {', '.join(ENGINES)} (default: none)")
     ap.add_argument("--hf-dtype", default=None,
                     help="dtypes for the transformers runs, e.g. bf16,fp32 (default: the artifact's)")
+    ap.add_argument("--llamacpp-types", default="f16,q8_0",
+                    help=f"GGUF weight types for --compare llama.cpp, from {','.join(LLAMACPP_TYPES)} (default f16,q8_0)")
+    ap.add_argument("--gguf-dir", default=None,
+                    help="keep the GGUF files here and reuse them while the artifact's weights are unchanged "
+                         "(default: a temporary directory, deleted at the end)")
     ap.add_argument("--image", default=None, help="the image (default: a synthetic 640x480 picture)")
     ap.add_argument("--max-tiles", type=int, default=6, help="tiles per image (default 6; a thumbnail is added)")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
@@ -106,11 +115,11 @@ def machine_info() -> dict:
     return info
 
 
-def run_worker(spec: dict, work: Path, tag: str) -> list[dict]:
+def run_worker(spec: dict, work: Path, tag: str, module: str = "internvl_aot.bench.worker") -> list[dict]:
     spec_path, rows_path = work / f"{tag}.spec.json", work / f"{tag}.rows.jsonl"
     spec_path.write_text(json.dumps(spec))
     rows_path.write_text("")
-    proc = subprocess.run([sys.executable, "-m", "internvl_aot.bench.worker", str(spec_path), str(rows_path)])
+    proc = subprocess.run([sys.executable, "-m", module, str(spec_path), str(rows_path)])
     rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
     if proc.returncode != 0 and not any("error" in r for r in rows):
         rc = proc.returncode
@@ -120,6 +129,65 @@ def run_worker(spec: dict, work: Path, tag: str) -> list[dict]:
     for r in rows:
         r.setdefault("engine", spec["engine"])
         r.setdefault("dtype", spec.get("hf_dtype") or spec.get("dtype"))
+    return rows
+
+
+def llamacpp_missing(types: list[str]) -> str | None:
+    """Why --compare llama.cpp cannot run here (None: it can). Checked before any engine runs."""
+    import importlib.util
+    bad = [t for t in types if t not in LLAMACPP_TYPES]
+    if bad or not types:
+        return f"unknown --llamacpp-types {bad}; known: {', '.join(LLAMACPP_TYPES)}"
+    missing = [m for m, pkg in (("llama_cpp", "llama-cpp-python"), ("gguf", "gguf"))
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        return (f"{' and '.join(missing)} not installed; it is optional and never in CI: build llama.cpp natively "
+                "with CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install -e '.[llamacpp]' (10-20+ minutes on 2 cores)")
+    return None
+
+
+def gguf_file(art: Path, manifest: dict, qtype: str, gguf_dir: Path) -> tuple[Path | None, dict]:
+    """The artifact's LLM as GGUF `qtype` in gguf_dir: reused if written from the same weights file
+    (its sha256 in the manifest), else written by bench/gguf_export.py in a subprocess (it holds
+    the weights in memory while converting). -> (path or None, {'seconds', 'reused' or 'error'})."""
+    weights = manifest["ranks"][0]["weights"]
+    key = {"artifact": str(art.resolve()), "weights": weights, "sha256": manifest.get("files", {}).get(weights),
+           "size": (art / weights).stat().st_size, "type": qtype}
+    path = gguf_dir / f"{manifest['model']['name']}-{art.name}-{qtype}.gguf"
+    stamp = path.with_name(path.name + ".json")
+    if path.exists() and stamp.exists() and json.loads(stamp.read_text()) == key:
+        print(f"[bench] reusing {path}", file=sys.stderr)
+        return path, {"reused": True}
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "internvl_aot.bench.gguf_export", "--artifact", str(art),
+                           "--out", str(path), "--type", qtype], stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        return None, {"error": f"GGUF export ({qtype}) failed with status {proc.returncode}"}
+    stamp.write_text(json.dumps(key))
+    return path, {"seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run_llamacpp(base: dict, art: Path, work: Path, types: list[str], gguf_dir: Path) -> list[dict]:
+    """llama.cpp rows, one GGUF type after the other, on our saved prompt ids."""
+    import torch
+    manifest = json.loads((art / "manifest.json").read_text())
+    inputs = torch.load(base["inputs"])
+    inputs_json = work / "inputs.json"
+    inputs_json.write_text(json.dumps({"prompt_ids": list(map(int, inputs["prompt_ids"])),
+                                       "num_tiles": list(map(int, inputs["num_tiles"]))}))
+    rows = []
+    for qtype in types:
+        engine = f"llama.cpp-{qtype}"
+        path, info = gguf_file(art, manifest, qtype, gguf_dir)
+        if path is None:
+            rows.append({"engine": engine, "dtype": qtype, "error": info["error"]})
+            continue
+        spec = dict(base, engine=engine, gguf_type=qtype, gguf=str(path), inputs_json=str(inputs_json))
+        got = run_worker(spec, work, engine, module="internvl_aot.bench.llamacpp")
+        for r in got:
+            r.update(dtype=qtype, gguf_export_s=info.get("seconds"))
+        rows += got
     return rows
 
 
@@ -152,8 +220,14 @@ def finish_rows(rows: list[dict], manifest: dict, copy_gbs: float) -> list[dict]
     for r in rows:
         if "error" in r:
             continue
-        rb = decode_read_bytes(llm, llm_params, embed, r["dtype"], r["batch_size"], r["input_tokens"],
-                               r["output_tokens"])
+        if r["engine"].startswith("llama.cpp"):
+            # GGUF weights (bytes per weight of their type) + its f16 K/V cache
+            kv = decode_read_bytes(llm, embed, embed, "fp16", r["batch_size"], r["input_tokens"],
+                                   r["output_tokens"]) - r["batch_size"] * llm["hidden_size"] * 2
+            rb = int((llm_params - embed + r["batch_size"] * llm["hidden_size"]) * GGUF_BYTES[r["dtype"]] + kv)
+        else:
+            rb = decode_read_bytes(llm, llm_params, embed, r["dtype"], r["batch_size"], r["input_tokens"],
+                                   r["output_tokens"])
         r.update(roofline(rb, copy_gbs, r["decode_ms_mean"]), copy_gbs=copy_gbs)
         r["rss_over_weights_kv"] = _ratio(r["peak_rss_mb"], r["weights_mb"] + r["kv_mb"])
         o = ours.get(r["batch_size"])
@@ -243,6 +317,12 @@ def main(argv=None) -> int:
         print(f"[bench] warning: batch sizes above {max_batch}, the artifact's largest batch bucket, run as "
               f"{max_batch} at a time (the rest queue)", file=sys.stderr)
     hf_dtypes = [d.strip() for d in (args.hf_dtype or manifest["dtype"]).split(",") if d.strip()]
+    gguf_types = [t.strip() for t in args.llamacpp_types.split(",") if t.strip()]
+    if "llama.cpp" in compare:
+        why = llamacpp_missing(gguf_types)
+        if why:
+            print(f"error: --compare llama.cpp: {why}", file=sys.stderr)
+            return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -270,6 +350,9 @@ def main(argv=None) -> int:
         if any("error" in r for r in rows) and not (work / "inputs.pt").exists():
             compare = []
         for engine in compare:
+            if engine == "llama.cpp":
+                rows += run_llamacpp(base, art, work, gguf_types, Path(args.gguf_dir) if args.gguf_dir else work)
+                continue
             for dt in hf_dtypes:
                 rows += run_worker(dict(base, engine=engine, hf_dtype=dt), work, f"{engine}-{dt}")
 
@@ -294,6 +377,9 @@ def main(argv=None) -> int:
                          "device": manifest.get("device")},
             "settings": {k: base[k] for k in ("batch_sizes", "output_tokens", "max_tiles", "prompt", "threads")},
             "rows": rows}
+    lc = next((r for r in rows if r.get("engine", "").startswith("llama.cpp") and "system_info" in r), None)
+    if lc:
+        meta["llama_cpp"] = {k: lc.get(k) for k in ("llama_cpp_python", "system_info", "flash_attn_type")}
     (out / "benchmark.json").write_text(json.dumps(meta, indent=1))
     (out / "benchmark.md").write_text(markdown_table(meta))
     print(format_table(rows))

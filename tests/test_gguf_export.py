@@ -39,7 +39,7 @@ def fake_artifact(root: Path, cfg, canonical: dict) -> Path:
     (root / "rank0").mkdir(parents=True)
     save_file(fused, str(root / "rank0" / "weights.safetensors"))
     manifest = {"model": {"name": cfg.name, "config": cfg.to_dict()}, "dtype": "fp32", "tp": 1,
-                "ranks": [{"weights": "rank0/weights.safetensors"}]}
+                "ranks": [{"weights": "rank0/weights.safetensors"}], "buckets": {"batch": [1]}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -120,3 +120,17 @@ def test_unsupported_backbone_is_refused(tmp_path):
     art = fake_artifact(tmp_path / "art", cfg, weights)
     with pytest.raises(gguf_export.GGUFExportError, match="phi3"):
         gguf_export.export(art, tmp_path / "p.gguf", "f16", log=lambda m: None)
+
+
+def test_compare_llamacpp_says_what_is_missing(tmp_path, monkeypatch, capsys):
+    """Without llama-cpp-python the benchmark stops at once with the install line (CI never builds it)."""
+    import importlib.util
+    from internvl_aot.bench import cli
+    cfg, weights = load_checkpoint(DEMO)
+    art = fake_artifact(tmp_path / "art", cfg, weights)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    assert cli.main(["--artifact", str(art), "--compare", "llama.cpp", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "llama_cpp not installed" in err and "GGML_NATIVE=ON" in err
+    assert "unknown --llamacpp-types" in cli.llamacpp_missing(["q4_k"])

@@ -1,0 +1,232 @@
+"""The same sweep in llama.cpp (llama-cpp-python's low-level API) on the artifact's LLM as GGUF:
+
+    python -m internvl_aot.bench.llamacpp SPEC.json ROWS.jsonl      (started by internvl-bench)
+
+Inputs are exactly ours: the prompt token ids our worker saved, image-context ids included.
+llama.cpp runs the LLM only: at the image positions it embeds the <IMG_CONTEXT> token id where
+we and transformers scatter the vision features in, so the LLM work per token is the same
+(the vision tower is not part of this comparison; the TTFT ratio against llama.cpp compares
+our whole first token, vision included, with its prefill alone).
+
+Per batch size B, after one warm-up request:
+- prefill: each of the B sequences gets the prompt in chunks of `n_batch` (512, our prefill
+  bucket) tokens, one sequence after the other, logits for the last position only; a sequence's
+  time to first token is the end of its prefill plus its greedy argmax (as our scheduler admits
+  one sequence per step);
+- decode: N - 1 steps, each one llama_decode over a batch of B tokens (one per sequence, its own
+  seq_id and position), then the argmax of every sequence's logits (greedy, EOS ignored: the
+  logits are read directly, no sampler chain); the step's duration is one per-token latency.
+The KV cache is one unified pool (kv_unified) of B x (prompt + N) tokens, cleared between rows.
+
+No torch in this process (its import would add to llama.cpp's peak RSS): the few statistics
+helpers of bench/measure.py are repeated here.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import resource
+import sys
+import time
+import traceback
+
+import numpy as np
+
+N_BATCH = 512
+
+
+# ---------------------------------------------------------------- (torch-free copies of bench/measure.py's)
+
+def _status_kb(field: str):
+    try:
+        m = re.search(rf"^{field}:\s+(\d+) kB", open("/proc/self/status").read(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+class _PeakRSS:
+    def __init__(self):
+        self.mode = "per_row" if self.reset() else "cumulative"
+
+    def reset(self) -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return _status_kb("VmHWM") is not None
+        except OSError:
+            return False
+
+    def mb(self) -> float:
+        kb = _status_kb("VmHWM") if self.mode == "per_row" else None
+        if kb is None:
+            kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(kb / 1024, 1)
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _step_stats(step_s: list[float], tokens: list[int]) -> dict:
+    if not step_s:
+        return {"decode_ms_mean": None, "decode_ms_p99": None, "decode_tok_s": None}
+    total = sum(step_s)
+    return {"decode_ms_mean": round(1000 * total / len(step_s), 2),
+            "decode_ms_p99": round(1000 * _percentile(step_s, 99), 2),
+            "decode_tok_s": round(sum(tokens) / total, 3) if total > 0 else None}
+
+
+# ---------------------------------------------------------------- llama.cpp
+
+class LlamaCpp:
+    """One model and one context, driven token id by token id."""
+
+    def __init__(self, gguf_path: str, threads: int, n_ctx: int, n_seq: int):
+        import llama_cpp as L
+        self.L = L
+        L.llama_backend_init()
+        self._log = L.llama_log_callback(self._on_log)   # keep a reference: C holds the pointer
+        L.llama_log_set(self._log, None)
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        self.model = L.llama_model_load_from_file(gguf_path.encode(), mp)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {gguf_path}: {self.last_error}")
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, N_BATCH, N_BATCH, n_seq
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.kv_unified = True
+        cp.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a context: {self.last_error}")
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.mem = L.llama_get_memory(self.ctx)
+        self.batch = L.llama_batch_init(max(N_BATCH, n_seq), 0, 1)
+        self.flash_attn = int(cp.flash_attn_type)
+
+    last_error = ""
+
+    def _on_log(self, level, text, _user):
+        if level >= 4:  # GGML_LOG_LEVEL_ERROR
+            msg = text.decode(errors="replace").strip()
+            if msg:
+                self.last_error = msg
+                print(f"[llama.cpp] {msg}", file=sys.stderr)
+
+    def clear(self) -> None:
+        self.L.llama_memory_clear(self.mem, True)
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """items: (token, pos, seq_id, want logits)."""
+        b = self.batch
+        for i, (tok, pos, seq, want) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, want
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(items)
+        rc = self.L.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}: {self.last_error}")
+
+    def argmax(self, i: int) -> int:
+        p = self.L.llama_get_logits_ith(self.ctx, i)
+        return int(np.ctypeslib.as_array(p, shape=(self.n_vocab,)).argmax())
+
+    def prefill(self, ids: list[int], seq: int) -> int:
+        """The prompt into sequence `seq`; -> the greedy first token."""
+        for start in range(0, len(ids), N_BATCH):
+            chunk = ids[start:start + N_BATCH]
+            last = start + len(chunk) == len(ids)
+            self._decode([(t, start + j, seq, last and j == len(chunk) - 1) for j, t in enumerate(chunk)])
+        return self.argmax(-1)
+
+    def decode_step(self, tokens: list[int], pos: int) -> list[int]:
+        """One token for each sequence 0..B-1, all at position `pos`; -> the next greedy tokens."""
+        self._decode([(t, pos, s, True) for s, t in enumerate(tokens)])
+        return [self.argmax(i) for i in range(len(tokens))]
+
+
+def run_batch(llm: LlamaCpp, prompt: list[int], b: int, n: int) -> dict:
+    llm.clear()
+    t0 = time.perf_counter()
+    last, ttfts = [], []
+    for s in range(b):
+        last.append(llm.prefill(prompt, s))
+        ttfts.append(time.perf_counter() - t0)
+    out0 = [last[0]]
+    steps = []
+    for i in range(n - 1):
+        t = time.perf_counter()
+        last = llm.decode_step(last, len(prompt) + i)
+        steps.append(time.perf_counter() - t)
+        out0.append(last[0])
+    total = time.perf_counter() - t0
+    return {"batch_size": b, "input_tokens": len(prompt), "output_tokens": n,
+            "ttft_s": round(sum(ttfts) / b, 4), "ttft_max_s": round(max(ttfts), 4),
+            "prefill_tok_s": round(b * len(prompt) / ttfts[-1], 2),
+            **_step_stats(steps, [b] * len(steps)), "e2e_tok_s": round(b * n / total, 3),
+            "total_s": round(total, 3), "decode_steps": len(steps), "output_ids": out0}
+
+
+def run(spec: dict, emit) -> None:
+    import llama_cpp
+
+    inputs = json.loads(open(spec["inputs_json"]).read())
+    prompt, n = inputs["prompt_ids"], spec["output_tokens"]
+    manifest = json.loads(open(os.path.join(spec["artifact"], "manifest.json")).read())
+    cfg = manifest["model"]["config"]["llm"]
+    threads = spec.get("threads") or os.cpu_count()
+    n_seq = max(spec["batch_sizes"])
+    n_ctx = -(-n_seq * (len(prompt) + n) // 256) * 256
+    mem = _PeakRSS()
+    t0 = time.perf_counter()
+    llm = LlamaCpp(spec["gguf"], threads, n_ctx, n_seq)
+    load_s = time.perf_counter() - t0
+    t = time.perf_counter()
+    run_batch(llm, prompt, 1, 2)  # warm-up, as for ours
+    warmup_s = time.perf_counter() - t
+    kv_mb = 2 * cfg["num_layers"] * cfg["num_kv_heads"] * cfg["head_dim"] * 2 * n_ctx / 1e6  # f16 K and V
+    base = {"engine": spec["engine"], "dtype": spec["gguf_type"], "threads": threads, "load_s": round(load_s, 2),
+            "warmup_s": round(warmup_s, 2), "rss_mode": mem.mode,
+            "weights_mb": round(os.path.getsize(spec["gguf"]) / 1e6, 1), "kv_mb": round(kv_mb, 1),
+            "num_tiles": sum(inputs["num_tiles"]), "llama_cpp_python": llama_cpp.__version__,
+            "flash_attn_type": llm.flash_attn,
+            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
+    for b in spec["batch_sizes"]:
+        mem.reset()
+        row = run_batch(llm, prompt, b, n)
+        row.update(base, peak_rss_mb=mem.mb(), peak_gpu_mb=None)
+        emit(row)
+
+
+def main(argv=None) -> int:
+    spec_path, rows_path = sys.argv[1:] if argv is None else argv
+    spec = json.loads(open(spec_path).read())
+
+    def emit(row: dict) -> None:
+        with open(rows_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"[bench] {spec['engine']} batch {row['batch_size']}: ttft {row['ttft_s']} s "
+              f"({row['prefill_tok_s']} prompt tok/s), decode {row['decode_ms_mean']} ms/step, "
+              f"{row['decode_tok_s']} tok/s, peak RSS {row['peak_rss_mb']} MB", file=sys.stderr, flush=True)
+
+    try:
+        run(spec, emit)
+    except Exception as e:  # recorded in the CSV
+        traceback.print_exc()
+        with open(rows_path, "a") as f:
+            f.write(json.dumps({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]})
+                    + "\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
