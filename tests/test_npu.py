@@ -679,77 +679,37 @@ def test_om_graphs_on_an_npu_equal_the_cpu_stand_ins():
 
 
 # ================================================================ TP=2 with gloo (real processes)
-# Rank 0 runs in this process, rank 1 is this file run as a follower (runtime/tp.py's RankGroup), as
-# tests/test_tp.py does for our own graphs; every rank runs the NPU variant on the CPU stand-ins.
+# Rank 0 runs in this process, rank 1 is a follower started by runtime/tp.py's RankGroup through
+# tests/test_tp.py's eager_tp_group, every rank's model switched to the NPU variant on the CPU
+# stand-ins by its model hook.
 
 TP_BUCKETS = "vision=1;prefill=128;batch=1,4;context=1024;block_size=16"
+NPU_HOOK = "test_npu:npu_variant_hook"
 
 
-def _tp_setup(src, tp, buckets):
-    from internvl_aot.compile.spec import build_spec
-    from internvl_aot.graphs.parallel import TPInfo
-    from internvl_aot.runtime.tokenizer import Tokenizer
-    cfg, weights = load_checkpoint(src)
-    tok = Tokenizer.from_dir(src)
-    spec = build_spec(cfg, Buckets.parse(buckets), "fp32", tok, TPInfo(0, tp, "0"))
-    spec["tp_group"] = "0"
-    spec["graphs"] = Buckets.parse(buckets).graph_names()
-    return cfg, weights, tok, spec
-
-
-def _tp_rank_graphs(cfg, weights, rank, tp, buckets):
-    import torch.distributed as dist
-
-    from internvl_aot.compile.tp import rank_shard
-    from internvl_aot.graphs.parallel import TPInfo
-    b = Buckets.parse(buckets)
-    model = build_model(cfg, rank_shard(cfg, weights, rank, tp), TPInfo(rank, tp, dist.group.WORLD.group_name),
-                        max_seq_len=b.max_context)
+def npu_variant_hook(model):
+    """eager_tp_group's model hook: the NPU variant, and the rank noted in $NPU_HOOK_LOG (the followers too)."""
     to_npu_variant(model)
-    return {name: stage_module(model, name) for name in b.graph_names()}
+    if os.environ.get("NPU_HOOK_LOG"):
+        with open(os.environ["NPU_HOOK_LOG"], "a") as f:
+            f.write(f"{model.language_model.tp.rank} {type(model.language_model).__name__}\n")
 
 
-def _follower_main(src, tp, rank, addr, port, buckets, parent):
-    import signal
-
-    from internvl_aot.runtime.tp_worker import follow, join_group, watch_parent
-    watch_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
-    cfg, weights, _, spec = _tp_setup(src, tp, buckets)
-    store, channel = join_group(spec, rank, addr, port, torch.device("cpu"))
-    graphs = _tp_rank_graphs(cfg, weights, rank, tp, buckets)
-    store.set(f"loaded/{rank}", "ok")
-    try:
-        follow(graphs, spec, channel, torch.device("cpu"))
-    finally:
-        sys.stdout.flush()
-        os._exit(0)
-
-
-def test_tp2_gloo_npu_variant_tokens_equal_ours_tp1(tiny_checkpoints):
+def test_tp2_gloo_npu_variant_tokens_equal_ours_tp1(tiny_checkpoints, tmp_path, monkeypatch):
     """InternLM2 backbone (4 query / 2 KV heads: one KV head per rank): the NPU variant at TP=2 over gloo,
     its all-reduces the functional collectives torchair maps to HCCL, gives our TP=1 graphs' tokens."""
+    from test_tp import eager_tp_group
+
     from internvl_aot.compile.eager import eager_engine
     from internvl_aot.runtime.engine import Engine
-    from internvl_aot.runtime.tp import RankGroup
     src = Path(checkpoint_dir(tiny_checkpoints["llama_vit300m"], "internlm2"))
-    tp, reqs = 2, _requests()
+    reqs = _requests()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg, weights, tok, spec = _tp_setup(src, tp, TP_BUCKETS)
-        group = RankGroup(spec, torch.device("cpu"))
-        group.launch(lambda r, addr, port: [sys.executable, __file__, "follower", str(src), str(tp), str(r), addr,
-                                            str(port), TP_BUCKETS, str(os.getpid())],
-                     dict(os.environ, OMP_NUM_THREADS="1"))
-        try:
-            graphs = _tp_rank_graphs(cfg, weights, 0, tp, TP_BUCKETS)
-            group.wait_loaded()
-        except BaseException:
-            group.stop()
-            raise
-        with Engine(spec, group.wrap(graphs), tok, "cpu", tp_group=group) as engine:
+        monkeypatch.setenv("NPU_HOOK_LOG", str(tmp_path / "hook.log"))
+        cfg, weights, tok, spec, graphs, group = eager_tp_group(src, 2, TP_BUCKETS, model_hook=NPU_HOOK)
+        with Engine(spec, graphs, tok, "cpu", tp_group=group) as engine:
             got = engine.generate(reqs)
         want = eager_engine(cfg, weights, src, Buckets.parse(TP_BUCKETS)).generate(reqs)
     finally:
@@ -758,8 +718,4 @@ def test_tp2_gloo_npu_variant_tokens_equal_ours_tp1(tiny_checkpoints):
     for r, w, g in zip(reqs, want, got):
         assert g.prompt_token_ids == w.prompt_token_ids
         assert g.output_token_ids == w.output_token_ids, r.prompt
-
-
-if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "follower":
-    _, _, src_, tp_, rank_, addr_, port_, buckets_, parent_ = sys.argv
-    _follower_main(src_, int(tp_), int(rank_), addr_, int(port_), buckets_, int(parent_))
+    assert sorted((tmp_path / "hook.log").read_text().splitlines()) == ["0 NpuLanguageModel", "1 NpuLanguageModel"]

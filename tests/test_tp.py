@@ -144,15 +144,27 @@ def _eager_setup(src: Path, tp: int, buckets: str):
     return cfg, weights, tok, spec
 
 
-def _rank_graphs(cfg, weights, rank: int, tp: int, buckets: str) -> dict:
+def _model_hook(hook: str | None):
+    """"module:function" -> the function (a name, so that the follower processes can import it too)."""
+    if not hook:
+        return None
+    import importlib
+    module, fn = hook.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _rank_graphs(cfg, weights, rank: int, tp: int, buckets: str, model_hook: str | None = None) -> dict:
     import torch.distributed as dist
     b = Buckets.parse(buckets)
     model = build_model(cfg, rank_shard(cfg, weights, rank, tp), TPInfo(rank, tp, dist.group.WORLD.group_name),
                         max_seq_len=b.max_context)
+    hook = _model_hook(model_hook)
+    if hook is not None:
+        hook(model)
     return {name: stage_module(model, name) for name in b.graph_names()}
 
 
-def _follower_main(src, tp, rank, addr, port, buckets, parent):
+def _follower_main(src, tp, rank, addr, port, buckets, parent, model_hook=None):
     """A follower rank running the eager graph modules (this file run as a script)."""
     from internvl_aot.runtime.tp_worker import follow, join_group, watch_parent
     watch_parent(parent)
@@ -160,7 +172,7 @@ def _follower_main(src, tp, rank, addr, port, buckets, parent):
     torch.set_num_threads(1)
     cfg, weights, _, spec = _eager_setup(Path(src), tp, buckets)
     store, channel = join_group(spec, rank, addr, port, CPU)
-    graphs = _rank_graphs(cfg, weights, rank, tp, buckets)
+    graphs = _rank_graphs(cfg, weights, rank, tp, buckets, model_hook)
     store.set(f"loaded/{rank}", "ok")
     try:
         follow(graphs, spec, channel, CPU)
@@ -169,15 +181,18 @@ def _follower_main(src, tp, rank, addr, port, buckets, parent):
         os._exit(0)
 
 
-def eager_tp_group(src: Path, tp: int, buckets: str):
-    """-> (config, TP=1 weights, tokenizer, spec, rank 0's wrapped eager graphs, RankGroup)."""
+def eager_tp_group(src: Path, tp: int, buckets: str, model_hook: str | None = None):
+    """-> (config, TP=1 weights, tokenizer, spec, rank 0's wrapped eager graphs, RankGroup).
+
+    model_hook: "module:function" called on every rank's built model before its stage graphs are
+    taken (tests/test_npu.py: "internvl_aot.graphs.npu_variant:to_npu_variant")."""
     cfg, weights, tok, spec = _eager_setup(src, tp, buckets)
     group = RankGroup(spec, CPU)
     argv = lambda r, addr, port: [sys.executable, __file__, "follower", str(src), str(tp), str(r), addr, str(port),  # noqa: E731
-                                  buckets, str(os.getpid())]
+                                  buckets, str(os.getpid()), model_hook or ""]
     group.launch(argv, dict(os.environ, OMP_NUM_THREADS="1"))
     try:
-        graphs = _rank_graphs(cfg, weights, 0, tp, buckets)
+        graphs = _rank_graphs(cfg, weights, 0, tp, buckets, model_hook)
         group.wait_loaded()
     except BaseException:
         group.stop()
@@ -460,8 +475,8 @@ def test_master_port_is_honoured(tp2_artifact, monkeypatch):
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "follower":
-    _, _, src_, tp_, rank_, addr_, port_, buckets_, parent_ = sys.argv
-    _follower_main(src_, int(tp_), int(rank_), addr_, int(port_), buckets_, int(parent_))
+    _, _, src_, tp_, rank_, addr_, port_, buckets_, parent_, hook_ = sys.argv
+    _follower_main(src_, int(tp_), int(rank_), addr_, int(port_), buckets_, int(parent_), hook_ or None)
 
 
 def test_server_on_a_tp2_artifact(tp2_artifact, tiny_artifact):
