@@ -63,6 +63,7 @@ class Engine:
         self.spec = spec = spec if isinstance(spec, RuntimeSpec) else RuntimeSpec.from_dict(spec)
         self.tokenizer, self.device = tokenizer, torch.device(device)
         self.tp_group = tp_group
+        self.resources: list = []        # closed with the engine, after the TP group (e.g. an NPU session)
         check_signatures(graphs, spec)
         self.dtype = spec.torch_dtype
         b = spec.buckets
@@ -105,6 +106,13 @@ class Engine:
             engine = open_npu_engine(path)
             engine.scheduler.prefill_chunks_per_decode = prefill_chunks_per_decode
             return engine
+        from .onnx.artifact import is_onnx_artifact
+        if is_onnx_artifact(path):                             # BACKEND=onnx: onnxruntime sessions
+            from .onnx.artifact import open_onnx_artifact
+            spec, graphs, tokenizer = open_onnx_artifact(path, skip_verify=skip_verify,
+                                                         threads=threads or torch.get_num_threads())
+            return cls(spec, graphs, tokenizer, "cpu", kv_cache_gb=kv_cache_gb,
+                       prefill_chunks_per_decode=prefill_chunks_per_decode)
         if int(read_manifest(Path(path)).get("tp", 1)) > 1:
             spec, graphs, tokenizer, dev, group = open_tp_artifact(Path(path), device, skip_verify, threads)
             try:
@@ -118,9 +126,11 @@ class Engine:
                    prefill_chunks_per_decode=prefill_chunks_per_decode)
 
     def close(self) -> None:
-        """Stop the other tensor-parallel ranks, if any (a no-op otherwise)."""
+        """Stop the other tensor-parallel ranks, if any, and close `resources` (a no-op otherwise)."""
         if self.tp_group is not None:
             self.tp_group.stop()
+        while self.resources:
+            self.resources.pop().close()
 
     def __enter__(self) -> "Engine":
         return self

@@ -117,24 +117,39 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     rank, device = args.rank, torch.device(args.device)
     manifest = read_manifest(args.artifact)
-    store, channel = join_group(manifest, rank, args.master_addr, args.master_port, device)
-    try:
-        check_group_name(manifest)
+
+    def load():
         # Rank 0 verified every file of the artifact before starting this process.
-        _, graphs, _, _ = load_artifact(args.artifact, device=str(device), skip_verify=True, rank=rank,
-                                        tokenizer=False)
+        return load_artifact(args.artifact, device=str(device), skip_verify=True, rank=rank, tokenizer=False)[1]
+    run_follower(manifest, rank, args.master_addr, args.master_port, device, load)
+    return 0
+
+
+def run_follower(spec: dict, rank: int, addr: str, port: int, device: torch.device, load, close=None) -> None:
+    """Join the group, `load()` this rank's graphs (its failure reported to rank 0), run rank 0's steps
+    until it says stop, `close()`, and end the process with the exit code rank 0 reads. Shared by
+    this module's artifacts and runtime/backends/npu.py's (.om graphs on an NPU)."""
+    store, channel = join_group(spec, rank, addr, port, device)
+    try:
+        check_group_name(spec)
+        graphs = load()
     except Exception as e:      # noqa: BLE001 - reported to rank 0, which raises it
         store.set(f"loaded/{rank}", str(e).splitlines()[0] if str(e) else type(e).__name__)
         _exit(LOAD_FAILED_EXIT)
     store.set(f"loaded/{rank}", "ok")
+    code = 0
     try:
-        follow(graphs, manifest, channel, device)
+        follow(graphs, spec, channel, device)
     except Exception as e:      # noqa: BLE001
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"tensor-parallel rank {rank}: stopping ({first})", file=sys.stderr)
-        _exit(PEER_LOST_EXIT if _peer_lost(e) else 1)
-    _exit(0)
-    return 0
+        code = PEER_LOST_EXIT if _peer_lost(e) else 1
+    if close is not None:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - the process ends anyway
+            print(f"tensor-parallel rank {rank}: closing failed ({e})", file=sys.stderr)
+    _exit(code)
 
 
 if __name__ == "__main__":

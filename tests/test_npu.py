@@ -382,6 +382,63 @@ def test_compile_backend_npu_refuses_without_torch_npu(tmp_path, capsys):
     assert "torch_npu" not in _sys.modules and "torchair" not in _sys.modules
 
 
+def test_torch_npu_without_cann_does_not_break_import_torch(tmp_path, monkeypatch):
+    """A torch_npu installed without CANN (here: a stand-in package whose import fails on libhccl.so,
+    registered for torch's backend autoload as the wheel is): plain `import torch` fails, as the
+    reference says it does; our entry points turn the autoload off (internvl_aot/__init__.py), so
+    internvl-compile imports torch and `--backend npu` stops with the one-line reason naming the failed
+    import (with the autoload on it would die in `import torch` instead)."""
+    import subprocess
+    pkg = tmp_path / "site"
+    (pkg / "torch_npu").mkdir(parents=True)
+    (pkg / "torch_npu" / "__init__.py").write_text(
+        'raise ImportError("libhccl.so: cannot open shared object file: No such file or directory")\n')
+    dist = pkg / "torch_npu-2.13.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torch_npu\nVersion: 2.13.0\n")
+    (dist / "entry_points.txt").write_text("[torch.backends]\ntorch_npu = torch_npu:_autoload\n")
+    monkeypatch.delenv("TORCH_DEVICE_BACKEND_AUTOLOAD", raising=False)
+    env = dict(os.environ, PYTHONPATH=str(pkg))
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=120)
+    plain = run("-c", "import torch")
+    assert plain.returncode != 0 and "Failed to load the backend extension: torch_npu" in plain.stderr
+    cli = run("-m", "internvl_aot.compile.cli", "--model", "internvl2-2b", "--weights", str(tmp_path / "none"),
+              "--backend", "npu", "--dtype", "fp16", "--out", str(tmp_path / "a"))
+    assert cli.returncode == 2 and cli.stderr.count("\n") == 1, cli.stderr
+    assert "`import torch_npu` failed (ImportError: libhccl.so" in cli.stderr and "CANN" in cli.stderr
+
+
+def test_npu_imports_are_isolated():
+    """torch_npu and torchair are imported only by compile/backends/npu.py, pyACL (`acl`) only by
+    runtime/backends/npu.py, and that one imports nothing from compile/ or graphs/ (the NPU box runs
+    the runtime alone)."""
+    import ast
+    root = Path(__file__).resolve().parents[1]
+    allowed = {"compile/backends/npu.py": {"torch_npu", "torchair"}, "runtime/backends/npu.py": {"acl"}}
+    seen = {}
+    for top in ("compile", "graphs", "runtime", "bench", "precision", "tools"):
+        for f in (root / top).rglob("*.py"):
+            rel = f.relative_to(root).as_posix()
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.Import):
+                    mods = [(a.name, 0) for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    mods = [(node.module or "", node.level)]
+                else:
+                    continue
+                for mod, level in mods:
+                    first = mod.split(".")[0]
+                    if level == 0 and first in ("torch_npu", "torchair", "acl"):
+                        assert first in allowed.get(rel, ()), f"{rel} imports {mod}"
+                        seen.setdefault(rel, set()).add(first)
+                    if rel == "runtime/backends/npu.py":
+                        assert not (level >= 3 and first in ("compile", "graphs")), f"{rel}: from {'.' * level}{mod}"
+                        assert not mod.startswith(("internvl_aot.compile", "internvl_aot.graphs"))
+    assert seen == {"compile/backends/npu.py": {"torch_npu", "torchair"}, "runtime/backends/npu.py": {"acl"}}
+
+
 @pytest.mark.parametrize("model", ["internvl-chat-v1-5", "internvl2-2b", "internvl2-8b", "OpenGVLab/InternVL2-8B"])
 def test_compile_backend_npu_refuses_bf16_for_fp16_models(model, tmp_path, capsys):
     from internvl_aot.compile import cli
@@ -598,78 +655,191 @@ def test_acl_loader_call_sequence_with_a_recording_acl(tmp_path):
     s.close()
 
 
-def test_engine_over_the_acl_loader_with_a_simulated_device(internlm2, tiny_checkpoints, tmp_path, monkeypatch):
-    """The whole box-side path minus the NPU: an artifact written by compile_npu (recorded exports, a
-    stand-in atc), opened by open_npu_engine through the ACL loader, where the recording `acl`'s
-    execute runs the NPU variant (CPU stand-ins) on tensors viewed over its simulated device memory,
-    the KV pool included. Engine gives the same greedy tokens as our eager graphs: the pool bound once
-    on the "device" and written in place there carries the cache across every call."""
-    from types import SimpleNamespace
+class _SimulatedNpu(_FakeAcl):
+    """pyACL over a simulated NPU for a BACKEND=npu artifact: a loaded `rank<r>/<name>/<name>.om` is rank
+    r's NPU variant (CPU stand-ins) of stage graph <name>, run by `execute` on tensors viewed over the
+    simulated device memory (the KV pool included: its writes stay there). At TP > 1 the graph's
+    all-reduces run over this process's default (gloo) group, as the .om's would over HCCL. Events
+    (init with this process's ASCEND_RT_VISIBLE_DEVICES / RANK_ID / RANK_SIZE, set_device, load,
+    execute) go to `events` and, when given, to a JSON-lines file (a follower process ends with
+    os._exit, so each line is written at once)."""
 
-    from internvl_aot.compile.backends import npu as backend
-    from internvl_aot.compile.eager import eager_engine
-    from internvl_aot.runtime.backends.npu import NP_DTYPES, open_npu_engine
-    cfg, weights = internlm2
-    path = checkpoint_dir(tiny_checkpoints["llama_vit300m"], "internlm2")
-    (tmp_path / "bin").mkdir()
-    atc = tmp_path / "bin" / "atc"
-    atc.write_text("#!/bin/sh\nfor a; do case $a in --output=*) touch \"${a#--output=}.om\";; esac; done\n")
-    atc.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
-    bk = ENGINE_BUCKETS
-    m = backend.compile_npu(cfg, weights, path, tmp_path / "art", bk, dtype="fp32", soc="Ascend910B3",
-                            log=lambda s: None, torchair=_FakeTorchair(), torch_npu=SimpleNamespace(__version__="2.13.0"),
-                            ops=npu_ops.stand_ins())
-    graphs = m["ranks"][0]["graphs"]
-    names = list(graphs)                          # the loader loads them in this order: model ids 1, 2, ...
-    model = to_npu_variant(build_model(cfg, weights, max_seq_len=bk.max_context))
-    stages = {n: stage_module(model, n) for n in names}
-    calls = []
+    def __init__(self, cfg, weights, log_path=None):
+        super().__init__(self._run)
+        self.cfg, self.weights, self.log_path = cfg, weights, log_path
+        self.events, self.graphs, self.stages = [], {}, {}
+        self.num_inputs, self.in_sizes, self.out_sizes = {}, {}, {}
+        self.init = lambda: self._event("init", os.environ.get("ASCEND_RT_VISIBLE_DEVICES"),
+                                        os.environ.get("RANK_ID"), os.environ.get("RANK_SIZE")) or 0
+        self.rt.set_device = lambda d: self._event("set_device", d) or 0
+        self.finalize = lambda: self._event("finalize") or 0
+        self.mdl.load_from_file = self._load
 
-    def run(model_id, ins, out):
-        name = names[model_id - 1]
-        calls.append(name)
+    def _event(self, *e):
+        self.events.append(list(e))
+        if self.log_path:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(list(e)) + "\n")
+
+    def _model(self, rank, tp):
+        if rank not in self.stages:
+            import torch.distributed as dist
+
+            from internvl_aot.compile.tp import rank_shard
+            from internvl_aot.graphs.parallel import SINGLE, TPInfo
+            w = self.weights if tp == 1 else rank_shard(self.cfg, self.weights, rank, tp)
+            tpi = SINGLE if tp == 1 else TPInfo(rank, tp, dist.group.WORLD.group_name)
+            self.stages[rank] = to_npu_variant(build_model(self.cfg, w, tpi, max_seq_len=ENGINE_BUCKETS.max_context))
+        return self.stages[rank]
+
+    def _load(self, path):
+        from internvl_aot.runtime.backends.npu import NP_DTYPES
+        p = Path(path)
+        rank, name = int(p.parts[-3][len("rank"):]), p.stem
+        manifest = json.loads((p.parents[2] / "npu_manifest.json").read_text())
+        inputs = manifest["ranks"][rank]["graphs"][name]["inputs"]
+        model = self._model(rank, int(manifest["tp"]))
+        mid = len(self.graphs) + 1
+        self.graphs[mid] = (f"rank{rank}/{name}", stage_module(model, name), inputs)
+        self.num_inputs[mid] = len(inputs)
+        self.in_sizes[mid] = [int(np.prod(r["shape"])) * np.dtype(NP_DTYPES[r["dtype"]]).itemsize for r in inputs]
+        key = GraphKey.parse(name)
+        per = self.cfg.num_image_token * self.cfg.llm.hidden_size if key.stage == "vision" else self.cfg.llm.vocab_size
+        itemsize = np.dtype(NP_DTYPES[inputs[0]["dtype"] if key.stage == "vision" else inputs[-1]["dtype"]]).itemsize
+        self.out_sizes[mid] = (1 if key.stage == "prefill" else key.size) * per * itemsize
+        self._event("load", f"rank{rank}/{name}")
+        return mid, 0
+
+    def _run(self, mid, ins, out):
+        from internvl_aot.runtime.backends.npu import NP_DTYPES
+        label, stage, inputs = self.graphs[mid]
+        self._event("execute", label)
         args = []
-        for buf, row in zip(ins, graphs[name]["inputs"]):
+        for buf, row in zip(ins, inputs):
             dt = NP_DTYPES[row["dtype"]]
             n = int(np.prod(row["shape"])) * np.dtype(dt).itemsize
             args.append(torch.from_numpy(buf[:n].view(dt)).view(row["shape"]))   # views: pool writes stay
         with torch.no_grad():
-            res = stages[name](*args).contiguous()
+            res = stage(*args).contiguous()
         out[:] = res.numpy().view(np.uint8).reshape(-1)
 
-    acl = _FakeAcl(run)
 
-    def out_bytes(name):
-        key = GraphKey.parse(name)
-        per = cfg.num_image_token * cfg.llm.hidden_size if key.stage == "vision" else cfg.llm.vocab_size
-        return (1 if key.stage == "prefill" else key.size) * per * 4
-    ids = range(1, len(names) + 1)
-    acl.num_inputs = {i: len(graphs[n]["inputs"]) for i, n in zip(ids, names)}
-    acl.in_sizes = {i: [int(np.prod(r["shape"])) * np.dtype(NP_DTYPES[r["dtype"]]).itemsize
-                        for r in graphs[n]["inputs"]] for i, n in zip(ids, names)}
-    acl.out_sizes = {i: out_bytes(n) for i, n in zip(ids, names)}
+def simulated_npu_from_env():
+    """The follower process's `acl` (tests write an acl.py that calls this): the checkpoint from
+    $NPU_SIM_CHECKPOINT, events to $NPU_SIM_LOG.<pid>."""
+    cfg, weights = load_checkpoint(os.environ["NPU_SIM_CHECKPOINT"])
+    return _SimulatedNpu(cfg, weights, f"{os.environ['NPU_SIM_LOG']}.{os.getpid()}")
+
+
+def _compile_npu_artifact(cfg, weights, path, out, tmp_path, monkeypatch, tp=1):
+    """compile_npu with recorded exports and a stand-in atc on the PATH (it touches each .om)."""
+    from types import SimpleNamespace
+
+    from internvl_aot.compile.backends import npu as backend
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    atc = tmp_path / "bin" / "atc"
+    atc.write_text("#!/bin/sh\nfor a; do case $a in --output=*) touch \"${a#--output=}.om\";; esac; done\n")
+    atc.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    monkeypatch.delenv("ASCEND_TOOLKIT_HOME", raising=False)
+    monkeypatch.delenv("ASCEND_HOME_PATH", raising=False)
+    return backend.compile_npu(cfg, weights, path, out, ENGINE_BUCKETS, dtype="fp32", soc="Ascend910B3", tp=tp,
+                               log=lambda s: None, torchair=_FakeTorchair(),
+                               torch_npu=SimpleNamespace(__version__="2.13.0"), ops=npu_ops.stand_ins())
+
+
+def test_engine_over_the_acl_loader_with_a_simulated_device(internlm2, tiny_checkpoints, tmp_path, monkeypatch):
+    """The whole box-side path minus the NPU: an artifact written by compile_npu (recorded exports, a
+    stand-in atc), opened by open_npu_engine through the ACL loader, where the simulated device's
+    execute runs the NPU variant (CPU stand-ins) on tensors viewed over its memory, the KV pool
+    included. Engine gives the same greedy tokens as our eager graphs: the pool bound once on the
+    "device" and written in place there carries the cache across every call."""
+    from internvl_aot.compile.eager import eager_engine
+    from internvl_aot.runtime.backends.npu import open_npu_engine
+    cfg, weights = internlm2
+    path = checkpoint_dir(tiny_checkpoints["llama_vit300m"], "internlm2")
+    m = _compile_npu_artifact(cfg, weights, path, tmp_path / "art", tmp_path, monkeypatch)
+    acl = _SimulatedNpu(cfg, weights)
     reqs = _requests()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        engine = open_npu_engine(tmp_path / "art", acl=acl, check_versions=False)
-        assert engine.allocator.num_blocks == m["kv_pool"]["num_blocks"]
-        got = engine.generate(reqs)
-        want = eager_engine(cfg, weights, path, bk).generate(reqs)
+        with open_npu_engine(tmp_path / "art", acl=acl, check_versions=False) as engine:
+            assert engine.allocator.num_blocks == m["kv_pool"]["num_blocks"]
+            got = engine.generate(reqs)
+        want = eager_engine(cfg, weights, path, ENGINE_BUCKETS).generate(reqs)
     finally:
         torch.set_num_threads(threads)
+    calls = [e[1].split("/")[1] for e in acl.events if e[0] == "execute"]
     assert {GraphKey.parse(n).stage for n in calls} == {"vision", "prefill", "decode"}
-    assert sum(1 for e in acl.log if e[0] == "load") == len(names)
+    assert sum(1 for e in acl.events if e[0] == "load") == len(m["graphs"])
     for r, w, g in zip(reqs, want, got):
         assert g.output_token_ids == w.output_token_ids, r.prompt
-    engine.npu_session.close()
+    assert engine.npu_session.closed
     # Engine.from_artifact (internvl-run, internvl-serve) opens the same artifact through the real pyACL,
     # which this box has not: a one-line reason, not a crash
     from internvl_aot.runtime.engine import Engine
     from internvl_aot.runtime.errors import ArtifactError
     with pytest.raises(ArtifactError, match="pyACL"):
         Engine.from_artifact(tmp_path / "art")
+
+
+def test_tp2_engine_over_the_acl_loader_each_rank_on_its_own_device(internlm2, tiny_checkpoints, tmp_path,
+                                                                   monkeypatch):
+    """TP=2 through the ACL loader: open_npu_engine opens rank 0 here and starts rank 1 as
+    `python -m internvl_aot.runtime.backends.npu`, whose `import acl` finds a simulated NPU (an acl.py on
+    its PYTHONPATH). The follower opens its own session on its own device (ASCEND_RT_VISIBLE_DEVICES=1,
+    logical device 0, RANK_ID 1), loads rank1/'s graphs only, runs every graph rank 0 runs in the same
+    order, its all-reduces meeting rank 0's: the tokens are our TP=1 eager graphs'. Versions and the
+    SoC are checked on both ranks (the real path); the follower closes its session when stopped."""
+    from internvl_aot.compile.eager import eager_engine
+    from internvl_aot.runtime.backends.npu import open_npu_engine
+    cfg, weights = internlm2
+    path = checkpoint_dir(tiny_checkpoints["llama_vit300m"], "internlm2")
+    m = _compile_npu_artifact(cfg, weights, path, tmp_path / "art", tmp_path, monkeypatch, tp=2)
+    assert [sorted(r["graphs"]) for r in m["ranks"]] == [sorted(m["graphs"])] * 2
+    fake = tmp_path / "fake_acl"
+    fake.mkdir()
+    (fake / "acl.py").write_text("import sys\nimport test_npu\nsys.modules[__name__] = test_npu.simulated_npu_from_env()\n")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), tests_dir, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("NPU_SIM_CHECKPOINT", str(path))
+    monkeypatch.setenv("NPU_SIM_LOG", str(tmp_path / "follower"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("ASCEND_RT_VISIBLE_DEVICES", raising=False)
+    acl = _SimulatedNpu(cfg, weights)
+    reqs = _requests()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with open_npu_engine(tmp_path / "art", acl=acl) as engine:
+            got = engine.generate(reqs)
+        want = eager_engine(cfg, weights, path, ENGINE_BUCKETS).generate(reqs)
+    finally:
+        torch.set_num_threads(threads)
+    for r, w, g in zip(reqs, want, got):
+        assert g.output_token_ids == w.output_token_ids, r.prompt
+    logs = list(tmp_path.glob("follower.*"))
+    assert len(logs) == 1
+    events = [json.loads(line) for line in logs[0].read_text().splitlines()]
+    assert events[0] == ["init", "1", "1", "2"] and events[1] == ["set_device", 0]
+    assert acl.events[0][0] == "init" and acl.events[1] == ["set_device", 0]
+    loads = [e[1] for e in events if e[0] == "load"]
+    assert sorted(loads) == sorted(f"rank1/{n}" for n in m["graphs"])
+    assert all(e[1].startswith("rank0/") for e in acl.events if e[0] == "load")
+    ours = [e[1].split("/")[1] for e in acl.events if e[0] == "execute"]
+    theirs = [e[1].split("/")[1] for e in events if e[0] == "execute"]
+    assert theirs == ours and {GraphKey.parse(n).stage for n in ours} == {"vision", "prefill", "decode"}
+    assert engine.npu_session.closed and acl.events[-1] == ["finalize"] and events[-1] == ["finalize"]
+
+
+def test_rank_devices():
+    from internvl_aot.runtime.backends.npu import rank_devices
+    from internvl_aot.runtime.errors import ArtifactError
+    assert rank_devices(2, None) == ["0", "1"]
+    assert rank_devices(2, "4, 6,7") == ["4", "6"]
+    with pytest.raises(ArtifactError, match="needs 4 NPUs, ASCEND_RT_VISIBLE_DEVICES=3 names 1"):
+        rank_devices(4, "3")
 
 
 @npu

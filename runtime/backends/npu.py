@@ -9,15 +9,16 @@ recording stand-in of the `acl` module, which proves the bookkeeping (one load p
 pool buffers allocated once and bound at the same dataset positions on every call, inputs copied
 host->device and the logits back), not that ACL accepts it.
 
-- One process per NPU (TP ranks likewise: rank r opens `rank<r>/` on device r).
+- One process per NPU (TP ranks likewise: rank r opens `rank<r>/` on the r-th visible NPU, in its
+  own process with ASCEND_RT_VISIBLE_DEVICES set to that device).
 - The KV pool: two device buffers `[layers, num_blocks, block_size, kv_heads, head_dim]` with the
   manifest's fixed num_blocks (static graphs), allocated once at open and bound as the last two
   inputs of every prefill/decode call; the .air's RefData in-place ScatterNdUpdate is expected to
   write them in place (UNCONFIRMED end to end, reference §3). The host `k_cache`/`v_cache` the
   runner passes are ignored (they only carry the shape, checked).
-- Not done: wiring this into Engine.from_artifact (runtime/engine.py is the lead's file; the engine
-  would have to size its block allocator from the manifest's kv_pool.num_blocks), async execution
-  on a stream, outputs left on the device.
+- Engine.from_artifact opens a BACKEND=npu artifact through `open_npu_engine` (TP > 1 included:
+  one follower process per NPU, `follower_main`).
+- Not done: async execution on a stream, outputs left on the device.
 """
 from __future__ import annotations
 
@@ -153,6 +154,9 @@ class NpuSession:
             self.pool.append((ptr, nbytes))
 
     def close(self):
+        if getattr(self, "closed", False):
+            return
+        self.closed = True
         acl = self.acl
         for g in getattr(self, "graphs", {}).values():
             g.close()
@@ -242,31 +246,113 @@ class OmGraph:
         acl.mdl.destroy_dataset(self.out_ds)
 
 
+def rank_devices(tp: int, visible: str | None) -> list[str]:
+    """The physical NPU of each rank: rank r takes the r-th of rank 0's ASCEND_RT_VISIBLE_DEVICES
+    (all devices, 0..tp-1, when unset). One line when there are fewer than tp."""
+    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(r) for r in range(tp)]
+    if len(devices) < tp:
+        raise ArtifactError(f"this TP={tp} artifact needs {tp} NPUs, ASCEND_RT_VISIBLE_DEVICES={visible} names "
+                            f"{len(devices)}: name {tp} devices or compile with TP={len(devices)}")
+    return devices[:tp]
+
+
+def _runtime_manifest(manifest: dict) -> dict:
+    """The manifest as the TP runtime reads it: the .om graphs' collectives are HCCL ops of their
+    own (torchair's HcomAllReduce), not torch.distributed's group, so its name is not checked."""
+    return dict(manifest, tp_group=None)
+
+
 def open_npu_engine(artifact, acl=None, check_versions: bool = True, device_id: int = 0):
-    """An Engine over a TP=1 BACKEND=npu artifact's .om graphs (never run on an NPU by us).
+    """An Engine over a BACKEND=npu artifact's .om graphs (never run on an NPU by us).
 
     The engine's block allocator must cover exactly the graphs' fixed pool (kv_pool.num_blocks), so
     its budget is sized to that; its host pool only carries the shape (the device pool is the one
-    the graphs use), which costs one pool's worth of host memory. TP>1 needs the follower ranks to
-    open their sessions (runtime/tp_worker.py): not done."""
+    the graphs use), which costs one pool's worth of host memory per rank.
+
+    TP > 1: one process per NPU. Rank 0 (this process) opens rank0/ on its first visible device;
+    follower r is `python -m internvl_aot.runtime.backends.npu --rank r --device <r-th device>`,
+    started by runtime/tp.py's RankGroup, which sets ASCEND_RT_VISIBLE_DEVICES to that one device
+    (so it opens logical device 0), RANK_ID and RANK_SIZE before pyACL is imported, opens its own
+    session on rank<r>/, and runs the graphs rank 0 runs (runtime/tp_worker.py `follow`); the
+    step commands travel over gloo on the host, the graphs' all-reduces over HCCL inside the .om.
+    What HCCL itself needs there (a rank table, torchair's model_relation_config.json) is
+    UNCONFIRMED: never run on NPUs by us."""
     from ..engine import Engine
     from ..kv_cache import GiB, KVPool
     from ..spec import RuntimeSpec
     from ..tokenizer import Tokenizer
-    artifact = Path(artifact)
-    manifest = json.loads((artifact / NPU_MANIFEST).read_text())
-    if int(manifest.get("tp", 1)) != 1:
-        raise ArtifactError("a TP>1 BACKEND=npu artifact cannot be opened yet (its follower ranks are not wired)")
-    session = NpuSession.open(artifact, 0, device_id, acl=acl, check_versions=check_versions)
+    artifact = Path(artifact).resolve()
+    manifest = _runtime_manifest(json.loads((artifact / NPU_MANIFEST).read_text()))
+    tp = int(manifest.get("tp", 1))
     spec = RuntimeSpec.from_dict(manifest)
     blocks = manifest["kv_pool"]["num_blocks"]
     per_block = KVPool.bytes_per_block(spec.llm.num_layers, spec.rank_kv_heads, spec.llm.head_dim,
                                        spec.buckets.block_size, spec.torch_dtype)
-    engine = Engine(manifest, session.graphs, Tokenizer.from_dir(artifact / manifest["tokenizer_dir"]), "cpu",
-                    kv_cache_gb=(blocks + 0.5) * per_block / GiB)
-    if engine.allocator.num_blocks != blocks:
-        session.close()
-        raise ArtifactError(f"the engine's KV pool has {engine.allocator.num_blocks} blocks, the .om graphs "
-                            f"take {blocks}")
+    group = session = None
+    if tp > 1:
+        import os
+        import sys
+
+        from ..tp import RankGroup
+        devices = rank_devices(tp, os.environ.get("ASCEND_RT_VISIBLE_DEVICES"))
+        group = RankGroup(manifest, torch.device("cpu"))
+        group.launch(lambda r, addr, port: [
+            sys.executable, "-m", "internvl_aot.runtime.backends.npu", "--artifact", str(artifact), "--rank", str(r),
+            "--device", devices[r], "--master-addr", addr, "--master-port", str(port),
+            "--parent-pid", str(os.getpid())] + ([] if check_versions else ["--no-version-check"]), dict(os.environ))
+    try:
+        session = NpuSession.open(artifact, 0, device_id, acl=acl, check_versions=check_versions)
+        graphs = session.graphs
+        if group is not None:
+            group.wait_loaded()
+            graphs = group.wrap(graphs)
+        engine = Engine(manifest, graphs, Tokenizer.from_dir(artifact / manifest["tokenizer_dir"]), "cpu",
+                        kv_cache_gb=(blocks + 0.5) * per_block / GiB, tp_group=group)
+        if engine.allocator.num_blocks != blocks:
+            raise ArtifactError(f"the engine's KV pool has {engine.allocator.num_blocks} blocks, the .om graphs "
+                                f"take {blocks}")
+    except BaseException:
+        if group is not None:
+            group.stop()
+        if session is not None:
+            session.close()
+        raise
     engine.npu_session = session
+    engine.resources.append(session)
     return engine
+
+
+def follower_main(argv=None) -> int:
+    """A follower rank of a TP>1 BACKEND=npu artifact, on its own NPU (started by open_npu_engine)."""
+    import argparse
+    import os
+    import signal
+    ap = argparse.ArgumentParser(prog="python -m internvl_aot.runtime.backends.npu")
+    ap.add_argument("--artifact", required=True)
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--device", required=True, help="the physical NPU (becomes ASCEND_RT_VISIBLE_DEVICES)")
+    ap.add_argument("--master-addr", required=True)
+    ap.add_argument("--master-port", type=int, required=True)
+    ap.add_argument("--parent-pid", type=int, required=True)
+    ap.add_argument("--no-version-check", action="store_true")
+    args = ap.parse_args(argv)
+    from ..tp_worker import run_follower, watch_parent
+    watch_parent(args.parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    manifest = _runtime_manifest(json.loads((Path(args.artifact) / NPU_MANIFEST).read_text()))
+    # Before pyACL is imported (NpuSession.open): this process sees its one NPU as device 0.
+    os.environ["ASCEND_RT_VISIBLE_DEVICES"] = args.device
+    os.environ["RANK_ID"], os.environ["RANK_SIZE"] = str(args.rank), str(manifest.get("tp", 1))
+    torch.set_num_threads(1)            # the host side only copies inputs and outputs
+    sessions = []
+
+    def load():
+        sessions.append(NpuSession.open(args.artifact, args.rank, 0, check_versions=not args.no_version_check))
+        return sessions[0].graphs
+    run_follower(manifest, args.rank, args.master_addr, args.master_port, torch.device("cpu"), load,
+                 close=lambda: [s.close() for s in sessions])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(follower_main())
