@@ -108,8 +108,8 @@ def count_targets(ep, *targets) -> int:
 # ---------------------------------------------------------------- (a) numerics, each pass and all
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-# small_m_linear leaves fp32 graphs alone (its own test below covers bf16).
-@pytest.mark.parametrize("passes", [[p] for p in PASS_ORDER if p != "small_m_linear"] + [PASS_ORDER],
+# small_m_linear and fp32_gemm leave fp32 graphs alone (their own tests below cover bf16).
+@pytest.mark.parametrize("passes", [[p] for p in PASS_ORDER if p not in ("small_m_linear", "fp32_gemm")] + [PASS_ORDER],
                          ids=lambda p: "+".join(p))
 def test_passes_keep_numerics_fp32(arch, passes):
     for name, ep in programs(arch).items():
@@ -279,7 +279,7 @@ def test_passed_decode_graph_compiles_and_binds(tmp_path):
 
 # ---------------------------------------------------------------- small-M linear lowering
 
-BEFORE_GEMV = [p for p in PASS_ORDER if p != "small_m_linear"]
+BEFORE_GEMV = [p for p in PASS_ORDER if p not in ("small_m_linear", "fp32_gemm")]
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
@@ -306,3 +306,124 @@ def test_small_m_linear_lowers_one_row_linears_only(arch):
     fp32 = programs(arch, torch.float32)["decode_b2_c64"]
     kept, report = run_passes(fp32, ["small_m_linear"])
     assert report["small_m_linear"]["lowered"] == 0                      # fp32 keeps MKL's GEMV
+
+
+# ---------------------------------------------------------------- fp32 compute for targets without native bf16
+
+def _low_precision_gemm_inputs(ep) -> int:
+    """GEMM-class nodes (linear over 2+ rows, conv2d, SDPA) that still take a bf16/fp16 tensor."""
+    from internvl_aot.compile.passes import fp32_gemm
+    bad = 0
+    for n in ep.graph.nodes:
+        if n.op == "call_function" and n.target in fp32_gemm.GEMM_OPS and fp32_gemm._rows(n) >= 2:
+            bad += any(getattr(a.meta.get("val"), "dtype", None) in (torch.bfloat16, torch.float16)
+                       for a in n.all_input_nodes)
+    return bad
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_fp32_gemm_widens_gemms_for_targets_without_native_bf16(arch):
+    from internvl_aot.compile import targets
+    from internvl_aot.runtime.isa import get_target
+    progs = programs(arch, torch.bfloat16)
+    for name in ("prefill_t16_c64", "decode_b2_c64"):
+        ep, _ = run_passes(progs[name], BEFORE_GEMV + ["small_m_linear"])
+        assert _low_precision_gemm_inputs(ep) > 0
+        opts = {"fp32_gemm": {"min_rows": 2}}
+        # The native target (this box, or any with AVX512-BF16/AMX) keeps bf16 GEMMs: the program is returned as is.
+        kept, report = run_passes(ep, ["fp32_gemm"], {"fp32_gemm": {"native_bf16": True, "min_rows": 2}})
+        assert kept is ep and report["fp32_gemm"]["lowered"] == 0
+        # The default follows the compile target: x86-64-v3 (AVX2, no native bf16) widens every GEMM.
+        with targets.activate(get_target("x86-64-v3")):
+            wide, report = run_passes(ep, ["fp32_gemm"], opts)
+            # The default min_rows (48) keeps the linears of these few-row graphs (decode batches: the converted
+            # copy would cost more than it saves); a prefill chunk's attention is widened at any length.
+            assert run_passes(ep, ["fp32_gemm"])[1]["fp32_gemm"]["lowered"] == count_targets(
+                ep, aten.scaled_dot_product_attention.default)
+        assert report["fp32_gemm"]["native_bf16"] is False and report["fp32_gemm"]["lowered"] > 0
+        assert _low_precision_gemm_inputs(wide) == 0
+        # Weights and the KV pool keep their bf16 inputs (one stored copy): only the arithmetic widened.
+        assert sorted(wide.state_dict) == sorted(ep.state_dict)
+        assert all(t.dtype == torch.bfloat16 for t in wide.state_dict.values() if t.is_floating_point())
+        # Same results within bf16 rounding (the activations between ops are still rounded to bf16).
+        assert_same_results(ep, wide, name, torch.bfloat16, atol=6e-2, rtol=2e-2)
+        # The weight converted and multiplied in slices of output rows (as the real model's large matrices are).
+        sliced, report = run_passes(ep, ["fp32_gemm"], {"fp32_gemm": {"native_bf16": False, "min_rows": 2,
+                                                                      "chunk_mb": 0.002}})
+        assert count_targets(sliced, aten.linear.default) > count_targets(wide, aten.linear.default)
+        assert count_targets(sliced, aten.cat.default) > 0
+        assert_same_results(wide, sliced, name, torch.bfloat16, atol=2e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------- weight-only int8
+
+def _dequantized_programs(arch: str) -> dict:
+    """The fp32 programs of a model whose LLM linear weights are already int8-rounded (q * scale):
+    what an int8 program must compute, up to fp32 summation order."""
+    from internvl_aot.compile.passes.int8_weights import quantize
+    key = (arch, "dequantized")
+    if key not in _CACHE:
+        cfg = tiny_config(arch)
+        weights = random_weights(cfg, torch.float32, seed=3)
+        for name, w in weights.items():
+            if name.startswith("language_model.") and name.endswith(".weight") and w.dim() == 2 \
+                    and "embed_tokens" not in name:
+                q, s = quantize(w)
+                weights[name] = q.float() * s[:, None]
+        model = build_model(cfg, weights, max_seq_len=BUCKETS.max_context)
+        _CACHE[key] = {name: export_graph(model, BUCKETS, name, torch.float32, "cpu") for name in GRAPHS}
+    return _CACHE[key]
+
+
+def test_int8_quantize_is_symmetric_per_output_channel():
+    from internvl_aot.compile.passes.int8_weights import quantize
+    w = torch.randn(6, 40) * torch.tensor([1e-3, 0.1, 1, 10, 100, 0.0])[:, None]
+    q, s = quantize(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (6,)
+    assert int(q.abs().max()) == 127 and bool((q[:5].abs().amax(1) == 127).all())   # every live row uses the range
+    err = (q.float() * s[:, None] - w).abs()
+    assert bool((err <= s[:, None] / 2 + 1e-12).all())                                # round to nearest
+    assert torch.equal(q[5], torch.zeros(40, dtype=torch.int8))                      # an all-zero row stays zero
+
+
+@pytest.mark.parametrize("arch,dtype", [("qwen2", torch.bfloat16), ("llama", torch.float32)],
+                         ids=["qwen2-bf16", "llama-fp32"])
+def test_int8_weights_decode_reads_int8_and_matches_dequantized_weights(arch, dtype):
+    from internvl_aot.compile.passes import pass_list
+    names = pass_list(None, "int8")
+    assert names.index("int8_weights") == names.index("small_m_linear") - 1
+    progs, ref = programs(arch, dtype), _dequantized_programs(arch)
+    passed = {}
+    for name in GRAPHS:
+        new, reports = run_passes(progs[name], names)
+        passed[name] = new
+        # per layer: qkv, o, gate_up, down (fused by the passes before), plus the output head
+        assert reports["int8_weights"]["quantized"] == 4 * LAYERS + 1
+        # Every LLM linear weight is stored as int8 + fp32 scales; no bf16/fp32 copy of it is left.
+        q = {k: t for k, t in new.state_dict.items() if k.endswith(".weight_int8")}
+        assert q and all(t.dtype == torch.int8 for t in q.values())
+        assert not [k for k, t in new.state_dict.items() if t.dim() == 2 and t.is_floating_point()
+                    and "embed_tokens" not in k]
+        # Decode (1 and 2 rows) and the prefill head: lowered to reductions over the int8 bytes, no linear left
+        # that would write a dequantised matrix; the prefill chunk's 16-row linears keep their GEMM.
+        if name.startswith("decode"):
+            assert count_targets(new, aten.linear.default) == 0
+            assert reports["small_m_linear"]["int8"] == reports["int8_weights"]["quantized"]
+        expect, _, _ = run(ref[name], graph_inputs(name, torch.float32))
+        inputs = graph_inputs(name, dtype)
+        got, k, v = run(new, inputs)
+        tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+        torch.testing.assert_close(got.float(), expect, **tol, msg=lambda m: f"{name}: {m}")
+    # The prefill chunk's GEMMs dequantise slices of output rows (as the real model's large matrices do).
+    sliced, reports = run_passes(progs["prefill_t16_c64"], names, {"int8_weights": {"chunk_mb": 0.002}})
+    assert reports["int8_weights"]["gemm_sliced"] == 4 * LAYERS and count_targets(sliced, aten.cat.default) > 0
+    got, _, _ = run(sliced, graph_inputs("prefill_t16_c64", dtype))
+    expect, _, _ = run(ref["prefill_t16_c64"], graph_inputs("prefill_t16_c64", torch.float32))
+    torch.testing.assert_close(got.float(), expect, **tol)
+    # One quantised tensor for all graphs: the artifact stores it once.
+    key = next(k for k in passed["decode_b1_c32"].state_dict if k.endswith("gate_up_proj.weight_int8"))
+    assert passed["decode_b1_c32"].state_dict[key] is passed["prefill_t16_c64"].state_dict[key]
+    # The quantisation error itself is small against the unquantised program (per-row int8: ~0.4% of a row's max).
+    full, _, _ = run(programs(arch, torch.float32)["decode_b2_c64"], graph_inputs("decode_b2_c64", torch.float32))
+    quant, _, _ = run(_dequantized_programs(arch)["decode_b2_c64"], graph_inputs("decode_b2_c64", torch.float32))
+    assert torch.nn.functional.cosine_similarity(full.flatten(), quant.flatten(), dim=0) > 0.999

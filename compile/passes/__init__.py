@@ -21,6 +21,12 @@ Order, and why:
 5. small_m_linear: lowers one-row linears (batch-1 decode, the prefill head) of bf16/fp16 CPU
    graphs to multiply + sum; last, so it sees the fused weights (one GEMV per fused matrix)
    and no later pass has to recognise its reductions as linears.
+(QUANT=int8: int8_weights between 4 and 5: the LLM's linear weights -> int8 + per-row scales,
+   which small_m_linear then reads directly in the decode graphs.)
+6. fp32_gemm: on a CPU target without native bf16 only, the GEMM-bound ops left (linears over
+   several rows, the patch-embedding conv, SDPA) of bf16/fp16 graphs compute in fp32 from
+   bf16 storage; after small_m_linear, so the one-row linears keep their in-register
+   conversion and only real GEMMs pay for a converted copy of their weight.
 """
 from __future__ import annotations
 
@@ -29,7 +35,23 @@ import operator
 
 from torch.export import ExportedProgram
 
-PASS_ORDER: list[str] = ["qkv_fusion", "gate_up_fusion", "add_rmsnorm", "rope_table", "small_m_linear"]
+PASS_ORDER: list[str] = ["qkv_fusion", "gate_up_fusion", "add_rmsnorm", "rope_table", "small_m_linear", "fp32_gemm"]
+# QUANT=<kind> adds its pass right before small_m_linear: after the fusions (one scale set per fused
+# matrix), before the lowering that reads the quantised bytes.
+QUANT_PASSES: dict[str, str] = {"int8": "int8_weights"}
+
+
+def pass_list(names: list[str] | None = None, quant: str = "none") -> list[str]:
+    """The passes a compile runs: `names` (default PASS_ORDER) plus the quantisation pass of `quant`."""
+    names = list(PASS_ORDER if names is None else names)
+    if quant == "none":
+        return names
+    if quant not in QUANT_PASSES:
+        raise ValueError(f"QUANT must be one of none, {', '.join(QUANT_PASSES)}; got {quant!r}")
+    q = QUANT_PASSES[quant]
+    if q not in names:
+        names.insert(names.index("small_m_linear") if "small_m_linear" in names else len(names), q)
+    return names
 
 
 def run_passes(ep: ExportedProgram, names: list[str] | None = None,

@@ -26,6 +26,7 @@ import torch
 import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 from torch.export import ExportedProgram
 
+from .int8_weights import DECODE_ROWS, dequantized
 from .program_edit import ProgramEditor, aten, is_op, val
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -45,9 +46,13 @@ def chunk_major_strides(lead: list[int], n: int, c: int) -> list[int]:
     return contiguous_strides(lead + [c, n])[:-2] + [1, n]
 
 
-def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096) -> tuple[ExportedProgram, dict]:
+def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096,
+          max_rows_int8: int = DECODE_ROWS) -> tuple[ExportedProgram, dict]:
+    """max_rows: the most rows a bf16/fp16 linear is lowered at; max_rows_int8: the same for
+    int8 weights (int8_weights' dequantisation), at any activation dtype: without the lowering
+    they would write a dequantised copy of the matrix every step."""
     ed = ProgramEditor(ep)
-    lowered, kept = 0, 0
+    lowered, kept, int8 = 0, 0, 0
     for node in list(ed.graph.nodes):
         if not is_op(node, aten.linear.default):
             continue
@@ -55,33 +60,70 @@ def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096) -> tupl
         b = node.args[2] if len(node.args) > 2 else None
         xv, wv = val(x), val(w)
         rows = math.prod(xv.shape[:-1])
-        if xv.device.type != "cpu" or xv.dtype not in LOW_PRECISION or wv.dtype != xv.dtype or rows > max_rows:
+        deq = dequantized(w)
+        if deq is not None:
+            ok = xv.device.type == "cpu" and rows <= max_rows_int8
+        else:
+            ok = xv.device.type == "cpu" and xv.dtype in LOW_PRECISION and wv.dtype == xv.dtype and rows <= max_rows
+        if not ok:
             kept += 1
             continue
-        n_out, k_in = wv.shape
-        chunks = next(c for c in range(1, k_in + 1) if k_in % c == 0 and k_in // c <= max_chunk)
-        lead = list(xv.shape[:-1])
+        source, scale = deq if deq is not None else (w, None)
         with ed.graph.inserting_before(node):
-            # The fp32 activation as a buffer of its own: left to itself, Inductor inlines the
-            # producer (residual add + RMSNorm, the embedding lookup) into the reduction loop and
-            # recomputes it for every output row.
-            xf = ed.call(aten._to_copy.default, (x,), {"dtype": torch.float32}, like=node)
-            xf = ed.call(FORCE_STRIDES, (xf, contiguous_strides(xv.shape)), like=node)
-            xf = ed.call(aten.view.default, (xf, lead + [1, chunks, k_in // chunks]), like=node)
-            wf = ed.call(aten._to_copy.default, (w,), {"dtype": torch.float32}, like=node)
-            wf = ed.call(aten.view.default, (wf, [n_out, chunks, k_in // chunks]), like=node)
-            y = ed.call(aten.sum.dim_IntList, (ed.call(aten.mul.Tensor, (xf, wf), like=node), [-1]), like=node)
-            if chunks > 1:
-                # partial sums [..., N, c] stored chunk-major, so that the second sum (which
-                # Inductor unrolls into its consumers) reads them contiguously along N
-                y = ed.call(FORCE_STRIDES, (y, chunk_major_strides(lead, n_out, chunks)), like=node)
-            y = ed.call(aten.sum.dim_IntList, (y, [-1]), like=node)                # [..., N]
-            if b is not None:
-                y = ed.call(aten.add.Tensor, (y, ed.call(aten._to_copy.default, (b,), {"dtype": torch.float32},
-                                                         like=node)), like=node)
-            out = ed.call(aten._to_copy.default, (y,), {"dtype": xv.dtype}, like=node)
+            out = _reduction(ed, node, x, source, scale, b, xv, wv.shape, max_chunk)
         node.replace_all_uses_with(out)
         ed.graph.erase_node(node)
         lowered += 1
-    report = {"lowered": lowered, "kept": kept, "max_rows": max_rows, "max_chunk": max_chunk}
+        int8 += deq is not None
+    report = {"lowered": lowered, "int8": int8, "kept": kept, "max_rows": max_rows, "max_rows_int8": max_rows_int8,
+              "max_chunk": max_chunk}
     return (ed.finish() if lowered else ep), report
+
+
+def _reduction(ed, node, x, w, scale, b, xv, w_shape, max_chunk):
+    """y = x @ w.T (* scale) (+ b) as multiply + sum with fp32 accumulation, in x's dtype.
+
+    One row: out[n] = sum_k x[k] w[n, k]. Several rows (int8 decode batches): computed as
+    out.T [N, R], so that the loop over rows runs inside the loop over weight rows and each
+    weight row is read from memory once for every activation row (the R activation rows, a few
+    KB each, stay in cache); the transpose back is a view."""
+    n_out, k_in = w_shape
+    chunks = next(c for c in range(1, k_in + 1) if k_in % c == 0 and k_in // c <= max_chunk)
+    lead = list(xv.shape[:-1])
+    rows = math.prod(lead)
+    # The fp32 activation as a buffer of its own: left to itself, Inductor inlines the
+    # producer (residual add + RMSNorm, the embedding lookup) into the reduction loop and
+    # recomputes it for every output row.
+    xf = ed.call(aten._to_copy.default, (x,), {"dtype": torch.float32}, like=node)
+    xf = ed.call(FORCE_STRIDES, (xf, contiguous_strides(xv.shape)), like=node)
+    wf = ed.call(aten._to_copy.default, (w,), {"dtype": torch.float32}, like=node)
+    if rows == 1:
+        xf = ed.call(aten.view.default, (xf, lead + [1, chunks, k_in // chunks]), like=node)
+        wf = ed.call(aten.view.default, (wf, [n_out, chunks, k_in // chunks]), like=node)
+        y = ed.call(aten.sum.dim_IntList, (ed.call(aten.mul.Tensor, (xf, wf), like=node), [-1]), like=node)
+        if chunks > 1:
+            # partial sums [..., N, c] stored chunk-major, so that the second sum (which
+            # Inductor unrolls into its consumers) reads them contiguously along N
+            y = ed.call(FORCE_STRIDES, (y, chunk_major_strides(lead, n_out, chunks)), like=node)
+        y = ed.call(aten.sum.dim_IntList, (y, [-1]), like=node)                # [..., N]
+        if scale is not None:
+            y = ed.call(aten.mul.Tensor, (y, scale), like=node)
+        if b is not None:
+            y = ed.call(aten.add.Tensor, (y, ed.call(aten._to_copy.default, (b,), {"dtype": torch.float32},
+                                                     like=node)), like=node)
+        return ed.call(aten._to_copy.default, (y,), {"dtype": xv.dtype}, like=node)
+    xf = ed.call(aten.view.default, (xf, [1, rows, chunks, k_in // chunks]), like=node)
+    wf = ed.call(aten.view.default, (wf, [n_out, 1, chunks, k_in // chunks]), like=node)
+    y = ed.call(aten.sum.dim_IntList, (ed.call(aten.mul.Tensor, (xf, wf), like=node), [-1]), like=node)  # [N, R, c]
+    if chunks > 1:
+        y = ed.call(FORCE_STRIDES, (y, [rows, 1, n_out * rows]), like=node)   # chunk-major [c, N, R]
+    y = ed.call(aten.sum.dim_IntList, (y, [-1]), like=node)                    # [N, R]
+    if scale is not None:
+        y = ed.call(aten.mul.Tensor, (y, ed.call(aten.unsqueeze.default, (scale, 1), like=node)), like=node)
+    if b is not None:
+        bf = ed.call(aten._to_copy.default, (b,), {"dtype": torch.float32}, like=node)
+        y = ed.call(aten.add.Tensor, (y, ed.call(aten.unsqueeze.default, (bf, 1), like=node)), like=node)
+    y = ed.call(aten._to_copy.default, (y,), {"dtype": xv.dtype}, like=node)
+    y = ed.call(aten.permute.default, (y, [1, 0]), like=node)                  # [R, N], a view
+    return ed.call(aten.view.default, (y, lead + [n_out]), like=node) if len(lead) == 1 else \
+        ed.call(aten.reshape.default, (y, lead + [n_out]), like=node)

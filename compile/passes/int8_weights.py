@@ -1,0 +1,123 @@
+"""Weight-only int8 (`QUANT=int8`): the LLM's linear weights stored as int8 with an fp32 scale per output channel.
+
+Decode reads every weight once per step, so its speed is the weight bytes over the memory
+bandwidth: int8 halves the bf16 bytes. Activations stay in the artifact's dtype (bf16/fp32).
+For each linear of the language model (`scope`: the fused QKV and gate/up, the output and down
+projections, the output head) the weight `W [N, K]` becomes
+
+    q = round(W / s) in [-127, 127] (int8),   s[n] = max_k |W[n, k]| / 127   (fp32, symmetric, per row)
+
+and the linear's weight input becomes the dequantisation `(q.float() * s[:, None]).to(x.dtype)`.
+- Linears over at most DECODE_ROWS rows (decode batches, the prefill head): small_m_linear, which
+  runs after this pass, recognises that pattern (`dequantized`) and lowers them to a reduction
+  that reads the int8 bytes and applies `s` after the sum: decode never writes a dequantised copy.
+- Longer ones (prefill chunks: GEMM-bound) dequantise slices of at most `chunk_mb` of output rows
+  into a scratch buffer and run the GEMM per slice (results concatenated): a whole dequantised
+  matrix would be a fresh allocation above glibc's mmap threshold every call, whose page faults
+  cost more than the dequantisation (see fp32_gemm.py); a slice is reused and stays in cache.
+
+The bf16 weights leave the program; every graph gets the same int8 tensor and scale (TensorCache),
+so the artifact stores one quantised copy, bound by all graphs. The ViT, projector, embedding table
+and norms are kept in the artifact's dtype (the vision graphs are compute-bound: int8 storage
+would only add a dequantisation there).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from .program_edit import ProgramEditor, TensorCache, aten, cast_dtype, is_op, val
+
+SCOPE = "language_model."
+QMAX = 127
+DECODE_ROWS = 8          # linears over this many rows or fewer read int8 in registers (small_m_linear)
+_QUANTIZED = TensorCache()
+
+
+def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: -> (q [N, K] int8, scale [N] fp32) with w ~= q * scale[:, None]."""
+    w32 = w.detach().float()
+    scale = (w32.abs().amax(dim=1) / QMAX).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round(w32 / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def dequantized(node) -> tuple | None:
+    """(q placeholder, scale placeholder) if `node` is this pass's dequantisation of a weight, else None."""
+    if cast_dtype(node) is not None:          # the cast back to the activation dtype
+        node = node.args[0]
+    if not is_op(node, aten.mul.Tensor):
+        return None
+    wq, s = node.args
+    if not (is_op(wq, aten._to_copy.default) and is_op(s, aten.unsqueeze.default)):
+        return None
+    q = wq.args[0]
+    if getattr(val(q), "dtype", None) is not torch.int8 or q.op != "placeholder":
+        return None
+    return q, s.args[0]
+
+
+def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0) -> tuple[ExportedProgram, dict]:
+    ed = ProgramEditor(ep)
+    done, q_bytes, src_bytes, sliced = [], 0, 0, 0
+    for node in list(ed.graph.nodes):
+        if not is_op(node, aten.linear.default):
+            continue
+        w_node = node.args[1]
+        fqn = ed.fqn(w_node, InputKind.PARAMETER)
+        w = ed.tensor(w_node)
+        if fqn is None or not fqn.startswith(scope) or not fqn.endswith(".weight") or w.dim() != 2 \
+                or not w.is_floating_point():
+            continue
+        base = fqn[: -len(".weight")]
+        q, scale = _QUANTIZED.get(base, [w], lambda w=w: tuple(
+            torch.nn.Parameter(t, requires_grad=False) for t in quantize(w)))
+        x = node.args[0]
+        q_in = ed.add_parameter(f"{base}.weight_int8", q, before=w_node)
+        s_in = ed.add_parameter(f"{base}.weight_scale", scale, before=w_node)
+        if math.prod(val(x).shape[:-1]) <= DECODE_ROWS:
+            with ed.graph.inserting_before(node):
+                wd = _dequant(ed, node, q_in, s_in, val(x).dtype)
+            node.args = (x, wd, *node.args[2:])
+        else:
+            with ed.graph.inserting_before(node):
+                y = _sliced_gemm(ed, node, q_in, s_in, chunk_mb)
+            node.replace_all_uses_with(y)
+            ed.graph.erase_node(node)
+            sliced += 1
+        ed.drop_input_if_unused(w_node)
+        done.append(fqn)
+        q_bytes += q.numel() + 4 * scale.numel()
+        src_bytes += w.numel() * w.element_size()
+    report = {"quantized": len(done), "gemm_sliced": sliced, "scope": scope, "bytes": [src_bytes, q_bytes]}
+    if not done:
+        return ep, report
+    report["example"] = done[0]
+    return ed.finish(), report
+
+
+def _dequant(ed: ProgramEditor, node, q, s, dtype):
+    """(q.float() * s[:, None]).to(dtype): the pattern `dequantized` recognises."""
+    wd = ed.call(aten._to_copy.default, (q,), {"dtype": torch.float32}, like=node)
+    wd = ed.call(aten.mul.Tensor, (wd, ed.call(aten.unsqueeze.default, (s, 1), like=node)), like=node)
+    return wd if dtype == torch.float32 else ed.call(aten._to_copy.default, (wd,), {"dtype": dtype}, like=node)
+
+
+def _sliced_gemm(ed: ProgramEditor, node, q, s, chunk_mb: float):
+    """linear(x, dequant(q, s), b) in slices of output rows, each dequantised right before its GEMM."""
+    x = node.args[0]
+    b = node.args[2] if len(node.args) > 2 else None
+    dtype = val(x).dtype
+    n_out, k_in = val(q).shape
+    rows = max(1, int(chunk_mb * 2**20 // (torch.finfo(dtype).bits // 8 * k_in)))
+    rows = -(-n_out // -(-n_out // rows))          # equal slices
+    parts = []
+    for start in range(0, n_out, rows):
+        end = min(n_out, start + rows)
+        cut = [ed.call(aten.slice.Tensor, (t, 0, start, end), like=node) for t in (q, s) + ((b,) if b is not None else ())]
+        w = _dequant(ed, node, cut[0], cut[1], dtype)
+        parts.append(ed.call(aten.linear.default, (x, w, *cut[2:]), like=node))
+    return parts[0] if len(parts) == 1 else ed.call(aten.cat.default, (parts, -1), like=node)
