@@ -108,6 +108,14 @@ def check_npu_manifest(manifest: dict, versions: dict, soc: str | None) -> None:
                                 "CANN toolkit, then set om_built in npu_manifest.json")
 
 
+def import_acl():
+    try:
+        import acl  # (pyACL, from the CANN toolkit)
+    except ImportError as e:
+        raise ArtifactError(f"running a BACKEND=npu artifact needs pyACL (`import acl`) from the CANN toolkit: {e}")
+    return acl
+
+
 def _check(ret, what):
     if ret != 0:
         raise RuntimeError(f"ACL {what} failed with error {ret}")
@@ -126,11 +134,7 @@ class NpuSession:
     def open(cls, artifact, rank: int = 0, device_id: int | None = None, acl=None, check_versions: bool = True):
         artifact = Path(artifact)
         manifest = json.loads((artifact / NPU_MANIFEST).read_text())
-        if acl is None:
-            try:
-                import acl  # noqa: F811  (pyACL, from the CANN toolkit)
-            except ImportError as e:
-                raise ArtifactError(f"running a BACKEND=npu artifact needs pyACL (`import acl`) from the CANN toolkit: {e}")
+        acl = acl if acl is not None else import_acl()
         device_id = rank if device_id is None else device_id
         _check(acl.init(), "init")
         _check(acl.rt.set_device(device_id), "rt.set_device")
@@ -289,6 +293,7 @@ def open_npu_engine(artifact, acl=None, check_versions: bool = True, device_id: 
     per_block = KVPool.bytes_per_block(spec.llm.num_layers, spec.rank_kv_heads, spec.llm.head_dim,
                                        spec.buckets.block_size, spec.torch_dtype)
     group = session = None
+    acl = acl if acl is not None else import_acl()      # before any follower is started
     if tp > 1:
         import os
         import sys
