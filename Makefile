@@ -21,7 +21,7 @@ setup: .venv/.installed
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-# BACKEND=npu: SOC=Ascend910B3|Ascend310P3|... (atc --soc_version); torch_npu's autoload is off for it
+# BACKEND=npu: SOC=Ascend910B3|Ascend910_9392|... (atc --soc_version; Atlas A2/A3); torch_npu's autoload is off for it
 # (TORCH_DEVICE_BACKEND_AUTOLOAD=0: with torch_npu installed but no CANN, `import torch` would fail).
 SOC     ?=
 compile: setup

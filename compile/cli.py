@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default=None, choices=["cpu", "cuda", "npu"],
                     help="npu: Ascend, through torch_npu/torchair + atc (compile/backends/npu.py); needs them installed")
     ap.add_argument("--soc", default=None, help="BACKEND=npu: the Ascend SoC for atc --soc_version "
-                                                "(e.g. Ascend910B3, Ascend310P3); default $NPU_SOC")
+                                                "(e.g. Ascend910B3, Ascend910_9392: Atlas A2/A3); default $NPU_SOC")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--out", default=None, help="default: artifacts/<model>-tp<n>-<backend>-<dtype>[-<target>]")
     ap.add_argument("--buckets", default=None,
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
                 raise ValueError(f"TARGET={args.target} is a CPU target; BACKEND=npu takes TARGET=native "
                                  f"(the NPU is chosen with SOC=...)")
             from .backends.npu import check_npu_request
-            check_npu_request(name, args.dtype)      # bf16 refusal, torch_npu/torchair/CANN: before any weight
+            check_npu_request(name, args.dtype, args.soc)   # dtype, SoC, torch_npu/torchair/CANN: before any weight
         work = out.parent / f".{out.name}.work"
         work.mkdir(parents=True, exist_ok=True)
         cfg, weights, tok_dir, source = resolve(args.model, args.weights, args.dtype, work)

@@ -20,6 +20,7 @@ from conftest import checkpoint_dir  # noqa: E402
 from internvl_aot.compile.buckets import Buckets  # noqa: E402
 from internvl_aot.compile.checkpoint import load_checkpoint  # noqa: E402
 from internvl_aot.compile.export import stage_module  # noqa: E402
+from internvl_aot.compile.registry import registry_config  # noqa: E402
 from internvl_aot.graphs import npu_ops  # noqa: E402
 from internvl_aot.graphs.model import build_model  # noqa: E402
 from internvl_aot.graphs.npu_variant import to_npu_variant, uses_npu_ops  # noqa: E402
@@ -455,6 +456,31 @@ def test_compile_backend_npu_refuses_a_cpu_target(tmp_path, capsys):
     assert rc == 2 and "BACKEND=npu takes TARGET=native" in capsys.readouterr().err
 
 
+def test_compile_backend_npu_refuses_fp32_and_unsupported_socs(tmp_path, capsys, monkeypatch):
+    """FIA takes fp16/bf16 only: DTYPE=fp32 is refused before anything (the CLI) and by compile_npu with
+    the real operators; a missing SoC and an Ascend 310 part (FIA and torchair are documented for Atlas
+    A2/A3 only) are refused in one line."""
+    from internvl_aot.compile import cli
+    from internvl_aot.compile.backends import npu as backend
+    rc = cli.main(["--model", "internvl2-1b", "--weights", "random", "--backend", "npu", "--dtype", "fp32",
+                   "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "DTYPE=fp32 is refused" in err and err.count("\n") == 1, err
+    cfg = registry_config("internvl2-1b")
+    with pytest.raises(ValueError, match="DTYPE=fp32 is refused"):
+        backend.compile_npu(cfg, {}, tmp_path, tmp_path / "b", BUCKETS, dtype="fp32", soc="Ascend910B3",
+                            torchair=_FakeTorchair())
+    monkeypatch.delenv("NPU_SOC", raising=False)
+    with pytest.raises(ValueError, match="needs the target SoC"):
+        backend.resolve_soc(None)
+    with pytest.raises(ValueError, match="SOC=Ascend310P3 is refused: .*Atlas A2 / A3") as e:
+        backend.resolve_soc("Ascend310P3")
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv("NPU_SOC", "Ascend910B3")
+    assert backend.resolve_soc(None) == "Ascend910B3" and backend.resolve_soc("Ascend910_9392") == "Ascend910_9392"
+    assert not (tmp_path / "b").exists()
+
+
 def test_bf16_refusal_is_only_for_those_models():
     from internvl_aot.compile.backends.npu import check_dtype
     check_dtype("internvl2-1b", "bf16")
@@ -544,7 +570,7 @@ def test_npu_artifact_writer_with_recorded_exports(internlm2, tiny_checkpoints, 
     atc.write_text("#!/bin/sh\nfor a; do case $a in --output=*) touch \"${a#--output=}.om\";; esac; done\n")
     atc.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
-    m2 = backend.compile_npu(cfg, weights, path, tmp_path / "art2", BUCKETS, dtype="fp16", soc="Ascend310P3",
+    m2 = backend.compile_npu(cfg, weights, path, tmp_path / "art2", BUCKETS, dtype="fp16", soc="Ascend910B4",
                              log=lambda s: None, torchair=_FakeTorchair(), torch_npu=SimpleNamespace(__version__="2.13.0"),
                              ops=npu_ops.stand_ins())
     assert m2["om_built"] is True

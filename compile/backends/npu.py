@@ -117,10 +117,36 @@ def check_dtype(model_name: str, dtype: str) -> None:
                          f"Atlas 300I DUO's Ascend 310P has no bf16); compile with DTYPE=fp16")
 
 
-def check_npu_request(model_name: str, dtype: str) -> None:
-    """Everything BACKEND=npu can refuse before any weight is read: dtype first, then the toolchain."""
+def check_fia_dtype(dtype: str) -> None:
+    """npu_fused_infer_attention_score takes float16 / bfloat16 queries only (torch_npu's API doc):
+    an fp32 NPU graph would not run. (The CPU stand-ins take fp32: the tests compare in it.)"""
+    if dtype == "fp32":
+        raise ValueError("BACKEND=npu with DTYPE=fp32 is refused: the NPU attention (npu_fused_infer_attention_score) "
+                         "takes float16 or bfloat16 only; compile with DTYPE=fp16 (or bf16)")
+
+
+def resolve_soc(soc: str | None) -> str:
+    """The target SoC (SOC=... or $NPU_SOC), refused in one line when missing or when the NPU attention
+    is not documented for it: torch_npu lists npu_fused_infer_attention_score for Atlas A2 / A3 only,
+    and torchair supports Atlas A2 / A3 / 950 (reference §1.1); the Atlas 300I DUO's Ascend 310P is
+    neither (UNCONFIRMED that it fails there: never run by us)."""
+    soc = soc or os.environ.get("NPU_SOC")
+    if not soc:
+        raise ValueError("BACKEND=npu needs the target SoC for atc --soc_version: SOC=Ascend910B3 "
+                         "(Atlas 800I A2), SOC=Ascend910_9392 (Atlas A3), ... (or $NPU_SOC)")
+    if soc.lower().startswith("ascend310"):
+        raise ValueError(f"BACKEND=npu with SOC={soc} is refused: its attention (npu_fused_infer_attention_score) and "
+                         f"torchair are documented for Atlas A2 / A3 (Ascend910B*, Ascend910_93*) only, not for "
+                         f"Ascend 310 parts such as the Atlas 300I DUO's")
+    return soc
+
+
+def check_npu_request(model_name: str, dtype: str, soc: str | None = None) -> None:
+    """Everything BACKEND=npu can refuse before any weight is read: the dtype, the toolchain, the SoC."""
     check_dtype(model_name, dtype)
+    check_fia_dtype(dtype)
     import_torchair()
+    resolve_soc(soc)
 
 
 def eager_npu_engine(cfg: ModelConfig, weights: dict, tokenizer_dir, buckets: Buckets | None = None,
@@ -181,12 +207,11 @@ def compile_npu(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Path,
     """Export every bucket of every rank to .air (+ .om where atc exists). `torchair`/`torch_npu`
     may be passed in (tests pass recording stand-ins); by default they are imported here."""
     check_dtype(cfg.name, dtype)
+    if ops is None:                  # torch_npu's and torchair's operators (the stand-ins also take fp32)
+        check_fia_dtype(dtype)
+    soc = resolve_soc(soc)
     if torchair is None:
         torch_npu, torchair = import_torchair()
-    soc = soc or os.environ.get("NPU_SOC")
-    if not soc:
-        raise ValueError("BACKEND=npu needs the target SoC for atc --soc_version: SOC=Ascend910B3 "
-                         "(Atlas 800I A2), SOC=Ascend310P3 (Atlas 300I DUO), ... (or $NPU_SOC)")
     from ..artifact import copy_tokenizer
     from ..tp import check_tp, fake_process_group, rank_shard
     from ...graphs.parallel import SINGLE, TPInfo
