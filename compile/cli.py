@@ -110,22 +110,28 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="registry name (e.g. internvl2-2b) or a checkpoint directory")
     ap.add_argument("--weights", default=None, help="checkpoint directory, or 'random' for random weights")
     ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--backend", default=None, choices=["cpu", "cuda", "npu"],
-                    help="npu: Ascend, through torch_npu/torchair + atc (compile/backends/npu.py); needs them installed")
+    ap.add_argument("--backend", default=None, choices=["cpu", "cuda", "npu", "onnx"],
+                    help="npu: Ascend, through torch_npu/torchair + atc (compile/backends/npu.py); needs them installed; "
+                         "onnx: ONNX graphs for onnxruntime / Ascend ATC (compile/backends/onnx.py)")
+    ap.add_argument("--opset", type=int, default=18, help="BACKEND=onnx: the ONNX opset (18, or 15 for Ascend ATC)")
     ap.add_argument("--soc", default=None, help="BACKEND=npu: the Ascend SoC for atc --soc_version "
                                                 "(e.g. Ascend910B3, Ascend910_9392: Atlas A2/A3); default $NPU_SOC")
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--out", default=None, help="default: artifacts/<model>-tp<n>-<backend>-<dtype>[-<target>]")
+    ap.add_argument("--out", default=None,
+                    help="default: artifacts/<model>-tp<n>-<backend>-<dtype>[-<quant>][-<target>]")
     ap.add_argument("--buckets", default=None,
                     help="e.g. 'vision=1,4;prefill=64,512;batch=1,2,4,8;context=1024,4096;block_size=32'")
     ap.add_argument("--target", default="native", choices=TARGET_NAMES,
                     help="CPU the artifact is for: native (this box, -march=native) or an x86-64 level "
                          "(x86-64-v3: AVX2+FMA+F16C; x86-64-v4: AVX-512; x86-64-v4-bf16: + AVX512-BF16)")
     ap.add_argument("--passes", default=None, help="comma-separated pass names (default: all); 'none' for none")
+    ap.add_argument("--quant", default="none", choices=["none", "int8"],
+                    help="int8: the LLM's linear weights stored as int8 with per-output-channel scales "
+                         "(weight-only; activations in DTYPE; compile/passes/int8_weights.py)")
     args = ap.parse_args(argv)
     backend = args.backend or default_backend()
     name = Path(args.model).name if Path(args.model).is_dir() else args.model
-    suffix = f"-{args.target}" if args.target != "native" else ""
+    suffix = (f"-{args.quant}" if args.quant != "none" else "") + (f"-{args.target}" if args.target != "native" else "")
     out = Path(args.out or f"artifacts/{name}-tp{args.tp}-{backend}-{args.dtype}{suffix}")
     passes = None if args.passes is None else ([] if args.passes == "none" else args.passes.split(","))
     try:
@@ -138,6 +144,9 @@ def main(argv=None) -> int:
                                  f"(the NPU is chosen with SOC=...)")
             from .backends.npu import check_npu_request
             check_npu_request(name, args.dtype, args.soc)   # dtype, SoC, torch_npu/torchair/CANN: before any weight
+        if backend == "onnx":
+            from .backends.onnx import check_onnx_request
+            check_onnx_request(args.dtype, args.tp, args.opset, args.target)
         work = out.parent / f".{out.name}.work"
         work.mkdir(parents=True, exist_ok=True)
         cfg, weights, tok_dir, source = resolve(args.model, args.weights, args.dtype, work)
@@ -148,7 +157,8 @@ def main(argv=None) -> int:
             return 0
         from .pipeline import compile_model
         compile_model(cfg, weights, Path(tok_dir), out, buckets, dtype=args.dtype, backend=backend, tp=args.tp,
-                      source=source, passes=passes, target=args.target)
+                      source=source, passes=passes, target=args.target, opset=args.opset,
+                      quant=args.quant)
     except (FileNotFoundError, ValueError, NotImplementedError, RuntimeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from .aoti import compile_graphs
 from .artifact import collect_weights, dir_size, write_artifact
 from .buckets import Buckets
 from .export import export_graph
-from .passes import run_passes
+from .passes import pass_list, run_passes
 from .spec import build_spec
 from .tp import (TP_COMPILE_OPTIONS, check_outputs, check_tp, count_collectives, fake_process_group, rank_shard,
                  reuse_compiled)
@@ -28,12 +28,18 @@ from .tp import (TP_COMPILE_OPTIONS, check_outputs, check_tp, count_collectives,
 def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Path, buckets: Buckets,
                   dtype: str = "bf16", backend: str = "cpu", tp: int = 1, source: dict | None = None,
                   passes: list[str] | None = None, log: Callable[[str], None] = print,
-                  target: str = "native") -> dict:
+                  target: str = "native", opset: int = 18, quant: str = "none") -> dict:
     """Checkpoint weights -> artifact directory `out`: per rank, export every bucket graph, run the
     passes, compile (rank 0's packages reused by the other ranks when their programs agree), then
     write the artifact. target: the CPU the artifact is for (runtime/isa.py: native, x86-64-v3,
     x86-64-v4, ...); compile/targets.py applies it to Inductor, and `targets.current()` tells passes
-    about it."""
+    about it. quant: "none" or "int8" (weight-only, compile/passes/int8_weights.py)."""
+    if quant != "none" and backend != "cpu":
+        raise ValueError(f"QUANT={quant} is implemented for BACKEND=cpu only (got BACKEND={backend})")
+    if backend == "onnx":     # ONNX graphs for onnxruntime / ATC: compile/backends/onnx.py
+        from .backends.onnx import compile_onnx
+        return compile_onnx(cfg, weights, tokenizer_dir, out, buckets, dtype=dtype, opset=opset, tp=tp,
+                            source=source, passes=passes, log=log)
     from . import targets
     cpu_target = _check_request(cfg, backend, target, tp, targets)
     t_start = time.perf_counter()
@@ -62,7 +68,7 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
             tpi = TPInfo(r, tp, group_name) if tp > 1 else SINGLE
             rank_weights = weights if tp == 1 else rank_shard(cfg, weights, r, tp)
             model = build_model(cfg, rank_weights, tpi, max_seq_len=buckets.max_context)
-            programs, reports = _export_rank(model, buckets, names, tdtype, device, passes,
+            programs, reports = _export_rank(model, buckets, names, tdtype, device, pass_list(passes, quant),
                                              f" rank {r}" if tp > 1 else "", log, t_start)
             if r == 0:
                 pass_reports = reports
@@ -88,7 +94,8 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
         if decode:
             log(f"[tp] collectives per decode step: {tp_info['collectives'][decode]}")
     compile_s = time.perf_counter() - t_start
-    info = {"seconds": round(compile_s, 1), "passes": pass_reports, "graph_compile_s": graph_s}
+    info = {"seconds": round(compile_s, 1), "passes": pass_reports, "graph_compile_s": graph_s,
+            "lowering": _lowering(cpu_target, backend, tdtype, quant)}
     if tp > 1:
         info["tp"] = tp_info
     write_artifact(out, staging, spec, ranks, Path(tokenizer_dir), source or {}, backend, info, target=target)
@@ -105,6 +112,14 @@ def _check_request(cfg: ModelConfig, backend: str, target: str, tp: int, targets
     if backend == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("BACKEND=cuda needs a visible CUDA device on the compiling machine")
     return cpu_target
+
+
+def _lowering(cpu_target, backend: str, tdtype, quant: str) -> dict:
+    """How the graphs compute, in the manifest's words (the passes' own reports have the details)."""
+    low = tdtype in (torch.bfloat16, torch.float16)
+    gemm = ("native" if not low or backend != "cpu" or cpu_target.native_bf16 else
+            "fp32 from bf16/fp16 storage (target without native bf16: compile/passes/fp32_gemm.py)")
+    return {"quant": quant, "gemm_compute": gemm}
 
 
 def _fresh_staging(out: Path) -> Path:

@@ -1,0 +1,169 @@
+"""BACKEND=onnx: the tiny checkpoint's ONNX artifacts (opset 18 and 15) give the AOTInductor artifact's greedy
+tokens in fp32 (single image, multi-image, text, a mixed-length batch); weights are stored once for all
+graphs; the opset-15 graphs use only opset-15 operators; the KV pool is not copied per call."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")          # the test extra installs onnx, onnxscript and onnxruntime
+pytest.importorskip("onnxruntime")
+
+from conftest import ARTIFACT_BUCKETS, ARTIFACT_CASES, checkpoint_dir  # noqa: E402
+from internvl_aot.compile.buckets import Buckets  # noqa: E402
+from internvl_aot.compile.checkpoint import load_checkpoint  # noqa: E402
+from internvl_aot.compile.pipeline import compile_model  # noqa: E402
+from internvl_aot.runtime.engine import Engine, Request  # noqa: E402
+from internvl_aot.runtime.sampler import SamplingParams  # noqa: E402
+from test_artifact import _requests  # noqa: E402
+from test_graphs_vs_transformers import _image  # noqa: E402
+
+CASE = "internlm2_vit300m"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def onnx_artifact(tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx_artifacts")
+    cache = {}
+
+    def get(opset: int) -> Path:
+        if opset not in cache:
+            spec, fmt = ARTIFACT_CASES[CASE]
+            src = checkpoint_dir(tiny_checkpoints[spec], fmt)
+            cfg, weights = load_checkpoint(src)
+            out = root / f"{CASE}-onnx{opset}"
+            compile_model(cfg, weights, src, out, Buckets.parse(ARTIFACT_BUCKETS), dtype="fp32", backend="onnx",
+                          opset=opset, source={"path": str(src)}, log=lambda m: None)
+            cache[opset] = out
+        return cache[opset]
+
+    return get
+
+
+def _mixed_batch():
+    reqs = [Request(prompt=q, params=SamplingParams(max_new_tokens=n, ignore_eos=True))
+            for q, n in zip(["Hi", "Tell me a long story about the quick brown fox, please.", "Why?"], [5, 17, 9])]
+    reqs.append(Request(prompt="Describe it.", images=[_image(5, 500, 300)], max_tiles=2,
+                        params=SamplingParams(max_new_tokens=11, ignore_eos=True)))
+    return reqs
+
+
+@pytest.mark.parametrize("opset", [18, 15])
+def test_onnx_tokens_equal_aoti(opset, onnx_artifact, tiny_artifact):
+    art = onnx_artifact(opset)
+    ours = Engine.from_artifact(art)
+    aoti = Engine.from_artifact(tiny_artifact(CASE))
+    for reqs in (_requests(), _mixed_batch()):        # single image, multi-image, text; then a mixed batch
+        a, b = ours.generate(reqs), aoti.generate(reqs)
+        for req, x, y in zip(reqs, a, b):
+            assert x.prompt_token_ids == y.prompt_token_ids
+            assert x.output_token_ids == y.output_token_ids, (opset, req.prompt)
+            assert x.num_tiles == y.num_tiles
+    assert [r.num_tiles for r in a] == [[], [], [], [3]]
+    graphs = ours.runner.graphs
+    assert set(graphs) == set(Buckets.parse(ARTIFACT_BUCKETS).graph_names())
+    assert all(g.calls > 0 for g in graphs.values())     # every bucket graph ran through onnxruntime
+
+
+@pytest.mark.parametrize("opset", [18, 15])
+def test_weights_stored_once_and_opset(opset, onnx_artifact, tiny_checkpoints):
+    art = onnx_artifact(opset)
+    manifest = json.loads((art / "manifest.json").read_text())
+    entry = manifest["ranks"][0]
+    data = art / entry["weights"]
+    index = entry["weights_index"]
+    from internvl_aot.graphs.model import build_model
+    spec, fmt = ARTIFACT_CASES[CASE]
+    cfg, weights = load_checkpoint(checkpoint_dir(tiny_checkpoints[spec], fmt))
+    model_bytes = sum(t.numel() * t.element_size() for t in build_model(cfg, weights).state_dict().values())
+    llm = manifest["model"]["config"]["llm"]
+    rope = 2 * max(manifest["buckets"]["context"]) * llm["head_dim"] * 4       # the cos and sin tables
+    # Each distinct tensor once (fused and pre-transposed copies replace their originals, deduplicated by
+    # content across graphs): the model's weights + the RoPE tables + a few small masks. One copy per
+    # graph would be 5x.
+    assert model_bytes < data.stat().st_size <= model_bytes + rope + (64 << 10)
+    external_refs = 0
+    for name, g in entry["graphs"].items():
+        path = art / g["onnx"]
+        m = onnx.load(str(path), load_external_data=False)
+        assert path.stat().st_size < 0.2 * data.stat().st_size, name       # graphs hold no weights
+        assert [o.version for o in m.opset_import if o.domain in ("", "ai.onnx")] == [opset]
+        for init in m.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                loc = {e.key: e.value for e in init.external_data}
+                assert loc["location"] == "weights.bin"
+                key = g["initializers"][init.name]
+                assert int(loc["offset"]) == index[key]["offset"]
+                external_refs += 1
+        for node in m.graph.node:         # every operator exists in this opset in the form used
+            assert onnx.defs.get_schema(node.op_type, opset, node.domain or "").since_version <= opset \
+                or node.op_type in ("Pad",), (name, node.op_type)
+        onnx.checker.check_model(str(path))
+    assert external_refs >= 5 * 10
+    text = (art / "README.md").read_text()
+    assert "atc --framework=5" in text and text.count("atc --framework=5") == len(entry["graphs"])
+
+
+def _vm_hwm() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def test_kv_pool_is_not_copied_per_step(onnx_artifact):
+    """A decode step over a 256 MB pool: peak RSS grows by far less than the pool (a copy of K or V, in or out
+    of onnxruntime, would add 128 MB), the new rows land in the pool in place, and nothing else changes."""
+    from internvl_aot.runtime.onnx.graphs import load_graphs
+    art = onnx_artifact(18)
+    manifest = json.loads((art / "manifest.json").read_text())
+    graphs = load_graphs(art, manifest, threads=1)
+    llm = manifest["model"]["config"]["llm"]
+    bs = manifest["buckets"]["block_size"]
+    kvh, d, layers = llm["num_kv_heads"], llm["head_dim"], llm["num_layers"]
+    blocks = (128 << 20) // (layers * bs * kvh * d * 4)
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((layers, blocks, bs, kvh, d), dtype=np.float32)
+    v = rng.standard_normal((layers, blocks, bs, kvh, d), dtype=np.float32)
+    g = graphs["decode_b4_c2048"]
+    mb = 2048 // bs
+    tables = np.zeros((4, mb), np.int64)
+    tables[:, :3] = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]]
+    pos = np.array([40, 33, 20, 47], np.int64)
+    slots = tables[np.arange(4), pos // bs] * bs + pos % bs
+    args = (np.array([5, 6, 7, 8], np.int64), pos, slots, tables, k, v)
+    k_before, v_before = k.copy(), v.copy()              # (copies made before the peak is reset)
+    g(*args)                                            # warm-up: sessions and arena allocated
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                                    # resets VmHWM to the current RSS
+    base = _vm_hwm()
+    for _ in range(3):
+        logits = g(*args)
+    grown = _vm_hwm() - base
+    assert grown < 32 << 20, f"peak RSS grew {grown / 2**20:.0f} MB over a {2 * k.nbytes / 2**20:.0f} MB pool"
+    assert logits.shape == (4, llm["vocab_size"])
+    blk, off = slots // bs, slots % bs
+    changed = np.zeros(k.shape[1:3], bool)
+    changed[blk, off] = True
+    assert not np.array_equal(k[:, blk, off], k_before[:, blk, off])           # the rows were written ...
+    assert np.array_equal(k[:, ~changed], k_before[:, ~changed])               # ... and nothing else
+    assert np.array_equal(v[:, ~changed], v_before[:, ~changed])
+
+
+def test_onnx_refusals():
+    from internvl_aot.compile.backends.onnx import check_onnx_request
+    with pytest.raises(ValueError, match="bf16"):
+        check_onnx_request("bf16", 1, 18)
+    with pytest.raises(ValueError, match="TP=1"):
+        check_onnx_request("fp32", 2, 18)
+    with pytest.raises(ValueError, match="OPSET"):
+        check_onnx_request("fp32", 1, 19)
+    with pytest.raises(ValueError, match="TARGET"):
+        check_onnx_request("fp32", 1, 18, "x86-64-v3")
