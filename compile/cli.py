@@ -143,7 +143,7 @@ def main(argv=None) -> int:
                 raise ValueError(f"TARGET={args.target} is a CPU target; BACKEND=npu takes TARGET=native "
                                  f"(the NPU is chosen with SOC=...)")
             from .backends.npu import check_npu_request
-            check_npu_request(name, args.dtype, args.soc)   # dtype, SoC, torch_npu/torchair/CANN: before any weight
+            check_npu_request(name, args.dtype, args.soc, buckets)   # dtype, toolchain, block size, SoC: before any weight
         if backend == "onnx":
             from .backends.onnx import check_onnx_request
             check_onnx_request(args.dtype, args.tp, args.opset, args.target)

@@ -458,8 +458,9 @@ def test_compile_backend_npu_refuses_a_cpu_target(tmp_path, capsys):
 
 def test_compile_backend_npu_refuses_fp32_and_unsupported_socs(tmp_path, capsys, monkeypatch):
     """FIA takes fp16/bf16 only: DTYPE=fp32 is refused before anything (the CLI) and by compile_npu with
-    the real operators; a missing SoC and an Ascend 310 part (FIA and torchair are documented for Atlas
-    A2/A3 only) are refused in one line."""
+    the real operators, as is a block size FIA's paged prefill does not take (128..512 by 128); a
+    missing SoC and an Ascend 310 part (FIA and torchair are documented for Atlas A2/A3 only) are
+    refused in one line."""
     from internvl_aot.compile import cli
     from internvl_aot.compile.backends import npu as backend
     rc = cli.main(["--model", "internvl2-1b", "--weights", "random", "--backend", "npu", "--dtype", "fp32",
@@ -470,6 +471,10 @@ def test_compile_backend_npu_refuses_fp32_and_unsupported_socs(tmp_path, capsys,
     with pytest.raises(ValueError, match="DTYPE=fp32 is refused"):
         backend.compile_npu(cfg, {}, tmp_path, tmp_path / "b", BUCKETS, dtype="fp32", soc="Ascend910B3",
                             torchair=_FakeTorchair())
+    with pytest.raises(ValueError, match="block_size=16: .* 128, 256, 384 or 512"):
+        backend.compile_npu(cfg, {}, tmp_path, tmp_path / "b", BUCKETS, dtype="fp16", soc="Ascend910B3",
+                            torchair=_FakeTorchair())
+    backend.check_npu_buckets(Buckets(block_size=128, context=(1024,)))
     monkeypatch.delenv("NPU_SOC", raising=False)
     with pytest.raises(ValueError, match="needs the target SoC"):
         backend.resolve_soc(None)

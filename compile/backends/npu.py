@@ -141,11 +141,27 @@ def resolve_soc(soc: str | None) -> str:
     return soc
 
 
-def check_npu_request(model_name: str, dtype: str, soc: str | None = None) -> None:
-    """Everything BACKEND=npu can refuse before any weight is read: the dtype, the toolchain, the SoC."""
+FIA_BLOCK_SIZES = (128, 256, 384, 512)
+
+
+def check_npu_buckets(buckets: Buckets) -> None:
+    """torch_npu's API doc for npu_fused_infer_attention_score with a block_table: for more than one
+    query per row (our prefill chunks) block_size is a multiple of 128 from 128 to 512; for one (decode)
+    a multiple of 16, 128 recommended. One pool serves both, so 128..512 in steps of 128."""
+    if buckets.block_size not in FIA_BLOCK_SIZES:
+        raise ValueError(f"BACKEND=npu is refused with block_size={buckets.block_size}: the NPU's paged attention "
+                         f"(npu_fused_infer_attention_score) takes a block size of 128, 256, 384 or 512 for prefill "
+                         f"chunks; add block_size=128 to BUCKETS")
+
+
+def check_npu_request(model_name: str, dtype: str, soc: str | None = None, buckets: Buckets | None = None) -> None:
+    """Everything BACKEND=npu can refuse before any weight is read: the dtype, the toolchain, the
+    buckets' block size, the SoC."""
     check_dtype(model_name, dtype)
     check_fia_dtype(dtype)
     import_torchair()
+    if buckets is not None:
+        check_npu_buckets(buckets)
     resolve_soc(soc)
 
 
@@ -207,8 +223,9 @@ def compile_npu(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Path,
     """Export every bucket of every rank to .air (+ .om where atc exists). `torchair`/`torch_npu`
     may be passed in (tests pass recording stand-ins); by default they are imported here."""
     check_dtype(cfg.name, dtype)
-    if ops is None:                  # torch_npu's and torchair's operators (the stand-ins also take fp32)
+    if ops is None:                  # torch_npu's and torchair's operators (the stand-ins take any)
         check_fia_dtype(dtype)
+        check_npu_buckets(buckets)
     soc = resolve_soc(soc)
     if torchair is None:
         torch_npu, torchair = import_torchair()
