@@ -1,9 +1,12 @@
-"""The Ascend NPU graph variant on CPU (issue 21), through the CPU stand-ins of the NPU operators
+"""The Ascend NPU backend on CPU (issue 21), through CPU stand-ins of the NPU operators
 (graphs/npu_ops.py, graphs/npu_variant.py): the stage graphs equal ours (logits and KV writes within
-1e-4, fp32), the Engine gives identical greedy tokens for single-image, multi-image and text prompts,
-and the variant passes torch.compile(backend="aot_eager", fullgraph=True, dynamic=False) and
-torch.export with the NPU operators kept as single nodes. Nothing here needs an NPU, CANN,
-torch_npu or torchair; the tests that would are marked `npu` and skipped with the reason.
+1e-4, fp32), FIA gets the real per-step lengths as data and needs them, the Engine gives identical
+greedy tokens for single-image, multi-image and text prompts at TP=1 and TP=2 over gloo, and the
+variant passes torch.compile(backend="aot_eager", fullgraph=True, dynamic=False) and torch.export
+with the NPU operators kept as single nodes. BACKEND=npu: the refusals, the artifact writer against
+a recording torchair and a stand-in atc, the ACL runtime against a simulated pyACL (TP=1, and TP=2
+with the follower rank in its own process on its own device). Nothing here needs an NPU, CANN,
+torch_npu or torchair; the test that would is marked `npu` and skipped with the reason.
 """
 import json
 import os
@@ -503,19 +506,27 @@ class _FakeTorchair:
             self.export = types.SimpleNamespace(experimental=types.SimpleNamespace(auto_atc_config_generated=False))
 
     def __init__(self, trace=()):
-        self.calls, self.trace = [], set(trace)
+        self.calls, self.places, self.trace = [], [], set(trace)
 
     def dynamo_export(self, *args, model, export_path, export_name, dynamic, config):
         """For the graphs in `trace`, what the real one does before handing the graph to GE
         (reference §1.6): torch.compile(model, fullgraph=True, dynamic=False) called once under
-        no_grad on the CPU example inputs, here with aot_eager in place of torchair's backend."""
+        no_grad on the CPU example inputs, here with aot_eager in place of torchair's backend.
+        Writes where torchair's export_utils does: <export_path>/<name>.air, or with a process group
+        <export_path>/rank_<rank>/<name><rank>.air (a relative export_path is relative to the cwd)."""
+        import torch.distributed as dist
+        rank = dist.get_rank() if dist.is_initialized() else None
         self.calls.append((export_name, [tuple(a.shape) for a in args], dynamic, type(model).__name__))
+        self.places.append((export_path, os.getcwd(), rank, getattr(model, "language_model", None)
+                            and model.language_model.tp.rank))
         if export_name in self.trace:
             torch._dynamo.reset()
             with torch.no_grad():
                 torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=dynamic)(*args)
             torch._dynamo.reset()
-        Path(export_path, f"{export_name}.air").write_text("placeholder")
+        sub = Path(export_path) if rank is None else Path(export_path, f"rank_{rank}")
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / (f"{export_name}.air" if rank is None else f"{export_name}{rank}.air")).write_text("placeholder")
 
 
 def test_npu_artifact_writer_with_recorded_exports(internlm2, tiny_checkpoints, tmp_path, monkeypatch):
@@ -541,6 +552,8 @@ def test_npu_artifact_writer_with_recorded_exports(internlm2, tiny_checkpoints, 
     art = tmp_path / "art"
     names = BUCKETS.graph_names()
     assert [c[0] for c in fake.calls] == names and all(c[2] is False for c in fake.calls)
+    assert all(p == f"rank0/{n}" and Path(cwd).name == ".art.partial" and rank is None
+               for (p, cwd, rank, _), n in zip(fake.places, names))       # relative to the artifact's root
     blocks = backend.default_num_blocks(BUCKETS)
     pool = (cfg.llm.num_layers, blocks, 16, cfg.llm.num_kv_heads, cfg.llm.head_dim)
     dec = dict((c[0], c[1]) for c in fake.calls)["decode_b4_c256"]
@@ -762,7 +775,7 @@ def simulated_npu_from_env():
     return _SimulatedNpu(cfg, weights, f"{os.environ['NPU_SIM_LOG']}.{os.getpid()}")
 
 
-def _compile_npu_artifact(cfg, weights, path, out, tmp_path, monkeypatch, tp=1):
+def _compile_npu_artifact(cfg, weights, path, out, tmp_path, monkeypatch, tp=1, torchair=None):
     """compile_npu with recorded exports and a stand-in atc on the PATH (it touches each .om)."""
     from types import SimpleNamespace
 
@@ -775,7 +788,7 @@ def _compile_npu_artifact(cfg, weights, path, out, tmp_path, monkeypatch, tp=1):
     monkeypatch.delenv("ASCEND_TOOLKIT_HOME", raising=False)
     monkeypatch.delenv("ASCEND_HOME_PATH", raising=False)
     return backend.compile_npu(cfg, weights, path, out, ENGINE_BUCKETS, dtype="fp32", soc="Ascend910B3", tp=tp,
-                               log=lambda s: None, torchair=_FakeTorchair(),
+                               log=lambda s: None, torchair=torchair or _FakeTorchair(),
                                torch_npu=SimpleNamespace(__version__="2.13.0"), ops=npu_ops.stand_ins())
 
 
@@ -827,8 +840,14 @@ def test_tp2_engine_over_the_acl_loader_each_rank_on_its_own_device(internlm2, t
     from internvl_aot.runtime.backends.npu import open_npu_engine
     cfg, weights = internlm2
     path = checkpoint_dir(tiny_checkpoints["llama_vit300m"], "internlm2")
-    m = _compile_npu_artifact(cfg, weights, path, tmp_path / "art", tmp_path, monkeypatch, tp=2)
+    torchair = _FakeTorchair()
+    m = _compile_npu_artifact(cfg, weights, path, tmp_path / "art", tmp_path, monkeypatch, tp=2, torchair=torchair)
     assert [sorted(r["graphs"]) for r in m["ranks"]] == [sorted(m["graphs"])] * 2
+    # each rank exported in a process group where it is that rank, as torchair names the files by it
+    assert {(rank, model_rank) for _, _, rank, model_rank in torchair.places} == {(0, 0), (1, 1), (0, None), (1, None)}
+    assert all(not Path(p).is_absolute() and Path(cwd).name == ".art.partial" for p, cwd, _, _ in torchair.places)
+    for r in (0, 1):
+        assert m["ranks"][r]["graphs"]["decode_b4_c1024"]["air"] == f"rank{r}/decode_b4_c1024/rank_{r}/decode_b4_c1024{r}.air"
     fake = tmp_path / "fake_acl"
     fake.mkdir()
     (fake / "acl.py").write_text("import sys\nimport test_npu\nsys.modules[__name__] = test_npu.simulated_npu_from_env()\n")

@@ -20,6 +20,7 @@ project never imports it unless BACKEND=npu.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -209,6 +210,34 @@ def example_args(inputs: list[dict]) -> tuple:
     return tuple(out)
 
 
+@contextlib.contextmanager
+def _rank_group(rank: int, world: int):
+    """World size 1: nothing (yields ""). Otherwise a fake process group of `world` in which this
+    process is `rank`, for the graphs' collectives and torchair's per-rank export; yields its name."""
+    if world == 1:
+        yield ""
+        return
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    if dist.is_initialized():
+        raise RuntimeError("compiling a TP artifact needs a process without an initialized process group")
+    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    try:
+        yield dist.group.WORLD.group_name
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _cwd(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def atc_command(air: str, om_stem: str, soc: str, external_weight: bool) -> list[str]:
     cmd = ["atc", "--framework=1", f"--model={air}", f"--output={om_stem}", f"--soc_version={soc}"]
     if external_weight:
@@ -230,9 +259,8 @@ def compile_npu(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Path,
     if torchair is None:
         torch_npu, torchair = import_torchair()
     from ..artifact import copy_tokenizer
-    from ..tp import check_tp, fake_process_group, rank_shard
+    from ..tp import check_tp, rank_shard
     from ...graphs.parallel import SINGLE, TPInfo
-    import contextlib
     if tp > 1:
         check_tp(cfg, tp)
     t0 = time.perf_counter()
@@ -250,9 +278,14 @@ def compile_npu(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Path,
     from ...graphs.npu_ops import OpSet
     # torch_npu's operators and torchair.ops' FIA (torch.ops.air exists once torchair is imported)
     npu_ops = ops if ops is not None else OpSet(torch.ops.npu, torch.ops.air)
-    with (fake_process_group(tp) if tp > 1 else contextlib.nullcontext("")) as group_name:
-        spec = build_spec(cfg, buckets, dtype, Tokenizer.from_dir(tokenizer_dir), TPInfo(0, tp, group_name))
-        for r in range(tp):
+    spec = None
+    for r in range(tp):
+        # One fake group per rank, with that rank: torchair names a TP export after
+        # torch.distributed.get_rank() (<export_path>/rank_<r>/<name><r>.air) and writes
+        # model_relation_config.json on rank 0 only.
+        with _rank_group(r, tp) as group_name:
+            if spec is None:
+                spec = build_spec(cfg, buckets, dtype, Tokenizer.from_dir(tokenizer_dir), TPInfo(0, tp, group_name))
             tpi = TPInfo(r, tp, group_name) if tp > 1 else SINGLE
             model = build_model(cfg, weights if tp == 1 else rank_shard(cfg, weights, r, tp), tpi,
                                 max_seq_len=buckets.max_context)
@@ -266,11 +299,14 @@ def compile_npu(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Path,
                 config = torchair.CompilerConfig()
                 if tp > 1:
                     config.export.experimental.auto_atc_config_generated = True
-                with torch.no_grad():
+                # A relative export path, from the artifact's root: the FileConstant weight files of
+                # a graph past 2 GB are then named relative to it (an absolute path would name the
+                # staging directory, which is renamed), and atc runs from there (reference §1.6).
+                with torch.no_grad(), _cwd(staging):
                     torchair.dynamo_export(*example_args(inputs), model=stage_module(model, name),
-                                           export_path=str(staging / gdir), export_name=name, dynamic=False,
+                                           export_path=str(gdir), export_name=name, dynamic=False,
                                            config=config)
-                airs = sorted((staging / gdir).glob("*.air"))
+                airs = sorted((staging / gdir).rglob("*.air"))
                 if not airs:
                     raise RuntimeError(f"torchair.dynamo_export wrote no .air for {name} in {staging / gdir}")
                 air = airs[0].relative_to(staging)
