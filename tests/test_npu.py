@@ -512,8 +512,9 @@ class _FakeTorchair:
         """For the graphs in `trace`, what the real one does before handing the graph to GE
         (reference §1.6): torch.compile(model, fullgraph=True, dynamic=False) called once under
         no_grad on the CPU example inputs, here with aot_eager in place of torchair's backend.
-        Writes where torchair's export_utils does: <export_path>/<name>.air, or with a process group
-        <export_path>/rank_<rank>/<name><rank>.air (a relative export_path is relative to the cwd)."""
+        Writes where torchair's docs say (dynamo_export.md, 产物说明): <export_path>/<name>.air, or with a
+        process group <export_path>/<name><rank>.air with rank_<rank>/ beside it (a relative
+        export_path is relative to the cwd)."""
         import torch.distributed as dist
         rank = dist.get_rank() if dist.is_initialized() else None
         self.calls.append((export_name, [tuple(a.shape) for a in args], dynamic, type(model).__name__))
@@ -524,9 +525,13 @@ class _FakeTorchair:
             with torch.no_grad():
                 torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=dynamic)(*args)
             torch._dynamo.reset()
-        sub = Path(export_path) if rank is None else Path(export_path, f"rank_{rank}")
+        root = Path(export_path)
+        sub = root if rank is None else root / f"rank_{rank}"          # dynamo.pbtxt and weight files
         sub.mkdir(parents=True, exist_ok=True)
-        (sub / (f"{export_name}.air" if rank is None else f"{export_name}{rank}.air")).write_text("placeholder")
+        (sub / "dynamo.pbtxt").write_text("placeholder")
+        (root / (f"{export_name}.air" if rank is None else f"{export_name}{rank}.air")).write_text("placeholder")
+        if rank == 0 and config.export.experimental.auto_atc_config_generated:
+            (root / "model_relation_config.json").write_text("{}")
 
 
 def test_npu_artifact_writer_with_recorded_exports(internlm2, tiny_checkpoints, tmp_path, monkeypatch):
@@ -552,7 +557,7 @@ def test_npu_artifact_writer_with_recorded_exports(internlm2, tiny_checkpoints, 
     art = tmp_path / "art"
     names = BUCKETS.graph_names()
     assert [c[0] for c in fake.calls] == names and all(c[2] is False for c in fake.calls)
-    assert all(p == f"rank0/{n}" and Path(cwd).name == ".art.partial" and rank is None
+    assert all(p == f"air/{n}" and Path(cwd).name == ".art.partial" and rank is None
                for (p, cwd, rank, _), n in zip(fake.places, names))       # relative to the artifact's root
     blocks = backend.default_num_blocks(BUCKETS)
     pool = (cfg.llm.num_layers, blocks, 16, cfg.llm.num_kv_heads, cfg.llm.head_dim)
@@ -563,7 +568,7 @@ def test_npu_artifact_writer_with_recorded_exports(internlm2, tiny_checkpoints, 
     assert m["om_built"] is False and m["hardware_tested"] is False
     lines = (art / "atc_commands.sh").read_text().splitlines()
     cmds = [ln for ln in lines if ln.startswith("atc ")]
-    assert cmds[0] == f"atc --framework=1 --model=rank0/{names[0]}/{names[0]}.air --output=rank0/{names[0]}/{names[0]} " \
+    assert cmds[0] == f"atc --framework=1 --model=air/{names[0]}/{names[0]}.air --output=rank0/{names[0]}/{names[0]} " \
                       "--soc_version=Ascend910B3"
     assert len(cmds) == len(names)
     saved = json.loads((art / "npu_manifest.json").read_text())
@@ -847,7 +852,9 @@ def test_tp2_engine_over_the_acl_loader_each_rank_on_its_own_device(internlm2, t
     assert {(rank, model_rank) for _, _, rank, model_rank in torchair.places} == {(0, 0), (1, 1), (0, None), (1, None)}
     assert all(not Path(p).is_absolute() and Path(cwd).name == ".art.partial" for p, cwd, _, _ in torchair.places)
     for r in (0, 1):
-        assert m["ranks"][r]["graphs"]["decode_b4_c1024"]["air"] == f"rank{r}/decode_b4_c1024/rank_{r}/decode_b4_c1024{r}.air"
+        assert m["ranks"][r]["graphs"]["decode_b4_c1024"]["air"] == f"air/decode_b4_c1024/decode_b4_c1024{r}.air"
+    assert (tmp_path / "art" / "air" / "decode_b4_c1024" / "model_relation_config.json").is_file()
+    assert "TP>1: the graphs hold HcomAllReduce" in (tmp_path / "art" / "atc_commands.sh").read_text()
     fake = tmp_path / "fake_acl"
     fake.mkdir()
     (fake / "acl.py").write_text("import sys\nimport test_npu\nsys.modules[__name__] = test_npu.simulated_npu_from_env()\n")

@@ -293,7 +293,7 @@ def compile_npu(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Path,
             wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
             graphs = {}
             for i, name in enumerate(names, 1):
-                gdir = Path(f"rank{r}") / name
+                gdir, adir = Path(f"rank{r}") / name, Path("air") / name
                 (staging / gdir).mkdir(parents=True)
                 inputs = npu_inputs(model, buckets, name, tdtype, num_blocks)
                 config = torchair.CompilerConfig()
@@ -302,14 +302,16 @@ def compile_npu(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Path,
                 # A relative export path, from the artifact's root: the FileConstant weight files of
                 # a graph past 2 GB are then named relative to it (an absolute path would name the
                 # staging directory, which is renamed), and atc runs from there (reference §1.6).
+                # Every rank of a graph exports into one folder, as torchair lays a TP export out:
+                # air/<name>/<name><r>.air, rank_<r>/ (its weights), model_relation_config.json.
                 with torch.no_grad(), _cwd(staging):
                     torchair.dynamo_export(*example_args(inputs), model=stage_module(model, name),
-                                           export_path=str(gdir), export_name=name, dynamic=False,
+                                           export_path=str(adir), export_name=name, dynamic=False,
                                            config=config)
-                airs = sorted((staging / gdir).rglob("*.air"))
-                if not airs:
-                    raise RuntimeError(f"torchair.dynamo_export wrote no .air for {name} in {staging / gdir}")
-                air = airs[0].relative_to(staging)
+                air = adir / (f"{name}{r}.air" if tp > 1 else f"{name}.air")
+                if not (staging / air).is_file():
+                    raise RuntimeError(f"torchair.dynamo_export did not write {air} (found: "
+                                       f"{sorted(str(a.relative_to(staging)) for a in (staging / adir).rglob('*.air'))})")
                 om_stem = str(gdir / name)
                 cmd = atc_command(str(air), om_stem, soc, wbytes > GRAPH_LIMIT_BYTES)
                 commands.append(cmd)
@@ -322,8 +324,12 @@ def compile_npu(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Path,
                 log(f"[npu export rank {r} {i}/{len(names)}] {name}: {air} ({time.perf_counter() - t0:.0f} s)")
             ranks.append({"graphs": graphs})
     script = staging / "atc_commands.sh"
+    tp_note = ("" if tp == 1 else
+               "# TP>1: the graphs hold HcomAllReduce; torchair wrote model_relation_config.json and numa_config.json\n"
+               "# (templates to edit: ATC's --model_relation_config / --cluster_config) next to each graph's .air files.\n"
+               "# UNCONFIRMED (never run by us) whether one atc per rank, as below, is what HCCL needs.\n")
     script.write_text("#!/bin/sh\n# Run from this directory on a machine with the CANN toolkit "
-                      "(`source <CANN>/set_env.sh` first): .air -> .om, one per graph.\nset -e\n"
+                      "(`source <CANN>/set_env.sh` first): .air -> .om, one per graph.\n" + tp_note + "set -e\n"
                       + "".join(shlex.join(c) + "\n" for c in commands))
     script.chmod(0o755)
     copy_tokenizer(Path(tokenizer_dir), staging / "tokenizer")
