@@ -364,8 +364,22 @@ def _has_torch_npu():
     return importlib.util.find_spec("torch_npu") is not None
 
 
-npu = pytest.mark.skipif(True, reason="needs an Ascend NPU with CANN, torch_npu and torchair: none on our machines "
-                                      "(the NPU path has not been run on hardware by us)")
+def _npu_box() -> bool:
+    """pyACL, atc, torch_npu and torchair all there (an Ascend box with CANN)."""
+    import importlib.util
+    import shutil
+    if importlib.util.find_spec("acl") is None or shutil.which("atc") is None or not _has_torch_npu():
+        return False
+    from internvl_aot.compile.backends.npu import NpuUnavailable, import_torchair
+    try:
+        import_torchair()
+    except NpuUnavailable:
+        return False
+    return True
+
+
+npu = pytest.mark.skipif(not _npu_box(), reason="needs an Ascend NPU with CANN (pyACL, atc), torch_npu and torchair: "
+                                                "none on our machines (the NPU path has not been run on hardware by us)")
 
 
 def test_compile_backend_npu_refuses_without_torch_npu(tmp_path, capsys):
@@ -900,9 +914,26 @@ def test_rank_devices():
 
 
 @npu
-def test_om_graphs_on_an_npu_equal_the_cpu_stand_ins():
-    """On an Atlas 800I A2 / 300I DUO: compile BACKEND=npu, run each .om through the ACL loader and compare
-    with the NPU variant on the CPU stand-ins. Never run by us."""
+def test_om_graphs_on_an_npu_equal_the_cpu_stand_ins(internlm2, tiny_checkpoints, tmp_path):
+    """On an Atlas A2 / A3 box: compile BACKEND=npu (real torchair and atc, fp16, block size 128), open it
+    through the real pyACL and compare greedy tokens with the NPU variant on the CPU stand-ins in fp16.
+    Written against the documented APIs; never run by us (no NPU here)."""
+    import acl
+
+    from internvl_aot.compile.backends.npu import compile_npu, eager_npu_engine
+    from internvl_aot.runtime.backends.npu import open_npu_engine
+    cfg, weights = internlm2
+    path = checkpoint_dir(tiny_checkpoints["llama_vit300m"], "internlm2")
+    bk = Buckets(vision=(1,), prefill=(128,), batch=(1, 4), context=(1024,), block_size=128)
+    acl.init()
+    soc = acl.get_soc_name()
+    acl.finalize()
+    compile_npu(cfg, weights, path, tmp_path / "art", bk, dtype="fp16", soc=soc, log=print)
+    reqs = [_requests()[0], _requests()[2]]
+    with open_npu_engine(tmp_path / "art") as engine:
+        got = engine.generate(reqs)
+    want = eager_npu_engine(cfg, weights, path, bk, dtype="fp16").generate(reqs)
+    assert [g.output_token_ids for g in got] == [w.output_token_ids for w in want]
 
 
 # ================================================================ TP=2 with gloo (real processes)

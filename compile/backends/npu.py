@@ -98,6 +98,7 @@ def import_torchair():
                                                  f"torch {torch_base_version()}"))
     try:
         import torchair
+        import torchair.ops  # noqa: F401  (defines torch.ops.air.npu_fused_infer_attention_score)
     except Exception as e:
         raise NpuUnavailable(unavailable_message(f"`import torchair` failed ({type(e).__name__}: {e})")) from None
     return torch_npu, torchair
