@@ -70,6 +70,11 @@ def parse_args(argv=None):
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument("--out", default=".", help="directory for benchmark.csv and benchmark.json")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every engine (default: torch's)")
+    ap.add_argument("--background-load", type=int, default=0,
+                    help="busy processes beside the engines for the whole run (a shared box; bench/background.py)")
+    ap.add_argument("--background-nice", type=int, default=0, help="their nice level (default 0; 19: polite)")
+    ap.add_argument("--omp-wait", default=None, choices=["active", "passive"],
+                    help="OMP_WAIT_POLICY of the engine processes (default: the environment's)")
     ap.add_argument("--kv-cache-gb", type=float, default=None, help="our KV pool (default: sized to the buckets)")
     ap.add_argument("--skip-verify", action="store_true", help="skip the sha256 check of the artifact")
     ap.add_argument("--device", default=None, help="device for the transformers runs (default: cuda if present)")
@@ -176,6 +181,12 @@ def run_llamacpp(base: dict, art: Path, work: Path, types: list[str], gguf_dir: 
     inputs_json = work / "inputs.json"
     inputs_json.write_text(json.dumps({"prompt_ids": list(map(int, inputs["prompt_ids"])),
                                        "num_tiles": list(map(int, inputs["num_tiles"]))}))
+    # Our greedy tokens for the text-only prompt: what the llama.cpp rows' match_tokens compare with.
+    text_json = work / "ours_text.json"
+    (work / "ours_text.spec.json").write_text(json.dumps(base))
+    if subprocess.run([sys.executable, "-m", "internvl_aot.bench.llamacpp", "--ours-text",
+                       str(work / "ours_text.spec.json"), str(text_json)]).returncode != 0:
+        print("[bench] warning: our text-only run failed: llama.cpp rows get no match_tokens", file=sys.stderr)
     rows = []
     for qtype in types:
         engine = f"llama.cpp-{qtype}"
@@ -183,8 +194,16 @@ def run_llamacpp(base: dict, art: Path, work: Path, types: list[str], gguf_dir: 
         if path is None:
             rows.append({"engine": engine, "dtype": qtype, "error": info["error"]})
             continue
-        spec = dict(base, engine=engine, gguf_type=qtype, gguf=str(path), inputs_json=str(inputs_json))
+        spec = dict(base, engine=engine, gguf_type=qtype, gguf=str(path), inputs_json=str(inputs_json),
+                    ours_text=str(text_json) if text_json.exists() else None)
         got = run_worker(spec, work, engine, module="internvl_aot.bench.llamacpp")
+        if any("signal 4" in r.get("error", "") for r in got):
+            # SIGILL: seen on an AMX box (a VM, 2026-12-01): llama.cpp's AMX q8_0 kernels die at their
+            # first tileloadd. Run again without llama.cpp's extra weight layouts (AMX and REPACK).
+            print(f"[bench] {engine} died of SIGILL (llama.cpp's AMX kernels?): again with use_extra_bufts=False",
+                  file=sys.stderr)
+            got = run_worker(dict(spec, extra_bufts=False), work, engine + "-noextra",
+                             module="internvl_aot.bench.llamacpp")
         for r in got:
             r.update(dtype=qtype, gguf_export_s=info.get("seconds"))
         rows += got
@@ -232,7 +251,9 @@ def finish_rows(rows: list[dict], manifest: dict, copy_gbs: float) -> list[dict]
         r["rss_over_weights_kv"] = _ratio(r["peak_rss_mb"], r["weights_mb"] + r["kv_mb"])
         o = ours.get(r["batch_size"])
         if r["engine"] != "ours" and o is not None:
-            r["match_tokens"] = _common_prefix(o["output_ids"], r["output_ids"])
+            # llama.cpp rows: agreement on the text-only prompt (the image positions differ: bench/llamacpp.py)
+            r["match_tokens"] = (r.get("match_tokens_text") if r["engine"].startswith("llama.cpp")
+                                 else _common_prefix(o["output_ids"], r["output_ids"]))
             r["ratio_ttft"] = _ratio(o["ttft_s"], r["ttft_s"])
             r["ratio_decode_tok_s"] = _ratio(o["decode_tok_s"], r["decode_tok_s"])
             r["ratio_e2e_tok_s"] = _ratio(o["e2e_tok_s"], r["e2e_tok_s"])
@@ -339,7 +360,10 @@ def main(argv=None) -> int:
     print(f"[bench] copy bandwidth {bw['copy_gbs']} GB/s (2 x bytes / s)"
           + (f", read {bw['read_gbs']} GB/s" if "read_gbs" in bw else ""), file=sys.stderr, flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="internvl-bench-") as tmp:
+    from .background import background_load, omp_env
+    omp_env(args.omp_wait)
+    with tempfile.TemporaryDirectory(prefix="internvl-bench-") as tmp, \
+            background_load(args.background_load, args.background_nice) as neighbours:
         work = Path(tmp)
         image = Path(args.image) if args.image else synthetic_image(work / "image.png")
         base = {"artifact": str(art.resolve()), "batch_sizes": batch_sizes, "output_tokens": args.output_tokens,
@@ -376,6 +400,9 @@ def main(argv=None) -> int:
                          "buckets": manifest["buckets"], "source": manifest.get("source"),
                          "device": manifest.get("device")},
             "settings": {k: base[k] for k in ("batch_sizes", "output_tokens", "max_tiles", "prompt", "threads")},
+            "background_load": {k: v for k, v in neighbours.items() if k != "pids"},
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(libgomp default)"),
+            "lowering": manifest.get("compile", {}).get("lowering"),
             "rows": rows}
     lc = next((r for r in rows if r.get("engine", "").startswith("llama.cpp") and "system_info" in r), None)
     if lc:

@@ -18,8 +18,14 @@ Per batch size B, after one warm-up request:
   logits are read directly, no sampler chain); the step's duration is one per-token latency.
 The KV cache is one unified pool (kv_unified) of B x (prompt + N) tokens, cleared between rows.
 
-No torch in this process (its import would add to llama.cpp's peak RSS): the few statistics
-helpers of bench/measure.py are repeated here.
+Token agreement (`match_tokens`): with an image the two engines get different inputs at the
+image positions, so the benchmark's prompt cannot be compared token for token. Instead our
+engine first generates N greedy tokens for the text-only prompt (`--ours-text`, its own process),
+and each llama.cpp worker runs the same prompt ids greedy: `match_tokens` of a llama.cpp row is
+the leading tokens equal to ours there (with an fp32 artifact and f32 GGUF, all N expected).
+
+No torch in the llama.cpp process (its import would add to llama.cpp's peak RSS): the few
+statistics helpers of bench/measure.py are repeated here.
 """
 from __future__ import annotations
 
@@ -88,7 +94,7 @@ def _step_stats(step_s: list[float], tokens: list[int]) -> dict:
 class LlamaCpp:
     """One model and one context, driven token id by token id."""
 
-    def __init__(self, gguf_path: str, threads: int, n_ctx: int, n_seq: int):
+    def __init__(self, gguf_path: str, threads: int, n_ctx: int, n_seq: int, extra_bufts: bool = True):
         import llama_cpp as L
         self.L = L
         L.llama_backend_init()
@@ -96,6 +102,7 @@ class LlamaCpp:
         L.llama_log_set(self._log, None)
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = 0
+        mp.use_extra_bufts = extra_bufts   # False: no AMX / REPACK weight layouts (see bench/cli.py)
         self.model = L.llama_model_load_from_file(gguf_path.encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf_path}: {self.last_error}")
@@ -115,7 +122,7 @@ class LlamaCpp:
     last_error = ""
 
     def _on_log(self, level, text, _user):
-        if level >= 4:  # GGML_LOG_LEVEL_ERROR
+        if level == 4:  # GGML_LOG_LEVEL_ERROR (5, CONT, continues any level: progress dots)
             msg = text.decode(errors="replace").strip()
             if msg:
                 self.last_error = msg
@@ -175,6 +182,37 @@ def run_batch(llm: LlamaCpp, prompt: list[int], b: int, n: int) -> dict:
             "total_s": round(total, 3), "decode_steps": len(steps), "output_ids": out0}
 
 
+def ours_text(spec: dict) -> dict:
+    """Our engine's greedy tokens for the text-only prompt (run in its own process: it needs torch)."""
+    from ..runtime.engine import Engine, Request
+    from ..runtime.sampler import SamplingParams
+    import torch
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    engine = Engine.from_artifact(spec["artifact"], kv_cache_gb=spec.get("kv_cache_gb"),
+                                  skip_verify=spec.get("skip_verify", False))
+    n = spec["output_tokens"]
+    res = engine.generate([Request(prompt=spec["prompt"], params=SamplingParams(max_new_tokens=n, ignore_eos=True))])
+    return {"prompt_ids": list(res[0].prompt_token_ids), "output_ids": list(res[0].output_token_ids)}
+
+
+def greedy(llm: LlamaCpp, prompt: list[int], n: int) -> list[int]:
+    llm.clear()
+    out = [llm.prefill(prompt, 0)]
+    for i in range(n - 1):
+        out += llm.decode_step(out[-1:], len(prompt) + i)
+    return out
+
+
+def _prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def run(spec: dict, emit) -> None:
     import llama_cpp
 
@@ -184,20 +222,29 @@ def run(spec: dict, emit) -> None:
     cfg = manifest["model"]["config"]["llm"]
     threads = spec.get("threads") or os.cpu_count()
     n_seq = max(spec["batch_sizes"])
-    n_ctx = -(-n_seq * (len(prompt) + n) // 256) * 256
+    text = json.loads(open(spec["ours_text"]).read()) if spec.get("ours_text") else None
+    longest = max(len(prompt), len(text["prompt_ids"]) if text else 0)
+    n_ctx = -(-n_seq * (longest + n) // 256) * 256
     mem = _PeakRSS()
     t0 = time.perf_counter()
-    llm = LlamaCpp(spec["gguf"], threads, n_ctx, n_seq)
+    extra = spec.get("extra_bufts", True)
+    llm = LlamaCpp(spec["gguf"], threads, n_ctx, n_seq, extra_bufts=extra)
     load_s = time.perf_counter() - t0
     t = time.perf_counter()
     run_batch(llm, prompt, 1, 2)  # warm-up, as for ours
     warmup_s = time.perf_counter() - t
+    match = None
+    if text:
+        theirs = greedy(llm, text["prompt_ids"], len(text["output_ids"]))
+        match = _prefix(text["output_ids"], theirs)
+        print(f"[bench] {spec['engine']}: text-only prompt ({len(text['prompt_ids'])} ids), greedy tokens equal to "
+              f"ours: {match} of {len(theirs)}", file=sys.stderr, flush=True)
     kv_mb = 2 * cfg["num_layers"] * cfg["num_kv_heads"] * cfg["head_dim"] * 2 * n_ctx / 1e6  # f16 K and V
     base = {"engine": spec["engine"], "dtype": spec["gguf_type"], "threads": threads, "load_s": round(load_s, 2),
             "warmup_s": round(warmup_s, 2), "rss_mode": mem.mode,
             "weights_mb": round(os.path.getsize(spec["gguf"]) / 1e6, 1), "kv_mb": round(kv_mb, 1),
             "num_tiles": sum(inputs["num_tiles"]), "llama_cpp_python": llama_cpp.__version__,
-            "flash_attn_type": llm.flash_attn,
+            "flash_attn_type": llm.flash_attn, "match_tokens_text": match, "extra_bufts": extra,
             "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
     for b in spec["batch_sizes"]:
         mem.reset()
@@ -207,7 +254,13 @@ def run(spec: dict, emit) -> None:
 
 
 def main(argv=None) -> int:
-    spec_path, rows_path = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[0] == "--ours-text":
+        spec = json.loads(open(argv[1]).read())
+        with open(argv[2], "w") as f:
+            json.dump(ours_text(spec), f)
+        return 0
+    spec_path, rows_path = argv
     spec = json.loads(open(spec_path).read())
 
     def emit(row: dict) -> None:
