@@ -13,7 +13,10 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
+try:
+    import torch
+except ImportError:         # only the ONNX runtime installed (runtime/onnx/): no torch on this box
+    torch = None
 
 _PATTERNS = {"vision": re.compile(r"vision_n(\d+)"), "prefill": re.compile(r"prefill_t(\d+)_c(\d+)"),
              "decode": re.compile(r"decode_b(\d+)_c(\d+)")}

@@ -53,14 +53,21 @@ def main(argv=None) -> int:
         from .check import report
         return report(args.artifact, check_hashes=not args.skip_verify)
     import warnings
-    import torch
+    try:
+        import torch
+    except ImportError:         # only the ONNX runtime installed: a BACKEND=onnx artifact runs on numpy
+        torch = None
     from .check import UnverifiedArtifact
     from .engine import Engine
     from .manifest import ArtifactError
     from .sampler import SamplingParams
-    from .tp import TPError
+    if torch is not None:
+        from .tp import TPError
+    else:
+        class TPError(RuntimeError):
+            pass
 
-    if args.threads:
+    if args.threads and torch is not None:
         torch.set_num_threads(args.threads)
     prompt = args.prompt if args.prompt is not None else (
         "Please describe the image shortly." if args.image else None)

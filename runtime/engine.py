@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-import torch
+try:
+    import torch
+except ImportError:         # a box with only the ONNX runtime: Engine.from_artifact hands over to runtime/onnx/engine.py
+    torch = None
 
 from . import image_tiling, templates
 from .buckets import check_signatures
@@ -99,8 +102,6 @@ class Engine:
         (one per rank; runtime/tp.py) that live until `close()` (or the end of this process);
         `kv_cache_gb` is then per rank, and `threads` the CPU threads of each rank (default:
         the cores shared out between the ranks)."""
-        from .artifact import load_artifact, open_tp_artifact
-        from .manifest import read_manifest
         if (Path(path) / "npu_manifest.json").is_file():       # BACKEND=npu: .om graphs through ACL
             from .backends.npu import open_npu_engine
             engine = open_npu_engine(path)
@@ -108,11 +109,17 @@ class Engine:
             return engine
         from .onnx.artifact import is_onnx_artifact
         if is_onnx_artifact(path):                             # BACKEND=onnx: onnxruntime sessions
+            if torch is None:                                  # without torch: the numpy engine
+                from .onnx.engine import NumpyEngine
+                return NumpyEngine.open(path, kv_cache_gb=kv_cache_gb, skip_verify=skip_verify, threads=threads,
+                                        prefill_chunks_per_decode=prefill_chunks_per_decode)
             from .onnx.artifact import open_onnx_artifact
             spec, graphs, tokenizer = open_onnx_artifact(path, skip_verify=skip_verify,
                                                          threads=threads or torch.get_num_threads())
             return cls(spec, graphs, tokenizer, "cpu", kv_cache_gb=kv_cache_gb,
                        prefill_chunks_per_decode=prefill_chunks_per_decode)
+        from .artifact import load_artifact, open_tp_artifact
+        from .manifest import read_manifest
         if int(read_manifest(Path(path)).get("tp", 1)) > 1:
             spec, graphs, tokenizer, dev, group = open_tp_artifact(Path(path), device, skip_verify, threads)
             try:
@@ -170,7 +177,7 @@ class Engine:
                                                 max_num=max_tiles, image_size=img.image_size)
             except (ValueError, OSError) as e:
                 raise RequestError(str(e)) from None
-            tiles.append(torch.from_numpy(t))
+            tiles.append(self._tile_array(t))
             counts.append(t.shape[0])
         if req.raw_prompt:
             text = req.prompt
@@ -193,8 +200,22 @@ class Engine:
             raise RequestError(f"prompt holds {n_img} image-context tokens, the images need "
                                f"{need}: do not type {templates.IMG_CONTEXT_TOKEN} yourself")
         params = req.params
-        return Sequence(prompt_ids=ids, params=params, pixel_values=torch.cat(tiles) if tiles else None,
-                        num_tiles=counts, on_token=on_token, generator=make_generator(params, self.device))
+        return Sequence(prompt_ids=ids, params=params, pixel_values=self._concat(tiles) if tiles else None,
+                        num_tiles=counts, on_token=on_token, generator=self._generator(params))
+
+    # The engine's few array operations outside the runner and sampler; runtime/onnx/engine.py's numpy
+    # engine overrides them.
+    def _tile_array(self, tiles):
+        return torch.from_numpy(tiles)
+
+    def _concat(self, arrays):
+        return torch.cat(arrays)
+
+    def _generator(self, params: SamplingParams):
+        return make_generator(params, self.device)
+
+    def _inference(self):
+        return torch.inference_mode()
 
     def add(self, req: Request, on_token: Callable | None = None) -> Sequence:
         seq = self.make_sequence(req, on_token)
@@ -212,7 +233,7 @@ class Engine:
         t0 = time.perf_counter()
         finished: list[int] = []
         new_tokens = 0
-        with torch.inference_mode():
+        with self._inference():
             if work.kind == "vision":
                 seq = work.seqs[0]
                 px = seq.pixel_values[work.start:work.start + work.size]

@@ -13,7 +13,10 @@ import os
 from collections import deque
 from typing import Iterable
 
-import torch
+try:
+    import torch
+except ImportError:         # only the ONNX runtime installed (runtime/onnx/): no torch on this box
+    torch = None
 
 GiB = 1 << 30
 
@@ -34,7 +37,8 @@ class KVPool:
     """
 
     def __init__(self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+                 dtype: "torch.dtype | None" = None, device: torch.device | str = "cpu"):
+        dtype = torch.bfloat16 if dtype is None else dtype
         if num_blocks < 2:
             raise ValueError(f"a KV pool needs at least 2 blocks (block 0 is the padding sink), got {num_blocks}")
         self.layers, self.num_blocks, self.block_size = layers, num_blocks, block_size
@@ -107,8 +111,11 @@ class KVPool:
 def free_memory_bytes(device: torch.device | str) -> int:
     """Memory that can be allocated on `device` now: accelerator free memory, or for the CPU
     /proc/meminfo's MemAvailable bounded by the cgroup limit (containers see the host's meminfo)."""
-    device = torch.device(device)
-    if device.type != "cpu":
+    if torch is None and str(device) == "cpu":    # the torch-free ONNX engine
+        device = None
+    else:
+        device = torch.device(device)
+    if device is not None and device.type != "cpu":
         backend = getattr(torch, device.type, None)
         if backend is None or not hasattr(backend, "mem_get_info"):
             raise RuntimeError(f"cannot query free memory on {device}: pass an explicit KV budget")

@@ -11,7 +11,10 @@ import os
 import platform
 from pathlib import Path
 
-import torch
+try:
+    import torch
+except ImportError:         # only the ONNX runtime installed (runtime/onnx/): no torch on this box
+    torch = None
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
+try:
+    import torch
+except ImportError:         # only the ONNX runtime installed (runtime/onnx/): no torch on this box
+    torch = None
 
 from .buckets import BucketPolicy, GraphKey
 from .kv_cache import BlockAllocator, KVPool
 from .sequence import Sequence
 from .spec import BucketSpec
 
-Graph = Callable[..., torch.Tensor]
+Graph = Callable[..., "torch.Tensor"]
 
 
 def _first(out):

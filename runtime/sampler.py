@@ -22,7 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
+try:
+    import torch
+except ImportError:         # only the ONNX runtime installed (runtime/onnx/): no torch on this box
+    torch = None
 
 
 @dataclass

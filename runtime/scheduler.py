@@ -24,7 +24,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import torch
+import numpy as np
+
+try:
+    import torch
+except ImportError:         # only the ONNX runtime installed (runtime/onnx/): no torch on this box
+    torch = None
 
 from .buckets import BucketPolicy
 from .kv_cache import BlockAllocator
@@ -150,7 +155,9 @@ class Scheduler:
         seq.embed_parts.append(embeds)
         seq.tiles_encoded += work.count
         if seq.tiles_encoded >= seq.pixel_values.shape[0]:
-            seq.image_embeds = torch.cat(seq.embed_parts)
+            parts = seq.embed_parts     # numpy arrays from the torch-free ONNX engine, tensors otherwise
+            seq.image_embeds = torch.cat(parts) if torch is not None and isinstance(parts[0], torch.Tensor) \
+                else np.concatenate(parts)
             seq.pixel_values, seq.embed_parts = None, []
 
     def prefill_done(self, work: Work) -> bool:

@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable, Optional
 
-import torch
+try:
+    import torch
+except ImportError:         # only the ONNX runtime installed (runtime/onnx/): no torch on this box
+    torch = None
 
 from .sampler import SamplingParams
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-import torch
+try:
+    import torch
+except ImportError:         # only the ONNX runtime installed (runtime/onnx/): no torch on this box
+    torch = None
 
 from .errors import ArtifactError
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}   # the "dtype" field
+DTYPES = ({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32} if torch is not None
+          else dict.fromkeys(("bf16", "fp16", "fp32")))   # the "dtype" field (names only without torch)
 
 
 @dataclass(frozen=True)

@@ -167,3 +167,48 @@ def test_onnx_refusals():
         check_onnx_request("fp32", 1, 19)
     with pytest.raises(ValueError, match="TARGET"):
         check_onnx_request("fp32", 1, 18, "x86-64-v3")
+
+
+_TORCH_FREE_RUN = r"""
+import json, sys
+sys.modules["torch"] = None          # any `import torch` on this path fails
+from internvl_aot.runtime.engine import Engine, Request
+from internvl_aot.runtime.onnx.engine import NumpyEngine
+from internvl_aot.runtime.sampler import SamplingParams
+spec = json.loads(sys.argv[2])
+engine = Engine.from_artifact(sys.argv[1], threads=1)
+assert isinstance(engine, NumpyEngine), type(engine)
+reqs = [Request(prompt=r["prompt"], images=r["images"], max_tiles=r["max_tiles"],
+                params=SamplingParams(max_new_tokens=r["n"], ignore_eos=True)) for r in spec]
+out = engine.generate(reqs)
+assert [m for m in sys.modules if m == "torch" or m.startswith("torch.")] in ([], ["torch"])
+print(json.dumps([[r.prompt_token_ids, r.output_token_ids, r.num_tiles] for r in out]))
+"""
+
+
+def test_torch_free_engine_tokens_equal_aoti(onnx_artifact, tiny_artifact, tmp_path):
+    """The numpy engine (no torch importable in its process) gives the AOTInductor artifact's tokens:
+    single image, multi-image, text, and a mixed-length batch, in one generate call."""
+    import subprocess
+    import sys
+    paths = []
+    for seed, (w, h) in enumerate([(700, 400), (300, 300), (200, 900), (500, 300)], 1):
+        paths.append(str(tmp_path / f"img{seed}.png"))
+        _image(seed, w, h).save(paths[-1])
+    spec = [dict(prompt="What is shown in this picture?", images=[paths[0]], max_tiles=2, n=24),
+            dict(prompt="Image-1: <image>\nImage-2: <image>\nCompare them.", images=paths[1:3], max_tiles=2, n=24),
+            dict(prompt="Hello, world! Please answer the question briefly.", images=[], max_tiles=None, n=24),
+            dict(prompt="Hi", images=[], max_tiles=None, n=5),
+            dict(prompt="Describe it.", images=[paths[3]], max_tiles=2, n=11)]
+    p = subprocess.run([sys.executable, "-c", _TORCH_FREE_RUN, str(onnx_artifact(18)), json.dumps(spec)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ours = json.loads(p.stdout.strip().splitlines()[-1])
+    reqs = [Request(prompt=r["prompt"], images=r["images"], max_tiles=r["max_tiles"],
+                    params=SamplingParams(max_new_tokens=r["n"], ignore_eos=True)) for r in spec]
+    aoti = Engine.from_artifact(tiny_artifact(CASE)).generate(reqs)
+    for r, (prompt_ids, out_ids, tiles), a in zip(spec, ours, aoti):
+        assert prompt_ids == a.prompt_token_ids
+        assert out_ids == a.output_token_ids, r["prompt"]
+        assert tiles == a.num_tiles
+    assert [t for _, _, t in ours] == [[3], [1, 3], [], [], [3]]
