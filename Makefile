@@ -10,7 +10,7 @@ TARGET  ?= native
 OUT     ?= artifacts/$(notdir $(MODEL))-tp$(TP)-$(BACKEND)-$(DTYPE)$(if $(filter-out native,$(TARGET)),-$(TARGET))
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup compile run demo test bench bench-serve serve eval clean check-runtime-venv
+.PHONY: setup compile run demo test bench bench-serve serve eval clean check-runtime-venv check-onnx-runtime-venv
 
 setup: .venv/.installed
 
@@ -24,11 +24,13 @@ setup: .venv/.installed
 # BACKEND=npu: SOC=Ascend910B3|Ascend910_9392|... (atc --soc_version; Atlas A2/A3); torch_npu's autoload is off for it
 # (TORCH_DEVICE_BACKEND_AUTOLOAD=0: with torch_npu installed but no CANN, `import torch` would fail).
 SOC     ?=
+# BACKEND=onnx: the ONNX opset (18; 15 for Ascend's ATC, which reads opsets 11-15)
+OPSET   ?= 18
 compile: setup
 	$(if $(filter npu,$(BACKEND)),TORCH_DEVICE_BACKEND_AUTOLOAD=0) .venv/bin/internvl-compile --model $(MODEL) \
 		$(if $(WEIGHTS),--weights $(WEIGHTS)) --tp $(TP) \
 		--backend $(BACKEND) --dtype $(DTYPE) --out $(OUT) $(if $(BUCKETS),--buckets "$(BUCKETS)") \
-		--target $(TARGET) $(if $(SOC),--soc $(SOC))
+		--target $(TARGET) $(if $(SOC),--soc $(SOC)) $(if $(filter onnx,$(BACKEND)),--opset $(OPSET))
 
 # The main job on a fresh machine: compile the demo model that ships in the repository
 # (models/internvl-demo: a small trained InternVL2-architecture checkpoint in the original
@@ -124,3 +126,22 @@ check-runtime-venv: $(SHIP_ART)/manifest.json
 	cd /tmp && $(CURDIR)/$(RT_VENV)/bin/internvl-run --artifact $(EDGE)/model.ivl --trusted-keys $(EDGE)/trusted --check
 	cd /tmp && INTERNVL_CACHE_DIR=$(EDGE)/cache $(CURDIR)/$(RT_VENV)/bin/internvl-run --artifact $(EDGE)/model.ivl \
 		--trusted-keys $(EDGE)/trusted --image $(CURDIR)/$(DEMO_IMAGE) --prompt "$(DEMO_QUESTION)" --max-new-tokens 8
+
+# BACKEND=onnx on a box without torch: the demo model compiled to ONNX (OPSET, default 18) here, then a
+# fresh venv with only the ONNX runtime's dependencies (runtime/onnx/requirements.txt: onnxruntime, numpy,
+# pillow, safetensors, sentencepiece, tokenizers, cryptography; the project itself with --no-deps, so no
+# torch) asks it the demo question; the answer must contain "yellow".
+ONNX_VENV     := build/onnx-runtime-venv
+ONNX_DEMO_ART ?= artifacts/internvl-demo-tp1-onnx-fp32$(if $(filter-out 18,$(OPSET)),-opset$(OPSET))
+check-onnx-runtime-venv: setup
+	test -f $(ONNX_DEMO_ART)/manifest.json || .venv/bin/internvl-compile --model internvl-demo --dtype fp32 \
+		--backend onnx --opset $(OPSET) --out $(ONNX_DEMO_ART) --buckets "$(DEMO_BUCKETS)"
+	rm -rf $(ONNX_VENV) && python3 -m venv $(ONNX_VENV)
+	$(ONNX_VENV)/bin/pip install -q --no-deps .
+	$(ONNX_VENV)/bin/pip install -q -r runtime/onnx/requirements.txt
+	$(ONNX_VENV)/bin/python -c "import importlib.util as u, sys; bad = [m for m in ('torch', 'transformers', 'onnx') \
+		if u.find_spec(m)]; print('not installed:', 'torch, transformers, onnx' if not bad else bad); sys.exit(bool(bad))"
+	du -sh $(ONNX_VENV)
+	cd /tmp && $(CURDIR)/$(ONNX_VENV)/bin/internvl-run --artifact $(CURDIR)/$(ONNX_DEMO_ART) --image $(CURDIR)/$(DEMO_IMAGE) \
+		--prompt "$(DEMO_QUESTION)" --max-new-tokens 16 --threads 1 --json | tee $(CURDIR)/build/onnx-runtime-venv.out
+	tail -1 build/onnx-runtime-venv.out | grep -qi yellow && echo "torch-free ONNX runtime: the answer contains yellow"
