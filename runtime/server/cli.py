@@ -46,15 +46,22 @@ def main(argv=None) -> int:
     except ImportError:
         print("error: internvl-serve needs the serve extra: pip install 'internvl-aot[serve]'", file=sys.stderr)
         return 2
-    import torch
+    try:
+        import torch
+    except ImportError:         # only the ONNX runtime installed: a BACKEND=onnx artifact runs on numpy
+        torch = None
 
     from ..engine import Engine
     from ..manifest import ArtifactError
-    from ..tp import TPError
+    if torch is not None:
+        from ..tp import TPError
+    else:
+        class TPError(Exception):          # never raised without torch
+            pass
     from .app import ServerOptions, create_app
     from .media import MediaPolicy
 
-    if args.threads:
+    if args.threads and torch is not None:
         torch.set_num_threads(args.threads)
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         print(f"error: --allowed-local-media-path {args.allowed_local_media_path} is not a folder", file=sys.stderr)

@@ -199,9 +199,12 @@ class EngineLoop:
                 gen.finish_reason = gen.finish_reason or msg[2]
 
     def _run(self) -> None:
-        import torch
-        from ..tp import TPError
-        with torch.inference_mode():
+        try:
+            from ..tp import TPError
+        except ImportError:         # no torch (the numpy engine of an ONNX artifact): no TP groups either
+            class TPError(Exception):      # never raised without torch
+                pass
+        with self.engine._inference():
             while not self._stopping:
                 self._drain_inbox()
                 if not self.engine.scheduler.has_work():
