@@ -7,7 +7,8 @@ BACKEND ?= $(shell [ -x $(PY) ] && $(PY) -c "import torch; print('cuda' if torch
 DTYPE   ?= bf16
 BUCKETS ?=
 TARGET  ?= native
-OUT     ?= artifacts/$(notdir $(MODEL))-tp$(TP)-$(BACKEND)-$(DTYPE)$(if $(filter-out native,$(TARGET)),-$(TARGET))
+QUANT   ?= none
+OUT     ?= artifacts/$(notdir $(MODEL))-tp$(TP)-$(BACKEND)-$(DTYPE)$(if $(filter-out none,$(QUANT)),-$(QUANT))$(if $(filter-out native,$(TARGET)),-$(TARGET))
 TORCH   ?= torch==2.13.0
 
 .PHONY: setup compile run demo test bench bench-serve serve eval clean check-runtime-venv check-onnx-runtime-venv
@@ -30,7 +31,7 @@ compile: setup
 	$(if $(filter npu,$(BACKEND)),TORCH_DEVICE_BACKEND_AUTOLOAD=0) .venv/bin/internvl-compile --model $(MODEL) \
 		$(if $(WEIGHTS),--weights $(WEIGHTS)) --tp $(TP) \
 		--backend $(BACKEND) --dtype $(DTYPE) --out $(OUT) $(if $(BUCKETS),--buckets "$(BUCKETS)") \
-		--target $(TARGET) $(if $(SOC),--soc $(SOC)) $(if $(filter onnx,$(BACKEND)),--opset $(OPSET))
+		--target $(TARGET) $(if $(SOC),--soc $(SOC)) $(if $(filter onnx,$(BACKEND)),--opset $(OPSET)) $(if $(filter-out none,$(QUANT)),--quant $(QUANT))
 
 # The main job on a fresh machine: compile the demo model that ships in the repository
 # (models/internvl-demo: a small trained InternVL2-architecture checkpoint in the original

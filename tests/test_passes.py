@@ -404,11 +404,16 @@ def test_int8_weights_decode_reads_int8_and_matches_dequantized_weights(arch, dt
         assert q and all(t.dtype == torch.int8 for t in q.values())
         assert not [k for k, t in new.state_dict.items() if t.dim() == 2 and t.is_floating_point()
                     and "embed_tokens" not in k]
-        # Decode (1 and 2 rows) and the prefill head: lowered to reductions over the int8 bytes, no linear left
-        # that would write a dequantised matrix; the prefill chunk's 16-row linears keep their GEMM.
-        if name.startswith("decode"):
+        # Batch-1 decode: every linear lowered to a reduction over the int8 bytes (no dequantised matrix is
+        # written); 2+ rows (decode batches, the prefill chunk): GEMMs over dequantised slices; the prefill head
+        # (one row) a reduction.
+        if name == "decode_b1_c32":
             assert count_targets(new, aten.linear.default) == 0
             assert reports["small_m_linear"]["int8"] == reports["int8_weights"]["quantized"]
+        elif name.startswith("decode"):
+            assert reports["int8_weights"]["gemm_sliced"] == 4 * LAYERS + 1 and reports["small_m_linear"]["int8"] == 0
+        else:
+            assert reports["int8_weights"]["gemm_sliced"] == 4 * LAYERS and reports["small_m_linear"]["int8"] == 1
         expect, _, _ = run(ref[name], graph_inputs(name, torch.float32))
         inputs = graph_inputs(name, dtype)
         got, k, v = run(new, inputs)
@@ -420,6 +425,13 @@ def test_int8_weights_decode_reads_int8_and_matches_dequantized_weights(arch, dt
     got, _, _ = run(sliced, graph_inputs("prefill_t16_c64", dtype))
     expect, _, _ = run(ref["prefill_t16_c64"], graph_inputs("prefill_t16_c64", torch.float32))
     torch.testing.assert_close(got.float(), expect, **tol)
+    # A target without native bf16: the sliced GEMMs of a bf16 graph dequantise to fp32 and compute in fp32.
+    if dtype == torch.bfloat16:
+        wide, reports = run_passes(progs["decode_b2_c64"], names, {"int8_weights": {"native_bf16": False}})
+        assert _low_precision_gemm_inputs(wide) == 0 and reports["int8_weights"]["gemm_sliced"] > 0
+        got, _, _ = run(wide, graph_inputs("decode_b2_c64", dtype))
+        expect, _, _ = run(ref["decode_b2_c64"], graph_inputs("decode_b2_c64", torch.float32))
+        torch.testing.assert_close(got.float(), expect, **tol)
     # One quantised tensor for all graphs: the artifact stores it once.
     key = next(k for k in passed["decode_b1_c32"].state_dict if k.endswith("gate_up_proj.weight_int8"))
     assert passed["decode_b1_c32"].state_dict[key] is passed["prefill_t16_c64"].state_dict[key]

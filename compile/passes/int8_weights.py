@@ -8,10 +8,10 @@ projections, the output head) the weight `W [N, K]` becomes
     q = round(W / s) in [-127, 127] (int8),   s[n] = max_k |W[n, k]| / 127   (fp32, symmetric, per row)
 
 and the linear's weight input becomes the dequantisation `(q.float() * s[:, None]).to(x.dtype)`.
-- Linears over at most DECODE_ROWS rows (decode batches, the prefill head): small_m_linear, which
+- Linears over at most DECODE_ROWS rows (batch-1 decode, the prefill head): small_m_linear, which
   runs after this pass, recognises that pattern (`dequantized`) and lowers them to a reduction
   that reads the int8 bytes and applies `s` after the sum: decode never writes a dequantised copy.
-- Longer ones (prefill chunks: GEMM-bound) dequantise slices of at most `chunk_mb` of output rows
+- More rows (decode batches, prefill chunks) dequantise slices of at most `chunk_mb` of output rows
   into a scratch buffer and run the GEMM per slice (results concatenated): a whole dequantised
   matrix would be a fresh allocation above glibc's mmap threshold every call, whose page faults
   cost more than the dequantisation (see fp32_gemm.py); a slice is reused and stays in cache.
@@ -33,7 +33,14 @@ from .program_edit import ProgramEditor, TensorCache, aten, cast_dtype, is_op, v
 
 SCOPE = "language_model."
 QMAX = 127
-DECODE_ROWS = 8          # linears over this many rows or fewer read int8 in registers (small_m_linear)
+# Linears over this many rows or fewer read int8 in registers (small_m_linear). One row only: the
+# reduction converts each weight element once per activation row, so at 4 rows it cost 2.7x one row
+# (2B decode, AMX box under load: 958 against 354 ms per step), while the sliced GEMM below reads
+# the int8 matrix once (bf16 batch 4 through oneDNN: 470-720 ms).
+DECODE_ROWS = 1
+# Slice sizes of the dequantised GEMMs: decode batches (<= GEMM_SMALL_ROWS rows) take slices small
+# enough to stay in cache between their dequantisation and their GEMM; prefill chunks larger ones.
+GEMM_SMALL_ROWS = 64
 _QUANTIZED = TensorCache()
 
 
@@ -60,7 +67,13 @@ def dequantized(node) -> tuple | None:
     return q, s.args[0]
 
 
-def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0) -> tuple[ExportedProgram, dict]:
+def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_chunk_mb: float = 2.0,
+          native_bf16: bool | None = None) -> tuple[ExportedProgram, dict]:
+    """native_bf16 (default: the compile target's): without it, the sliced GEMMs of bf16/fp16 graphs
+    dequantise to fp32 and compute in fp32 (no bf16 GEMM without native bf16: fp32_gemm.py)."""
+    if native_bf16 is None:
+        from ..targets import current
+        native_bf16 = current().native_bf16
     ed = ProgramEditor(ep)
     done, q_bytes, src_bytes, sliced = [], 0, 0, 0
     for node in list(ed.graph.nodes):
@@ -78,13 +91,15 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0) -> tup
         x = node.args[0]
         q_in = ed.add_parameter(f"{base}.weight_int8", q, before=w_node)
         s_in = ed.add_parameter(f"{base}.weight_scale", scale, before=w_node)
-        if math.prod(val(x).shape[:-1]) <= DECODE_ROWS:
+        rows = math.prod(val(x).shape[:-1])
+        if rows <= DECODE_ROWS:
             with ed.graph.inserting_before(node):
                 wd = _dequant(ed, node, q_in, s_in, val(x).dtype)
             node.args = (x, wd, *node.args[2:])
         else:
             with ed.graph.inserting_before(node):
-                y = _sliced_gemm(ed, node, q_in, s_in, chunk_mb)
+                y = _sliced_gemm(ed, node, q_in, s_in, small_chunk_mb if rows <= GEMM_SMALL_ROWS else chunk_mb,
+                                 wide=not native_bf16)
             node.replace_all_uses_with(y)
             ed.graph.erase_node(node)
             sliced += 1
@@ -106,11 +121,15 @@ def _dequant(ed: ProgramEditor, node, q, s, dtype):
     return wd if dtype == torch.float32 else ed.call(aten._to_copy.default, (wd,), {"dtype": dtype}, like=node)
 
 
-def _sliced_gemm(ed: ProgramEditor, node, q, s, chunk_mb: float):
-    """linear(x, dequant(q, s), b) in slices of output rows, each dequantised right before its GEMM."""
+def _sliced_gemm(ed: ProgramEditor, node, q, s, chunk_mb: float, wide: bool):
+    """linear(x, dequant(q, s), b) in slices of output rows, each dequantised right before its GEMM
+    (in fp32 if `wide` and x is bf16/fp16; the result cast back to x's dtype)."""
     x = node.args[0]
     b = node.args[2] if len(node.args) > 2 else None
-    dtype = val(x).dtype
+    out_dtype = val(x).dtype
+    dtype = torch.float32 if wide else out_dtype
+    if dtype != out_dtype:
+        x = ed.call(aten._to_copy.default, (x,), {"dtype": dtype}, like=node)
     n_out, k_in = val(q).shape
     rows = max(1, int(chunk_mb * 2**20 // (torch.finfo(dtype).bits // 8 * k_in)))
     rows = -(-n_out // -(-n_out // rows))          # equal slices
@@ -119,5 +138,8 @@ def _sliced_gemm(ed: ProgramEditor, node, q, s, chunk_mb: float):
         end = min(n_out, start + rows)
         cut = [ed.call(aten.slice.Tensor, (t, 0, start, end), like=node) for t in (q, s) + ((b,) if b is not None else ())]
         w = _dequant(ed, node, cut[0], cut[1], dtype)
+        if len(cut) > 2 and val(cut[2]).dtype != dtype:
+            cut[2] = ed.call(aten._to_copy.default, (cut[2],), {"dtype": dtype}, like=node)
         parts.append(ed.call(aten.linear.default, (x, w, *cut[2:]), like=node))
-    return parts[0] if len(parts) == 1 else ed.call(aten.cat.default, (parts, -1), like=node)
+    y = parts[0] if len(parts) == 1 else ed.call(aten.cat.default, (parts, -1), like=node)
+    return y if dtype == out_dtype else ed.call(aten._to_copy.default, (y,), {"dtype": out_dtype}, like=node)
