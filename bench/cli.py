@@ -73,8 +73,8 @@ def parse_args(argv=None):
     ap.add_argument("--background-load", type=int, default=0,
                     help="busy processes beside the engines for the whole run (a shared box; bench/background.py)")
     ap.add_argument("--background-nice", type=int, default=0, help="their nice level (default 0; 19: polite)")
-    ap.add_argument("--omp-wait", default=None, choices=["active", "passive"],
-                    help="OMP_WAIT_POLICY of the engine processes (default: the environment's)")
+    ap.add_argument("--omp-wait", default=None, choices=["active", "passive", "spin10000", "libgomp-default"],
+                    help="OpenMP wait policy of the engine processes (default: the environment's; bench/background.py)")
     ap.add_argument("--kv-cache-gb", type=float, default=None, help="our KV pool (default: sized to the buckets)")
     ap.add_argument("--skip-verify", action="store_true", help="skip the sha256 check of the artifact")
     ap.add_argument("--device", default=None, help="device for the transformers runs (default: cuda if present)")
@@ -401,7 +401,7 @@ def main(argv=None) -> int:
                          "device": manifest.get("device")},
             "settings": {k: base[k] for k in ("batch_sizes", "output_tokens", "max_tiles", "prompt", "threads")},
             "background_load": {k: v for k, v in neighbours.items() if k != "pids"},
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(libgomp default)"),
+            "omp_wait": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
             "lowering": manifest.get("compile", {}).get("lowering"),
             "rows": rows}
     lc = next((r for r in rows if r.get("engine", "").startswith("llama.cpp") and "system_info" in r), None)

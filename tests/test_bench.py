@@ -80,3 +80,36 @@ def test_bench_against_transformers(tiny_artifact, tmp_path):
     meta = json.loads((tmp_path / "benchmark.json").read_text())
     assert meta["bandwidth"]["copy_gbs"] > 0 and meta["machine"]["torch"] == torch.__version__
     assert meta["settings"]["batch_sizes"] == [1, 2]
+
+
+def test_openmp_wait_default_and_background_load():
+    """internvl_aot sets a short OpenMP spin before torch loads (an explicit setting wins); the benchmark's
+    neighbours run while its block runs and are gone after it."""
+    import os
+    import subprocess
+    import sys
+    from internvl_aot.bench.background import background_load, omp_env
+    code = "import internvl_aot, os; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True).stdout.split()
+    assert run(env) == ["10000", "None"]
+    assert run(dict(env, OMP_WAIT_POLICY="ACTIVE")) == ["None", "ACTIVE"]
+    assert run(dict(env, GOMP_SPINCOUNT="5")) == ["5", "None"]
+    saved = {k: os.environ.get(k) for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    try:
+        omp_env("passive")
+        assert os.environ.get("OMP_WAIT_POLICY") == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
+        omp_env("libgomp-default")
+        assert "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    with background_load(2, nice=19) as info:
+        pids = info["pids"]
+        assert len(pids) == 2 and all(os.path.exists(f"/proc/{p}") for p in pids)
+        import time
+        deadline = time.time() + 20                    # each sets its nice level once it is running
+        while time.time() < deadline and not all(int(open(f"/proc/{p}/stat").read().split()[18]) == 19 for p in pids):
+            time.sleep(0.05)
+        assert all(int(open(f"/proc/{p}/stat").read().split()[18]) == 19 for p in pids)
+    assert not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z" for p in pids)
