@@ -173,6 +173,9 @@ def compile_onnx(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Path
     model = build_model(cfg, weights, max_seq_len=buckets.max_context)
     names = buckets.graph_names()
     log(f"[compile] {cfg.name}: {len(names)} ONNX graphs ({', '.join(names)}), dtype {dtype}, opset {opset}")
+    if dtype == "fp16":
+        log("[onnx] note: onnxruntime's x86 CPU provider runs fp16 MatMuls through fp32 casts that it folds into fp32 "
+            "weight copies per session (docs/performance.md, \"ONNX\"): fp16 is for ATC / accelerators, use fp32 on x86")
     store = WeightStore(graphs_dir / WEIGHTS_FILE, set(model.state_dict()))
     entries, reports = {}, {}
     try:
