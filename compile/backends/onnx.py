@@ -250,8 +250,8 @@ def _write_readme(staging: Path, names, entries, spec, opset):
         "KV cache: prefill/decode graphs take the pool `k_cache`, `v_cache` `[layers, num_blocks, block_size, "
         "kv_heads, head_dim]` as read-only inputs and return `new_k`, `new_v` `[layers, tokens, kv_heads, head_dim]`;",
         "the runtime writes them at `slot_mapping` (block = slot // block_size, offset = slot % block_size).", "",
-        "Run: `pip install 'internvl-aot[onnx-runtime]' --no-deps`-style install (see the repository README), then",
-        "`internvl-run --artifact <this dir> ...`.", "",
+        "Run (no torch needed): `pip install --no-deps <internvl-aot> && pip install -r runtime/onnx/requirements.txt`,",
+        "then `internvl-run --artifact <this dir> ...` (repository README, \"ONNX\").", "",
         "## Ascend edge box (ATC, opset 11-15; NOT run by us: no CANN here)", "",
         f"ATC needs static shapes: the pool's block count is fixed below at {blocks} (largest batch x largest",
         "context / block_size + the sink block); a runtime for the .om files must allocate exactly that pool.",
