@@ -410,8 +410,9 @@ def test_int8_weights_decode_reads_int8_and_matches_dequantized_weights(arch, dt
         if name == "decode_b1_c32":
             assert count_targets(new, aten.linear.default) == 0
             assert reports["small_m_linear"]["int8"] == reports["int8_weights"]["quantized"]
-        elif name.startswith("decode"):
-            assert reports["int8_weights"]["gemm_sliced"] == 4 * LAYERS + 1 and reports["small_m_linear"]["int8"] == 0
+        elif name.startswith("decode"):      # 2 rows: ATen's int8 GEMM where it may run in x's dtype, else slices
+            r = reports["int8_weights"]
+            assert r["gemm_sliced"] + r["int8pack"] == 4 * LAYERS + 1 and reports["small_m_linear"]["int8"] == 0
         else:
             assert reports["int8_weights"]["gemm_sliced"] == 4 * LAYERS and reports["small_m_linear"]["int8"] == 1
         expect, _, _ = run(ref[name], graph_inputs(name, torch.float32))
@@ -424,6 +425,12 @@ def test_int8_weights_decode_reads_int8_and_matches_dequantized_weights(arch, dt
     assert reports["int8_weights"]["gemm_sliced"] == 4 * LAYERS and count_targets(sliced, aten.cat.default) > 0
     got, _, _ = run(sliced, graph_inputs("prefill_t16_c64", dtype))
     expect, _, _ = run(ref["prefill_t16_c64"], graph_inputs("prefill_t16_c64", torch.float32))
+    torch.testing.assert_close(got.float(), expect, **tol)
+    # Native bf16 (or fp32): 2-row decode through ATen's weight-only int8 GEMM, reading the int8 matrix.
+    packed, reports = run_passes(progs["decode_b2_c64"], names, {"int8_weights": {"native_bf16": True}})
+    assert reports["int8_weights"]["int8pack"] == count_targets(packed, aten._weight_int8pack_mm.default) == 4 * LAYERS + 1
+    got, _, _ = run(packed, graph_inputs("decode_b2_c64", dtype))
+    expect, _, _ = run(ref["decode_b2_c64"], graph_inputs("decode_b2_c64", torch.float32))
     torch.testing.assert_close(got.float(), expect, **tol)
     # A target without native bf16: the sliced GEMMs of a bf16 graph dequantise to fp32 and compute in fp32.
     if dtype == torch.bfloat16:

@@ -38,6 +38,12 @@ QMAX = 127
 # (2B decode, AMX box under load: 958 against 354 ms per step), while the sliced GEMM below reads
 # the int8 matrix once (bf16 batch 4 through oneDNN: 470-720 ms).
 DECODE_ROWS = 1
+# 2 to PACK_ROWS rows (small decode batches): ATen's weight-only int8 GEMM (`_weight_int8pack_mm`,
+# scales in the activation dtype), which reads the int8 matrix once. Eager, 2 threads, AMX box, one
+# 16384x2048 matrix, ms bf16 F.linear / int8pack / (sliced dequant + GEMM, the 2B decode step's share):
+# M=1 3.2 / 2.4, M=4 3.2 / 3.3, M=8 3.1 / 6.0, M=64 5.5 / 40: past 4 rows the sliced GEMM wins.
+# Only where the GEMM may run in the activation dtype (fp32, or bf16/fp16 with native bf16).
+PACK_ROWS = 4
 # Slice sizes of the dequantised GEMMs: decode batches (<= GEMM_SMALL_ROWS rows) take slices small
 # enough to stay in cache between their dequantisation and their GEMM; prefill chunks larger ones.
 GEMM_SMALL_ROWS = 64
@@ -75,7 +81,7 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
         from ..targets import current
         native_bf16 = current().native_bf16
     ed = ProgramEditor(ep)
-    done, q_bytes, src_bytes, sliced = [], 0, 0, 0
+    done, q_bytes, src_bytes, sliced, packed = [], 0, 0, 0, 0
     for node in list(ed.graph.nodes):
         if not is_op(node, aten.linear.default):
             continue
@@ -92,10 +98,22 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
         q_in = ed.add_parameter(f"{base}.weight_int8", q, before=w_node)
         s_in = ed.add_parameter(f"{base}.weight_scale", scale, before=w_node)
         rows = math.prod(val(x).shape[:-1])
+        x_dtype = val(x).dtype
         if rows <= DECODE_ROWS:
             with ed.graph.inserting_before(node):
-                wd = _dequant(ed, node, q_in, s_in, val(x).dtype)
+                wd = _dequant(ed, node, q_in, s_in, x_dtype)
             node.args = (x, wd, *node.args[2:])
+        elif rows <= PACK_ROWS and (native_bf16 or x_dtype == torch.float32):
+            s_x = s_in if x_dtype == torch.float32 else ed.add_parameter(
+                f"{base}.weight_scale_{str(x_dtype).split('.')[-1]}",
+                _QUANTIZED.get(base + ".scale", [scale], lambda: torch.nn.Parameter(scale.detach().to(x_dtype),
+                                                                                     requires_grad=False),
+                               extra_key=(x_dtype,)), before=w_node)
+            with ed.graph.inserting_before(node):
+                y = _int8pack(ed, node, q_in, s_x)
+            node.replace_all_uses_with(y)
+            ed.graph.erase_node(node)
+            packed += 1
         else:
             with ed.graph.inserting_before(node):
                 y = _sliced_gemm(ed, node, q_in, s_in, small_chunk_mb if rows <= GEMM_SMALL_ROWS else chunk_mb,
@@ -107,7 +125,7 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
         done.append(fqn)
         q_bytes += q.numel() + 4 * scale.numel()
         src_bytes += w.numel() * w.element_size()
-    report = {"quantized": len(done), "gemm_sliced": sliced, "scope": scope, "bytes": [src_bytes, q_bytes]}
+    report = {"quantized": len(done), "gemm_sliced": sliced, "int8pack": packed, "scope": scope, "bytes": [src_bytes, q_bytes]}
     if not done:
         return ep, report
     report["example"] = done[0]
@@ -119,6 +137,18 @@ def _dequant(ed: ProgramEditor, node, q, s, dtype):
     wd = ed.call(aten._to_copy.default, (q,), {"dtype": torch.float32}, like=node)
     wd = ed.call(aten.mul.Tensor, (wd, ed.call(aten.unsqueeze.default, (s, 1), like=node)), like=node)
     return wd if dtype == torch.float32 else ed.call(aten._to_copy.default, (wd,), {"dtype": dtype}, like=node)
+
+
+def _int8pack(ed: ProgramEditor, node, q, s_x):
+    """linear(x, dequant(q, s), b) as ATen's weight-only int8 GEMM over x flattened to 2-D."""
+    x = node.args[0]
+    b = node.args[2] if len(node.args) > 2 else None
+    lead = list(val(x).shape[:-1])
+    x2 = ed.call(aten.reshape.default, (x, [math.prod(lead), val(x).shape[-1]]), like=node)
+    y = ed.call(aten._weight_int8pack_mm.default, (x2, q, s_x), like=node)
+    if b is not None:
+        y = ed.call(aten.add.Tensor, (y, b), like=node)
+    return ed.call(aten.reshape.default, (y, lead + [val(q).shape[0]]), like=node)
 
 
 def _sliced_gemm(ed: ProgramEditor, node, q, s, chunk_mb: float, wide: bool):
