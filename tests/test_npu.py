@@ -497,7 +497,10 @@ def test_compile_backend_npu_refuses_fp32_and_unsupported_socs(tmp_path, capsys,
         backend.resolve_soc(None)
     with pytest.raises(ValueError, match="SOC=Ascend310P3 is refused: .*Atlas A2 / A3") as e:
         backend.resolve_soc("Ascend310P3")
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and "NPU_ALLOW_UNDOCUMENTED_SOC=1" in str(e.value)
+    monkeypatch.setenv("NPU_ALLOW_UNDOCUMENTED_SOC", "1")
+    assert backend.resolve_soc("Ascend310P3") == "Ascend310P3"
+    monkeypatch.delenv("NPU_ALLOW_UNDOCUMENTED_SOC")
     monkeypatch.setenv("NPU_SOC", "Ascend910B3")
     assert backend.resolve_soc(None) == "Ascend910B3" and backend.resolve_soc("Ascend910_9392") == "Ascend910_9392"
     assert not (tmp_path / "b").exists()

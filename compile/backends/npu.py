@@ -136,10 +136,12 @@ def resolve_soc(soc: str | None) -> str:
     if not soc:
         raise ValueError("BACKEND=npu needs the target SoC for atc --soc_version: SOC=Ascend910B3 "
                          "(Atlas 800I A2), SOC=Ascend910_9392 (Atlas A3), ... (or $NPU_SOC)")
-    if soc.lower().startswith("ascend310"):
+    if soc.lower().startswith("ascend310") and os.environ.get("NPU_ALLOW_UNDOCUMENTED_SOC") != "1":
+        # The original system lists the Atlas 300I DUO among its targets, so this is an opt-in, not a wall.
         raise ValueError(f"BACKEND=npu with SOC={soc} is refused: its attention (npu_fused_infer_attention_score) and "
                          f"torchair are documented for Atlas A2 / A3 (Ascend910B*, Ascend910_93*) only, not for "
-                         f"Ascend 310 parts such as the Atlas 300I DUO's")
+                         f"Ascend 310 parts such as the Atlas 300I DUO's; set NPU_ALLOW_UNDOCUMENTED_SOC=1 to "
+                         f"compile for it anyway (untested there)")
     return soc
 
 
