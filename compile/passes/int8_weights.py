@@ -38,12 +38,13 @@ QMAX = 127
 # (2B decode, AMX box under load: 958 against 354 ms per step), while the sliced GEMM below reads
 # the int8 matrix once (bf16 batch 4 through oneDNN: 470-720 ms).
 DECODE_ROWS = 1
-# 2 to PACK_ROWS rows (small decode batches): ATen's weight-only int8 GEMM (`_weight_int8pack_mm`,
-# scales in the activation dtype), which reads the int8 matrix once. Eager, 2 threads, AMX box, one
-# 16384x2048 matrix, ms bf16 F.linear / int8pack / (sliced dequant + GEMM, the 2B decode step's share):
-# M=1 3.2 / 2.4, M=4 3.2 / 3.3, M=8 3.1 / 6.0, M=64 5.5 / 40: past 4 rows the sliced GEMM wins.
-# Only where the GEMM may run in the activation dtype (fp32, or bf16/fp16 with native bf16).
-PACK_ROWS = 4
+# ATen's weight-only int8 GEMM (`_weight_int8pack_mm`, scales in the activation dtype) reads the int8
+# matrix once; eager, 2 threads, AMX box, one 16384x2048 matrix, ms bf16 F.linear / int8pack: M=1
+# 3.2 / 2.4, M=4 3.2 / 3.3, M=8 3.1 / 6.0, M=64 5.5 / 40. But torch 2.13's kernel crashes (SIGSEGV)
+# on an int8 weight that is not 16-byte aligned, and safetensors places tensors at any byte offset:
+# the 2B artifact's batch-4 graph died on its first call. So it is off (`pack_rows=1`) until the
+# artifact writer aligns its tensors; `pack_rows=4` turns it on for weights known to be aligned.
+PACK_ROWS = 1
 # Slice sizes of the dequantised GEMMs: decode batches (<= GEMM_SMALL_ROWS rows) take slices small
 # enough to stay in cache between their dequantisation and their GEMM; prefill chunks larger ones.
 GEMM_SMALL_ROWS = 64
@@ -74,7 +75,7 @@ def dequantized(node) -> tuple | None:
 
 
 def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_chunk_mb: float = 2.0,
-          native_bf16: bool | None = None) -> tuple[ExportedProgram, dict]:
+          native_bf16: bool | None = None, pack_rows: int = PACK_ROWS) -> tuple[ExportedProgram, dict]:
     """native_bf16 (default: the compile target's): without it, the sliced GEMMs of bf16/fp16 graphs
     dequantise to fp32 and compute in fp32 (no bf16 GEMM without native bf16: fp32_gemm.py)."""
     if native_bf16 is None:
@@ -103,7 +104,7 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
             with ed.graph.inserting_before(node):
                 wd = _dequant(ed, node, q_in, s_in, x_dtype)
             node.args = (x, wd, *node.args[2:])
-        elif rows <= PACK_ROWS and (native_bf16 or x_dtype == torch.float32):
+        elif rows <= pack_rows and (native_bf16 or x_dtype == torch.float32):
             s_x = s_in if x_dtype == torch.float32 else ed.add_parameter(
                 f"{base}.weight_scale_{str(x_dtype).split('.')[-1]}",
                 _QUANTIZED.get(base + ".scale", [scale], lambda: torch.nn.Parameter(scale.detach().to(x_dtype),
