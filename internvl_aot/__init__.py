@@ -16,14 +16,14 @@ import os as _os
 _os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
 # The compiled graphs' OpenMP threads wait for each other at every parallel region (a decode step
-# runs thousands). libgomp's default is to spin ~300,000 iterations before sleeping: on a box where
-# another process wants a core, a spinning waiter takes the core from the thread it waits for, and
-# a 2B decode step went from ~0.5 s to 3.3-5.5 s (2 threads, load average 4-6; 1 thread: 1.0 s).
-# A short spin (10,000) keeps back-to-back kernels fast and sleeps soon enough: 0.73 s/step there
-# (docs/performance.md, "A shared box"). libgomp reads this when torch loads, so it works for
-# processes that import this package before torch (every internvl-* command); an explicit
-# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+# runs thousands). libgomp's default is to spin ~300,000 iterations before sleeping: where another
+# process wants a core, a spinning waiter takes it from the thread it waits for. Measured (2B bf16
+# decode, 2 threads, docs/performance.md "A shared box"): idle 4.06 tok/s default spin, 4.33 spin
+# 10,000, 4.35 passive; beside one busy process 1.25 / 1.31 / 2.16 (1 thread: 2.15); among other
+# engineers' jobs (load 4-6) 0.17-0.26 / 1.16 / 1.18-1.24. So passive waiting, which costs nothing
+# idle. libgomp reads it when torch loads: it works for processes that import this package before
+# torch (every internvl-* command); an explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
-    _os.environ["GOMP_SPINCOUNT"] = "10000"
+    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 __version__ = "0.1.0"
