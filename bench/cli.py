@@ -214,20 +214,11 @@ def _ratio(a, b, digits=3):
     return round(a / b, digits) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
 
 
-def _common_prefix(a: list, b: list) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def finish_rows(rows: list[dict], manifest: dict, copy_gbs: float) -> list[dict]:
     """Add the roofline, memory and ratio columns."""
     from ..compile.checkpoint import canonical_shapes
     from ..graphs.config import ModelConfig
-    from .measure import decode_read_bytes, roofline
+    from .measure import common_prefix, decode_read_bytes, roofline
     import math
 
     cfg = ModelConfig.from_dict(manifest["model"]["config"])
@@ -253,7 +244,7 @@ def finish_rows(rows: list[dict], manifest: dict, copy_gbs: float) -> list[dict]
         if r["engine"] != "ours" and o is not None:
             # llama.cpp rows: agreement on the text-only prompt (the image positions differ: bench/llamacpp.py)
             r["match_tokens"] = (r.get("match_tokens_text") if r["engine"].startswith("llama.cpp")
-                                 else _common_prefix(o["output_ids"], r["output_ids"]))
+                                 else common_prefix(o["output_ids"], r["output_ids"]))
             r["ratio_ttft"] = _ratio(o["ttft_s"], r["ttft_s"])
             r["ratio_decode_tok_s"] = _ratio(o["decode_tok_s"], r["decode_tok_s"])
             r["ratio_e2e_tok_s"] = _ratio(o["e2e_tok_s"], r["e2e_tok_s"])

@@ -24,69 +24,22 @@ engine first generates N greedy tokens for the text-only prompt (`--ours-text`, 
 and each llama.cpp worker runs the same prompt ids greedy: `match_tokens` of a llama.cpp row is
 the leading tokens equal to ours there (with an fp32 artifact and f32 GGUF, all N expected).
 
-No torch in the llama.cpp process (its import would add to llama.cpp's peak RSS): the few
-statistics helpers of bench/measure.py are repeated here.
+No torch in the llama.cpp process (its import would add to llama.cpp's peak RSS): bench/measure.py's
+peak-memory and step statistics are torch-free at import.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import re
-import resource
 import sys
 import time
-import traceback
 
 import numpy as np
 
+from .measure import PeakMemory, common_prefix, step_stats
+from .worker import run_recorded
+
 N_BATCH = 512
-
-
-# ---------------------------------------------------------------- (torch-free copies of bench/measure.py's)
-
-def _status_kb(field: str):
-    try:
-        m = re.search(rf"^{field}:\s+(\d+) kB", open("/proc/self/status").read(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-class _PeakRSS:
-    def __init__(self):
-        self.mode = "per_row" if self.reset() else "cumulative"
-
-    def reset(self) -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return _status_kb("VmHWM") is not None
-        except OSError:
-            return False
-
-    def mb(self) -> float:
-        kb = _status_kb("VmHWM") if self.mode == "per_row" else None
-        if kb is None:
-            kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return round(kb / 1024, 1)
-
-
-def _percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q / 100.0
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def _step_stats(step_s: list[float], tokens: list[int]) -> dict:
-    if not step_s:
-        return {"decode_ms_mean": None, "decode_ms_p99": None, "decode_tok_s": None}
-    total = sum(step_s)
-    return {"decode_ms_mean": round(1000 * total / len(step_s), 2),
-            "decode_ms_p99": round(1000 * _percentile(step_s, 99), 2),
-            "decode_tok_s": round(sum(tokens) / total, 3) if total > 0 else None}
 
 
 # ---------------------------------------------------------------- llama.cpp
@@ -178,7 +131,7 @@ def run_batch(llm: LlamaCpp, prompt: list[int], b: int, n: int) -> dict:
     return {"batch_size": b, "input_tokens": len(prompt), "output_tokens": n,
             "ttft_s": round(sum(ttfts) / b, 4), "ttft_max_s": round(max(ttfts), 4),
             "prefill_tok_s": round(b * len(prompt) / ttfts[-1], 2),
-            **_step_stats(steps, [b] * len(steps)), "e2e_tok_s": round(b * n / total, 3),
+            **step_stats(steps, [b] * len(steps)), "e2e_tok_s": round(b * n / total, 3),
             "total_s": round(total, 3), "decode_steps": len(steps), "output_ids": out0}
 
 
@@ -204,15 +157,6 @@ def greedy(llm: LlamaCpp, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-def _prefix(a: list, b: list) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def run(spec: dict, emit) -> None:
     import llama_cpp
 
@@ -225,7 +169,7 @@ def run(spec: dict, emit) -> None:
     text = json.loads(open(spec["ours_text"]).read()) if spec.get("ours_text") else None
     longest = max(len(prompt), len(text["prompt_ids"]) if text else 0)
     n_ctx = -(-n_seq * (longest + n) // 256) * 256
-    mem = _PeakRSS()
+    mem = PeakMemory()
     t0 = time.perf_counter()
     extra = spec.get("extra_bufts", True)
     llm = LlamaCpp(spec["gguf"], threads, n_ctx, n_seq, extra_bufts=extra)
@@ -236,7 +180,7 @@ def run(spec: dict, emit) -> None:
     match = None
     if text:
         theirs = greedy(llm, text["prompt_ids"], len(text["output_ids"]))
-        match = _prefix(text["output_ids"], theirs)
+        match = common_prefix(text["output_ids"], theirs)
         print(f"[bench] {spec['engine']}: text-only prompt ({len(text['prompt_ids'])} ids), greedy tokens equal to "
               f"ours: {match} of {len(theirs)}", file=sys.stderr, flush=True)
     kv_mb = 2 * cfg["num_layers"] * cfg["num_kv_heads"] * cfg["head_dim"] * 2 * n_ctx / 1e6  # f16 K and V
@@ -249,7 +193,7 @@ def run(spec: dict, emit) -> None:
     for b in spec["batch_sizes"]:
         mem.reset()
         row = run_batch(llm, prompt, b, n)
-        row.update(base, peak_rss_mb=mem.mb(), peak_gpu_mb=None)
+        row.update(base, peak_rss_mb=mem.rss_mb(), peak_gpu_mb=None)
         emit(row)
 
 
@@ -263,22 +207,8 @@ def main(argv=None) -> int:
     spec_path, rows_path = argv
     spec = json.loads(open(spec_path).read())
 
-    def emit(row: dict) -> None:
-        with open(rows_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"[bench] {spec['engine']} batch {row['batch_size']}: ttft {row['ttft_s']} s "
-              f"({row['prefill_tok_s']} prompt tok/s), decode {row['decode_ms_mean']} ms/step, "
-              f"{row['decode_tok_s']} tok/s, peak RSS {row['peak_rss_mb']} MB", file=sys.stderr, flush=True)
-
-    try:
-        run(spec, emit)
-    except Exception as e:  # recorded in the CSV
-        traceback.print_exc()
-        with open(rows_path, "a") as f:
-            f.write(json.dumps({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]})
-                    + "\n")
-        return 1
-    return 0
+    return run_recorded(rows_path, spec["engine"], lambda emit: run(spec, emit),
+                        detail=lambda row: f" ({row['prefill_tok_s']} prompt tok/s)")
 
 
 if __name__ == "__main__":

@@ -13,21 +13,29 @@ Definitions (also in docs/performance.md):
   its high-water mark (`echo 5 > /proc/self/clear_refs`), so each row reports its own peak
   (weights resident at that point included). Where that is not possible, ru_maxrss is used and
   the peak is cumulative over the rows (the CSV says which in `rss_mode`).
+
+torch is imported only by the functions that measure with it, so a torch-free benchmark process
+(bench/llamacpp.py: a torch import would add to llama.cpp's peak RSS) shares the rest.
 """
 from __future__ import annotations
 
-import os
 import re
 import resource
+import sys
 import time
-
-import torch
 
 MiB = 1 << 20
 
 
+def _cuda():
+    """torch.cuda if torch is loaded in this process and sees a GPU, else None (never imports torch)."""
+    torch = sys.modules.get("torch")
+    return torch.cuda if torch is not None and torch.cuda.is_available() else None
+
+
 def measure_bandwidth(mib: int = 256, repeats: int = 7) -> dict:
     """{'copy_gbs', 'read_gbs', 'mib', 'threads'} on the CPU with torch's current thread count."""
+    import torch
     n = mib * MiB // 4
     src = torch.ones(n, dtype=torch.float32)
     dst = torch.empty_like(src)
@@ -46,6 +54,7 @@ def measure_bandwidth(mib: int = 256, repeats: int = 7) -> dict:
 
 
 def measure_gpu_bandwidth(mib: int = 1024, repeats: int = 10) -> dict | None:
+    import torch
     if not torch.cuda.is_available():
         return None
     n = mib * MiB // 4
@@ -90,8 +99,9 @@ class PeakMemory:
     def reset(self) -> None:
         if self.mode == "per_row":
             self._try_reset()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        cuda = _cuda()
+        if cuda is not None:
+            cuda.reset_peak_memory_stats()
 
     def rss_mb(self) -> float:
         kb = _status_kb("VmHWM") if self.mode == "per_row" else None
@@ -101,9 +111,8 @@ class PeakMemory:
 
     @staticmethod
     def gpu_mb() -> float | None:
-        if not torch.cuda.is_available():
-            return None
-        return round(torch.cuda.max_memory_allocated() / MiB, 1)
+        cuda = _cuda()
+        return None if cuda is None else round(cuda.max_memory_allocated() / MiB, 1)
 
 
 # ---------------------------------------------------------------- statistics
@@ -117,6 +126,16 @@ def percentile(values: list[float], q: float) -> float:
     lo = int(k)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def common_prefix(a: list, b: list) -> int:
+    """How many leading items of a and b are equal (match_tokens)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def step_stats(step_s: list[float], tokens_per_step: list[int]) -> dict:

@@ -11,6 +11,28 @@ import sys
 import traceback
 
 
+def run_recorded(rows_path: str, label: str, body, detail=lambda row: "") -> int:
+    """body(emit): each row emit()ted is appended to rows_path at once and reported on stderr; an
+    exception becomes an {"error": ...} row (the CSV says where an engine did not work) and exit 1.
+    Shared by this worker and the llama.cpp one (bench/llamacpp.py); imports no torch."""
+    def emit(row: dict) -> None:
+        with open(rows_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"[bench] {label} batch {row['batch_size']}: ttft {row['ttft_s']} s{detail(row)}, decode "
+              f"{row['decode_ms_mean']} ms/step, {row['decode_tok_s']} tok/s, peak RSS {row['peak_rss_mb']} MB",
+              file=sys.stderr, flush=True)
+
+    try:
+        body(emit)
+    except Exception as e:  # recorded in the CSV: "where it works"
+        traceback.print_exc()
+        with open(rows_path, "a") as f:
+            f.write(json.dumps({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]})
+                    + "\n")
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec_path, rows_path = argv
@@ -20,27 +42,15 @@ def main(argv=None) -> int:
         torch.set_num_threads(spec["threads"])
     label = f"{spec['engine']}" + (f" {spec['hf_dtype']}" if spec.get("hf_dtype") else "")
 
-    def emit(row: dict) -> None:
-        with open(rows_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"[bench] {label} batch {row['batch_size']}: ttft {row['ttft_s']} s, decode "
-              f"{row['decode_ms_mean']} ms/step, {row['decode_tok_s']} tok/s, peak RSS {row['peak_rss_mb']} MB",
-              file=sys.stderr, flush=True)
-
-    try:
+    def body(emit) -> None:
         if spec["engine"] == "ours":
             from . import ours
             ours.run(spec, emit)
         else:
             from . import hf
             hf.run(spec, emit)
-    except Exception as e:  # recorded in the CSV: "where it works"
-        traceback.print_exc()
-        with open(rows_path, "a") as f:
-            f.write(json.dumps({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]})
-                    + "\n")
-        return 1
-    return 0
+
+    return run_recorded(rows_path, label, body)
 
 
 if __name__ == "__main__":
