@@ -88,15 +88,26 @@ def _sliced_linear(ed: ProgramEditor, node, up, chunk_mb: float):
     x, w = node.args[0], node.args[1]
     b = node.args[2] if len(node.args) > 2 else None
     n_out, k_in = val(w).shape
-    rows = max(1, int(chunk_mb * 2**20 // (4 * k_in)))
-    x32 = up(x)
-    if rows >= n_out:
-        return ed.call(aten.linear.default, (x32, up(w)) + ((up(b),) if b is not None else ()), like=node)
-    rows = -(-n_out // -(-n_out // rows))          # equal slices
+    return sliced_linear(ed, node, up(x), n_out, k_in, 4, chunk_mb,
+                         lambda start, end: up(row_slice(ed, node, w, start, end, n_out)),
+                         None if b is None else lambda start, end: up(row_slice(ed, node, b, start, end, n_out)))
+
+
+def row_slice(ed: ProgramEditor, node, t, start: int, end: int, n_out: int):
+    """Rows [start, end) of t (t itself when that is all of it)."""
+    return t if (start, end) == (0, n_out) else ed.call(aten.slice.Tensor, (t, 0, start, end), like=node)
+
+
+def sliced_linear(ed: ProgramEditor, node, x, n_out: int, k_in: int, elem_bytes: int, chunk_mb: float,
+                  weight_rows, bias_rows=None):
+    """linear(x, W, b) over equal slices of W's output rows of at most chunk_mb (elem_bytes per element),
+    the results concatenated; weight_rows(start, end) / bias_rows(start, end) build a slice's operands,
+    placed right before its GEMM (shared with int8_weights' dequantised GEMMs)."""
+    rows = max(1, int(chunk_mb * 2**20 // (elem_bytes * k_in)))
+    rows = n_out if rows >= n_out else -(-n_out // -(-n_out // rows))          # equal slices
     parts = []
     for start in range(0, n_out, rows):
         end = min(n_out, start + rows)
-        w_s = ed.call(aten.slice.Tensor, (w, 0, start, end), like=node)
-        b_s = (ed.call(aten.slice.Tensor, (b, 0, start, end), like=node),) if b is not None else ()
-        parts.append(ed.call(aten.linear.default, (x32, up(w_s)) + tuple(up(t) for t in b_s), like=node))
-    return ed.call(aten.cat.default, (parts, -1), like=node)
+        args = (x, weight_rows(start, end)) + ((bias_rows(start, end),) if bias_rows is not None else ())
+        parts.append(ed.call(aten.linear.default, args, like=node))
+    return parts[0] if len(parts) == 1 else ed.call(aten.cat.default, (parts, -1), like=node)

@@ -29,6 +29,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
+from .fp32_gemm import row_slice, sliced_linear
 from .program_edit import ProgramEditor, TensorCache, aten, cast_dtype, is_op, val
 
 SCOPE = "language_model."
@@ -162,15 +163,15 @@ def _sliced_gemm(ed: ProgramEditor, node, q, s, chunk_mb: float, wide: bool):
     if dtype != out_dtype:
         x = ed.call(aten._to_copy.default, (x,), {"dtype": dtype}, like=node)
     n_out, k_in = val(q).shape
-    rows = max(1, int(chunk_mb * 2**20 // (torch.finfo(dtype).bits // 8 * k_in)))
-    rows = -(-n_out // -(-n_out // rows))          # equal slices
-    parts = []
-    for start in range(0, n_out, rows):
-        end = min(n_out, start + rows)
-        cut = [ed.call(aten.slice.Tensor, (t, 0, start, end), like=node) for t in (q, s) + ((b,) if b is not None else ())]
-        w = _dequant(ed, node, cut[0], cut[1], dtype)
-        if len(cut) > 2 and val(cut[2]).dtype != dtype:
-            cut[2] = ed.call(aten._to_copy.default, (cut[2],), {"dtype": dtype}, like=node)
-        parts.append(ed.call(aten.linear.default, (x, w, *cut[2:]), like=node))
-    y = parts[0] if len(parts) == 1 else ed.call(aten.cat.default, (parts, -1), like=node)
+
+    def weight_rows(start, end):
+        return _dequant(ed, node, row_slice(ed, node, q, start, end, n_out), row_slice(ed, node, s, start, end, n_out),
+                        dtype)
+
+    def bias_rows(start, end):
+        cut = row_slice(ed, node, b, start, end, n_out)
+        return cut if val(cut).dtype == dtype else ed.call(aten._to_copy.default, (cut,), {"dtype": dtype}, like=node)
+
+    y = sliced_linear(ed, node, x, n_out, k_in, torch.finfo(dtype).bits // 8, chunk_mb, weight_rows,
+                      bias_rows if b is not None else None)
     return y if dtype == out_dtype else ed.call(aten._to_copy.default, (y,), {"dtype": out_dtype}, like=node)
