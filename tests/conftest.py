@@ -58,6 +58,25 @@ ARTIFACT_CASES = {
 }
 
 
+SOURCE_TREES = ("compile", "graphs", "runtime", "bench", "precision", "tools")
+
+
+def project_imports(tops=SOURCE_TREES):
+    """(path relative to the repository, module, level) for every import statement in the project's
+    source trees: `import a.b` -> ("a.b", 0), `from ..x import y` -> ("x", 2). For import-isolation tests."""
+    import ast
+    root = Path(__file__).resolve().parents[1]
+    for top in tops:
+        for f in sorted((root / top).rglob("*.py")):
+            rel = f.relative_to(root).as_posix()
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.Import):
+                    for a in node.names:
+                        yield rel, a.name, 0
+                elif isinstance(node, ast.ImportFrom):
+                    yield rel, node.module or "", node.level
+
+
 def checkpoint_dir(ck, fmt):
     return ck.hf_dir if fmt == "hf" else ck.original_dirs[fmt]
 

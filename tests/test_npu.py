@@ -432,28 +432,17 @@ def test_npu_imports_are_isolated():
     """torch_npu and torchair are imported only by compile/backends/npu.py, pyACL (`acl`) only by
     runtime/backends/npu.py, and that one imports nothing from compile/ or graphs/ (the NPU box runs
     the runtime alone)."""
-    import ast
-    root = Path(__file__).resolve().parents[1]
+    from conftest import project_imports
     allowed = {"compile/backends/npu.py": {"torch_npu", "torchair"}, "runtime/backends/npu.py": {"acl"}}
     seen = {}
-    for top in ("compile", "graphs", "runtime", "bench", "precision", "tools"):
-        for f in (root / top).rglob("*.py"):
-            rel = f.relative_to(root).as_posix()
-            for node in ast.walk(ast.parse(f.read_text())):
-                if isinstance(node, ast.Import):
-                    mods = [(a.name, 0) for a in node.names]
-                elif isinstance(node, ast.ImportFrom):
-                    mods = [(node.module or "", node.level)]
-                else:
-                    continue
-                for mod, level in mods:
-                    first = mod.split(".")[0]
-                    if level == 0 and first in ("torch_npu", "torchair", "acl"):
-                        assert first in allowed.get(rel, ()), f"{rel} imports {mod}"
-                        seen.setdefault(rel, set()).add(first)
-                    if rel == "runtime/backends/npu.py":
-                        assert not (level >= 3 and first in ("compile", "graphs")), f"{rel}: from {'.' * level}{mod}"
-                        assert not mod.startswith(("internvl_aot.compile", "internvl_aot.graphs"))
+    for rel, mod, level in project_imports():
+        first = mod.split(".")[0]
+        if level == 0 and first in ("torch_npu", "torchair", "acl"):
+            assert first in allowed.get(rel, ()), f"{rel} imports {mod}"
+            seen.setdefault(rel, set()).add(first)
+        if rel == "runtime/backends/npu.py":
+            assert not (level >= 3 and first in ("compile", "graphs")), f"{rel}: from {'.' * level}{mod}"
+            assert not mod.startswith(("internvl_aot.compile", "internvl_aot.graphs"))
     assert seen == {"compile/backends/npu.py": {"torch_npu", "torchair"}, "runtime/backends/npu.py": {"acl"}}
 
 

@@ -217,28 +217,17 @@ def test_torch_free_engine_tokens_equal_aoti(onnx_artifact, tiny_artifact, tmp_p
 def test_onnx_imports_are_isolated():
     """onnx/onnxscript/onnx_ir only in compile/backends/onnx*.py; onnxruntime only in runtime/onnx/; runtime/onnx/
     imports neither torch nor compile/ nor graphs/ (the torch-free box runs it alone)."""
-    import ast
-    root = Path(__file__).resolve().parents[1]
-    for top in ("compile", "graphs", "runtime", "bench", "precision", "tools"):
-        for f in (root / top).rglob("*.py"):
-            rel = f.relative_to(root).as_posix()
-            for node in ast.walk(ast.parse(f.read_text())):
-                if isinstance(node, ast.Import):
-                    mods = [(a.name, 0) for a in node.names]
-                elif isinstance(node, ast.ImportFrom):
-                    mods = [(node.module or "", node.level)]
-                else:
-                    continue
-                for mod, level in mods:
-                    first = mod.split(".")[0]
-                    if level:                   # a relative import inside internvl_aot
-                        if rel.startswith("runtime/onnx/"):
-                            assert not (level >= 3 and first in ("compile", "graphs")), (rel, mod)
-                        continue
-                    if first in ("onnx", "onnxscript", "onnx_ir"):
-                        assert rel.startswith("compile/backends/onnx"), (rel, mod)
-                    if first == "onnxruntime":
-                        assert rel.startswith("runtime/onnx/") or rel == "tools/onnx_bench.py", (rel, mod)
-                    if rel.startswith("runtime/onnx/"):
-                        assert first != "torch", (rel, mod)
-                        assert first != "internvl_aot" or ".compile" not in mod and ".graphs" not in mod, (rel, mod)
+    from conftest import project_imports
+    for rel, mod, level in project_imports():
+        first = mod.split(".")[0]
+        if level:                   # a relative import inside internvl_aot
+            if rel.startswith("runtime/onnx/"):
+                assert not (level >= 3 and first in ("compile", "graphs")), (rel, mod)
+            continue
+        if first in ("onnx", "onnxscript", "onnx_ir"):
+            assert rel.startswith("compile/backends/onnx"), (rel, mod)
+        if first == "onnxruntime":
+            assert rel.startswith("runtime/onnx/") or rel == "tools/onnx_bench.py", (rel, mod)
+        if rel.startswith("runtime/onnx/"):
+            assert first != "torch", (rel, mod)
+            assert first != "internvl_aot" or ".compile" not in mod and ".graphs" not in mod, (rel, mod)
