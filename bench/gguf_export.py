@@ -144,7 +144,8 @@ def stand_in_vocab(n: int):
 def export(artifact: Path, out: Path, qtype: str, log=print) -> dict:
     """Write `out`; returns {'path', 'type', 'bytes', 'tensors', 'seconds', 'arch'}."""
     import gguf
-    from safetensors.torch import load_file
+
+    from ..runtime import weights_file
 
     if qtype not in TYPES:
         raise GGUFExportError(f"GGUF type {qtype!r}: choose from {TYPES}")
@@ -158,7 +159,7 @@ def export(artifact: Path, out: Path, qtype: str, log=print) -> dict:
     kind = scaling.get("type") or scaling.get("rope_type")
     if kind not in (None, "dynamic", "linear"):
         raise GGUFExportError(f"RoPE scaling {kind!r} has no GGUF equivalent here")
-    weights = load_file(str(artifact / manifest["ranks"][0]["weights"]))
+    weights = weights_file.read(artifact / manifest["ranks"][0]["weights"])
     tensors = llm_tensors(manifest, weights)
     arch = ARCHS[llm["arch"]]
 

@@ -160,7 +160,7 @@ def build_hf_model(artifact: Path, manifest: dict, dtype: torch.dtype, attn_impl
 
     Every parameter is written by name and checked (transformers 5 can silently leave tied or
     unexpected parameters at their initial values)."""
-    from safetensors.torch import load_file
+    from ..runtime import weights_file
     from transformers import InternVLForConditionalGeneration
     from transformers.initialization import no_init_weights
 
@@ -168,7 +168,7 @@ def build_hf_model(artifact: Path, manifest: dict, dtype: torch.dtype, attn_impl
         print("warning: transformers' InternVL implements pixel shuffle v2 only; this model uses "
               f"{manifest['model']['config']['ps_version']}, so its image features differ", flush=True)
     if canonical is None:
-        weights = load_file(str(Path(artifact) / manifest["ranks"][0]["weights"]))
+        weights = weights_file.read(Path(artifact) / manifest["ranks"][0]["weights"])
         canonical = canonical_from_artifact(manifest, weights)
     state = canonical_to_hf(canonical)
     cfg = hf_config(manifest, attn_implementation)

@@ -87,9 +87,9 @@ def main(argv=None) -> int:
         records.append(engine.step())
     step_s = [r.seconds for r in records if r.kind == "decode"]
     steps, graphs = step_s[1:], graph_s[1:]
-    from safetensors.torch import load_file
+    from ..runtime import weights_file
     from pathlib import Path
-    weights = load_file(str(Path(args.artifact) / engine.manifest["ranks"][0]["weights"]))
+    weights = weights_file.read(Path(args.artifact) / engine.manifest["ranks"][0]["weights"])
     mats = linear_weights(weights)
     nbytes = sum(m.numel() * m.element_size() for m in mats)
     lin = time_linears(mats, args.batch)

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from ..runtime import weights_file
 from ..runtime.manifest import device_info, write_manifest
 from .aoti import CompiledGraph
 
@@ -53,7 +53,7 @@ def write_artifact(out: Path, staging: Path, spec: dict, ranks: list[dict], toke
     rank_entries = []
     for i, r in enumerate(ranks):
         wrel = f"rank{i}/weights.safetensors"
-        save_file(r["weights"], str(staging / wrel), metadata={"format": "pt"})
+        weights_file.write(r["weights"], staging / wrel, metadata={"format": "pt"})
         rank_entries.append({"weights": wrel, "graphs": {
             n: {"package": f"rank{i}/graphs/{g.package}", "constants": g.constants} for n, g in r["graphs"].items()}})
     manifest = dict(spec)

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from . import weights_file
+
 # Shared with compile/aoti.py, which writes this file into every package.
 GRAPH_INFO_FILE = "internvl_aot_graph.json"
 GRAPH_INFO_FORMAT = 1
@@ -41,13 +43,12 @@ class GraphLoadError(RuntimeError):
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read the artifact's safetensors file once (memory-mapped on CPU)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise GraphLoadError(f"weights file {path} not found: point --artifact at a compiled artifact directory")
     try:
-        return load_file(path, device=str(torch.device(device)))
+        return weights_file.read(path, device=str(torch.device(device)))
     except (SafetensorError, OSError, ValueError) as e:
         raise GraphLoadError(f"weights file {path} is unreadable ({e}): recompile the artifact") from e
 
@@ -186,6 +187,11 @@ def _bind(name: str, info: dict, weights: dict, constant_map: dict | None, devic
             )
         if t.device.type != device.type:
             raise GraphLoadError(f"graph {name}: weight {key!r} is on {t.device}, load the weights on {device}")
+        if t.dtype is torch.int8 and t.data_ptr() % weights_file.INT8_ALIGN:
+            # the int8 GEMM would crash on it (runtime/weights_file.py)
+            raise GraphLoadError(
+                f"graph {name}: int8 weight {key!r} is not {weights_file.INT8_ALIGN}-byte aligned in memory "
+                "(an artifact written before the aligned weights file): recompile the artifact")
         bound[fqn] = t
     return bound
 

@@ -426,10 +426,13 @@ def test_int8_weights_decode_reads_int8_and_matches_dequantized_weights(arch, dt
     got, _, _ = run(sliced, graph_inputs("prefill_t16_c64", dtype))
     expect, _, _ = run(ref["prefill_t16_c64"], graph_inputs("prefill_t16_c64", torch.float32))
     torch.testing.assert_close(got.float(), expect, **tol)
-    # pack_rows=4 (off by default: the kernel needs 16-byte aligned weights), native bf16 or fp32: 2-row decode
-    # through ATen's weight-only int8 GEMM, reading the int8 matrix.
-    packed, reports = run_passes(progs["decode_b2_c64"], names, {"int8_weights": {"native_bf16": True, "pack_rows": 4}})
-    assert reports["int8_weights"]["int8pack"] == count_targets(packed, aten._weight_int8pack_mm.default) == 4 * LAYERS + 1
+    # A native-bf16 target: 2-row bf16 decode through ATen's weight-only int8 GEMM, reading the int8 matrix;
+    # fp32 activations never (that kernel has no vector path for them), nor without native bf16.
+    packed, reports = run_passes(progs["decode_b2_c64"], names, {"int8_weights": {"native_bf16": True}})
+    n_packed = 4 * LAYERS + 1 if dtype == torch.bfloat16 else 0
+    assert reports["int8_weights"]["int8pack"] == count_targets(packed, aten._weight_int8pack_mm.default) == n_packed
+    _, off = run_passes(progs["decode_b2_c64"], names, {"int8_weights": {"native_bf16": False}})
+    assert off["int8_weights"]["int8pack"] == 0
     got, _, _ = run(packed, graph_inputs("decode_b2_c64", dtype))
     expect, _, _ = run(ref["decode_b2_c64"], graph_inputs("decode_b2_c64", torch.float32))
     torch.testing.assert_close(got.float(), expect, **tol)

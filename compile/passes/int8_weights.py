@@ -40,12 +40,15 @@ QMAX = 127
 # the int8 matrix once (bf16 batch 4 through oneDNN: 470-720 ms).
 DECODE_ROWS = 1
 # ATen's weight-only int8 GEMM (`_weight_int8pack_mm`, scales in the activation dtype) reads the int8
-# matrix once; eager, 2 threads, AMX box, one 16384x2048 matrix, ms bf16 F.linear / int8pack: M=1
-# 3.2 / 2.4, M=4 3.2 / 3.3, M=8 3.1 / 6.0, M=64 5.5 / 40. But torch 2.13's kernel crashes (SIGSEGV)
-# on an int8 weight that is not 16-byte aligned, and safetensors places tensors at any byte offset:
-# the 2B artifact's batch-4 graph died on its first call. So it is off (`pack_rows=1`) until the
-# artifact writer aligns its tensors; `pack_rows=4` turns it on for weights known to be aligned.
-PACK_ROWS = 1
+# matrix once per 4 activation rows. With bf16 activations on an AVX512-BF16/AMX box it is fast; with
+# fp32 activations it has no vector path (eager, 2 threads, AMX box, 24 layers of 2B matrices, ms per
+# pass over all of them, bf16 F.linear (oneDNN, AMX) / int8pack bf16 x: M=1 176 / 108, M=2 167 / 132,
+# M=4 177 / 154, M=8 170 / 275; int8pack with fp32 x: one 4096x2048 matrix 3.7 ms at M=1 against 0.3
+# in bf16). So it serves bf16 graphs on native-bf16 targets, at PACK_MIN_ROWS..PACK_ROWS rows. It needs
+# its int8 weight 16-byte aligned (torch 2.13 segfaults otherwise): the artifact's weights file
+# aligns every tensor to 64 bytes (runtime/weights_file.py) and the loader refuses an unaligned one.
+PACK_ROWS = 4
+PACK_MIN_ROWS = 2
 # Slice sizes of the dequantised GEMMs: decode batches (<= GEMM_SMALL_ROWS rows) take slices small
 # enough to stay in cache between their dequantisation and their GEMM; prefill chunks larger ones.
 GEMM_SMALL_ROWS = 64
@@ -76,9 +79,12 @@ def dequantized(node) -> tuple | None:
 
 
 def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_chunk_mb: float = 2.0,
-          native_bf16: bool | None = None, pack_rows: int = PACK_ROWS) -> tuple[ExportedProgram, dict]:
+          native_bf16: bool | None = None, pack_rows: int = PACK_ROWS,
+          pack_min_rows: int = PACK_MIN_ROWS) -> tuple[ExportedProgram, dict]:
     """native_bf16 (default: the compile target's): without it, the sliced GEMMs of bf16/fp16 graphs
-    dequantise to fp32 and compute in fp32 (no bf16 GEMM without native bf16: fp32_gemm.py)."""
+    dequantise to fp32 and compute in fp32 (no bf16 GEMM without native bf16: fp32_gemm.py), and
+    ATen's int8 GEMM is not used. pack_min_rows..pack_rows: the rows at which bf16 linears on a
+    native-bf16 target take ATen's int8 GEMM (pack_rows=0: never)."""
     if native_bf16 is None:
         from ..targets import current
         native_bf16 = current().native_bf16
@@ -101,12 +107,8 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
         s_in = ed.add_parameter(f"{base}.weight_scale", scale, before=w_node)
         rows = math.prod(val(x).shape[:-1])
         x_dtype = val(x).dtype
-        if rows <= DECODE_ROWS:
-            with ed.graph.inserting_before(node):
-                wd = _dequant(ed, node, q_in, s_in, x_dtype)
-            node.args = (x, wd, *node.args[2:])
-        elif rows <= pack_rows and (native_bf16 or x_dtype == torch.float32):
-            s_x = s_in if x_dtype == torch.float32 else ed.add_parameter(
+        if native_bf16 and x_dtype == torch.bfloat16 and pack_min_rows <= rows <= pack_rows:
+            s_x = ed.add_parameter(
                 f"{base}.weight_scale_{str(x_dtype).split('.')[-1]}",
                 _QUANTIZED.get(base + ".scale", [scale], lambda: torch.nn.Parameter(scale.detach().to(x_dtype),
                                                                                      requires_grad=False),
@@ -116,6 +118,10 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
             node.replace_all_uses_with(y)
             ed.graph.erase_node(node)
             packed += 1
+        elif rows <= DECODE_ROWS:
+            with ed.graph.inserting_before(node):
+                wd = _dequant(ed, node, q_in, s_in, x_dtype)
+            node.args = (x, wd, *node.args[2:])
         else:
             with ed.graph.inserting_before(node):
                 y = _sliced_gemm(ed, node, q_in, s_in, small_chunk_mb if rows <= GEMM_SMALL_ROWS else chunk_mb,
