@@ -68,8 +68,11 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
             tpi = TPInfo(r, tp, group_name) if tp > 1 else SINGLE
             rank_weights = weights if tp == 1 else rank_shard(cfg, weights, r, tp)
             model = build_model(cfg, rank_weights, tpi, max_seq_len=buckets.max_context)
+            # Dynamic block-table widths on the AOTInductor CPU backend alone: the TP step channel sends
+            # fixed shapes, and the other backends' graphs are not proven with them.
             programs, reports = _export_rank(model, buckets, names, tdtype, device, pass_list(passes, quant),
-                                             f" rank {r}" if tp > 1 else "", log, t_start)
+                                             f" rank {r}" if tp > 1 else "", log, t_start,
+                                             dynamic_tables=backend == "cpu" and tp == 1)
             if r == 0:
                 pass_reports = reports
             graphs_dir = staging / f"rank{r}" / "graphs"
@@ -133,12 +136,12 @@ def _fresh_staging(out: Path) -> Path:
 
 
 def _export_rank(model, buckets: Buckets, names: list[str], tdtype, device, passes, where: str, log,
-                 t_start: float) -> tuple[dict, dict]:
+                 t_start: float, dynamic_tables: bool = False) -> tuple[dict, dict]:
     """Every bucket graph of one rank's model, exported and passed: -> (programs, pass reports)."""
     programs, reports = {}, {}
     for i, name in enumerate(names, 1):
         t0 = time.perf_counter()
-        ep = export_graph(model, buckets, name, tdtype, device)
+        ep = export_graph(model, buckets, name, tdtype, device, dynamic_tables=dynamic_tables)
         nodes_before = _count_calls(ep)
         # One RoPE table sized for the largest context, shared by every graph of the artifact.
         ep, report = run_passes(ep, passes, {"rope_table": {"max_context": buckets.max_context}})

@@ -26,6 +26,15 @@ def _first(out):
     return out[0] if isinstance(out, (list, tuple)) else out
 
 
+def table_width_is_dynamic(graph) -> bool:
+    """Whether a prefill/decode graph takes block tables of any width up to its context bucket's
+    (compile/export.py `dynamic_tables`), as its recorded input signature says (None: dynamic)."""
+    sig = getattr(graph, "input_signature", None)
+    if not sig:
+        return False
+    return any(name in ("block_table", "block_tables") and shape[1] is None for name, _, shape in sig)
+
+
 class ModelRunner:
     def __init__(self, graphs: dict[str, Graph], buckets: BucketSpec, pool: KVPool, allocator: BlockAllocator,
                  hidden_size: int, image_token_id: int, dtype: torch.dtype, device: torch.device):
@@ -34,6 +43,8 @@ class ModelRunner:
         self.block_size = self.policy.block_size
         self.hidden, self.image_token_id = hidden_size, image_token_id
         self.dtype, self.device = dtype, device
+        # Graphs that take only the blocks in use (attention then reads no padded context).
+        self._trim = {name for name, g in graphs.items() if table_width_is_dynamic(g)}
 
     @property
     def max_context(self) -> int:
@@ -83,6 +94,8 @@ class ModelRunner:
             embeds[:n][hit] = seq.image_embeds[rows[hit]].to(self.dtype)
         key = self.policy.prefill_key(t, start + n)
         width = key.context // self.block_size      # the chunk's keys all lie in the first `width` blocks
+        if key.name() in self._trim:
+            width = -(-(start + n) // self.block_size)
         table = self.allocator.block_table(seq.seq_id)[:width]
         block_table = self._long([table + [0] * (width - len(table))])
         return _first(self.graphs[key.name()](
@@ -113,13 +126,16 @@ class ModelRunner:
         """One step for every sequence (its last token is not yet cached) -> logits [len(seqs), V]."""
         key = self.policy.decode_key(len(seqs), max(len(s) for s in seqs))
         b, mb = key.size, key.context // self.block_size
+        if key.name() in self._trim:                # the blocks that hold the longest sequence's keys
+            mb = -(-max(len(s) for s in seqs) // self.block_size)
         ids, pos, slots, tables = [], [], [], []
         for s in seqs:
             p = len(s) - 1
             ids.append(s.all_ids[-1])
             pos.append(p)
             slots.extend(self.allocator.slot_mapping(s.seq_id, [p]))
-            tables.append(self.allocator.block_table(s.seq_id, pad_to=mb))
+            table = self.allocator.block_table(s.seq_id)[:mb]
+            tables.append(table + [0] * (mb - len(table)))
         pad = b - len(seqs)
         ids += [0] * pad
         pos += [0] * pad

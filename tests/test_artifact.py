@@ -66,6 +66,32 @@ def test_mixed_length_batch_equals_each_alone(tiny_artifact):
     assert engine.allocator.num_free_blocks == engine.allocator.num_blocks - 1
 
 
+def test_cpu_graphs_get_only_the_blocks_in_use(tiny_artifact):
+    """CPU artifacts' prefill/decode graphs take block tables of any width up to their context bucket
+    (compile/export.py dynamic_tables), and the runner passes the blocks in use: the same tokens as
+    the tables padded to the bucket's full width, through the same graphs."""
+    from internvl_aot.runtime.model_runner import table_width_is_dynamic
+    engine = Engine.from_artifact(tiny_artifact("qwen2_vit300m"))
+    runner = engine.runner
+    staged = {n: g for n, g in runner.graphs.items() if not n.startswith("vision")}
+    assert staged and all(table_width_is_dynamic(g) for g in staged.values()) and runner._trim == set(staged)
+    widths = []
+    for name, g in staged.items():
+        def spy(*inputs, _g=g, _n=name):
+            widths.append((_n, inputs[5 if _n.startswith("prefill") else 3].shape[1]))
+            return _g(*inputs)
+        runner.graphs[name] = spy
+    reqs = _requests(12)
+    trimmed = engine.generate(reqs)
+    full_width = 2048 // 16
+    assert widths and max(w for _, w in widths) < full_width and len({w for _, w in widths}) > 2
+    runner._trim = set()                                   # pad every table to the bucket's width
+    widths.clear()
+    padded = engine.generate(reqs)
+    assert {w for _, w in widths} == {full_width}
+    assert [r.output_token_ids for r in trimmed] == [r.output_token_ids for r in padded]
+
+
 def test_sampling_is_reproducible_per_seed(tiny_artifact):
     engine = Engine.from_artifact(tiny_artifact("internlm2_vit300m"))
     p = dict(temperature=0.9, top_k=50, top_p=0.9, max_new_tokens=12, ignore_eos=True)
