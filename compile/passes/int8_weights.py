@@ -11,7 +11,9 @@ and the linear's weight input becomes the dequantisation `(q.float() * s[:, None
 - Linears over at most DECODE_ROWS rows (batch-1 decode, the prefill head): small_m_linear, which
   runs after this pass, recognises that pattern (`dequantized`) and lowers them to a reduction
   that reads the int8 bytes and applies `s` after the sum: decode never writes a dequantised copy.
-- More rows (decode batches, prefill chunks) dequantise slices of at most `chunk_mb` of output rows
+- bf16 graphs on a native-bf16 target, PACK_MIN_ROWS..PACK_ROWS rows (decode batches 2-4): ATen's
+  weight-only int8 GEMM (`_weight_int8pack_mm`), which reads the int8 matrix once per 4 rows.
+- More rows (larger decode batches, prefill chunks) dequantise slices of at most `chunk_mb` of output rows
   into a scratch buffer and run the GEMM per slice (results concatenated): a whole dequantised
   matrix would be a fresh allocation above glibc's mmap threshold every call, whose page faults
   cost more than the dequantisation (see fp32_gemm.py); a slice is reused and stays in cache.
