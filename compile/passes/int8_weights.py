@@ -11,7 +11,7 @@ and the linear's weight input becomes the dequantisation `(q.float() * s[:, None
 - Linears over at most DECODE_ROWS rows (batch-1 decode, the prefill head): small_m_linear, which
   runs after this pass, recognises that pattern (`dequantized`) and lowers them to a reduction
   that reads the int8 bytes and applies `s` after the sum: decode never writes a dequantised copy.
-- bf16 graphs on a native-bf16 target, PACK_MIN_ROWS..PACK_ROWS rows (decode batches 2-4): ATen's
+- bf16 graphs on a native-bf16 target, PACK_MIN_ROWS..PACK_ROWS rows (decode batches 2-8): ATen's
   weight-only int8 GEMM (`_weight_int8pack_mm`), which reads the int8 matrix once per 4 rows.
 - More rows (larger decode batches, prefill chunks) dequantise slices of at most `chunk_mb` of output rows
   into a scratch buffer and run the GEMM per slice (results concatenated): a whole dequantised
@@ -46,10 +46,13 @@ DECODE_ROWS = 1
 # fp32 activations it has no vector path (eager, 2 threads, AMX box, 24 layers of 2B matrices, ms per
 # pass over all of them, bf16 F.linear (oneDNN, AMX) / int8pack bf16 x: M=1 176 / 108, M=2 167 / 132,
 # M=4 177 / 154, M=8 170 / 275; int8pack with fp32 x: one 4096x2048 matrix 3.7 ms at M=1 against 0.3
-# in bf16). So it serves bf16 graphs on native-bf16 targets, at PACK_MIN_ROWS..PACK_ROWS rows. It needs
+# in bf16). In whole 2B int8 artifacts (2 threads, AMX box, decode_ab): 2 rows 12.2 tok/s, 4 rows 19.2-19.5
+# (bf16 21.3; the sliced GEMMs below gave 8.0-8.5), 8 rows through the sliced GEMMs 16.4-18.1 (bf16 32.9);
+# AOTI, 24 layers at one row: int8pack 117.6 ms, small_m_linear's int8 reduction 118.3 (even: the
+# reduction stays). So it serves bf16 graphs on native-bf16 targets, at PACK_MIN_ROWS..PACK_ROWS rows. It needs
 # its int8 weight 16-byte aligned (torch 2.13 segfaults otherwise): the artifact's weights file
 # aligns every tensor to 64 bytes (runtime/weights_file.py) and the loader refuses an unaligned one.
-PACK_ROWS = 4
+PACK_ROWS = 8
 PACK_MIN_ROWS = 2
 # Slice sizes of the dequantised GEMMs: decode batches (<= GEMM_SMALL_ROWS rows) take slices small
 # enough to stay in cache between their dequantisation and their GEMM; prefill chunks larger ones.
