@@ -1,10 +1,15 @@
 """Decode tok/s of an artifact at given batch sizes, text prompt, EOS ignored (docs/performance.md, int8 section):
 
     .venv/bin/python tools/decode_ab.py ARTIFACT 1,4        # N=16 tokens, T=2 threads by env
+    CTX=4096 .venv/bin/python tools/decode_ab.py ARTIFACT 1,8   # decode through the context bucket >= 4096
 """
 import sys, torch, os, json
 torch.set_num_threads(int(os.environ.get("T", "2")))
+from internvl_aot.runtime.buckets import BucketPolicy
 from internvl_aot.runtime.engine import Engine, Request
+if os.environ.get("CTX"):
+    _decode_key = BucketPolicy.decode_key
+    BucketPolicy.decode_key = lambda self, batch, longest: _decode_key(self, batch, max(longest, int(os.environ["CTX"])))
 from internvl_aot.runtime.sampler import SamplingParams
 from internvl_aot.runtime.sequence import Status
 eng = Engine.from_artifact(sys.argv[1], skip_verify=True)
