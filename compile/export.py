@@ -5,7 +5,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from ..graphs.model import DecodeStage, InternVL, PrefillStage, VisionStage
-from ..runtime.buckets import GraphKey, graph_inputs
+from ..runtime.buckets import BLOCK_TABLE_INPUT, GraphKey, graph_inputs
 from .buckets import Buckets
 
 
@@ -16,14 +16,18 @@ def kv_cache_example(model: InternVL, buckets: Buckets, dtype, device, num_block
     return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
 
+def _input_specs(model: InternVL, buckets: Buckets, key: GraphKey, dtype) -> list:
+    cfg = model.cfg
+    return graph_inputs(key, hidden=cfg.llm.hidden_size, image_size=cfg.vision.image_size,
+                        block_size=buckets.block_size, dtype=dtype)
+
+
 def example_inputs(model: InternVL, buckets: Buckets, name: str, dtype, device) -> tuple:
     """Inputs of the right shapes and dtypes for graph `name` (values are placeholders)."""
     key = GraphKey.parse(name)
-    cfg = model.cfg
     args = tuple(torch.arange(shape[0], device=device) if n == "positions" else
                  torch.zeros(shape, dtype=dt, device=device)
-                 for n, dt, shape in graph_inputs(key, hidden=cfg.llm.hidden_size, image_size=cfg.vision.image_size,
-                                                  block_size=buckets.block_size, dtype=dtype))
+                 for n, dt, shape in _input_specs(model, buckets, key, dtype))
     return args if key.stage == "vision" else args + kv_cache_example(model, buckets, dtype, device)
 
 
@@ -48,8 +52,7 @@ def export_graph(model: InternVL, buckets: Buckets, name: str, dtype, device,
         dynamic = [None] * (len(args) - 2) + [{1: blocks}, {1: blocks}]
         width = key.context // buckets.block_size
         if dynamic_tables and width >= 2:
-            table = len(args) - 3          # block_table(s): before last_index (prefill), last (decode)
-            table -= key.stage == "prefill"
-            dynamic[table] = {1: Dim("table_blocks", min=1, max=width)}
+            names = [n for n, _, _ in _input_specs(model, buckets, key, dtype)]
+            dynamic[names.index(BLOCK_TABLE_INPUT[key.stage])] = {1: Dim("table_blocks", min=1, max=width)}
     with torch.no_grad():
         return torch.export.export(stage_module(model, name), args, dynamic_shapes=dynamic, strict=False)

@@ -54,6 +54,10 @@ def all_keys(vision, prefill, batch, context) -> list[GraphKey]:
             + [GraphKey("decode", b, c) for b in batch for c in context])
 
 
+# The block-table input of each stage's graph (graph_inputs below), [rows, blocks per sequence].
+BLOCK_TABLE_INPUT = {"prefill": "block_table", "decode": "block_tables"}
+
+
 def graph_inputs(key: GraphKey, *, hidden: int, image_size: int, block_size: int,
                  dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """The inputs of graph `key` in call order, the two KV-cache tensors (which every prefill and
@@ -66,11 +70,11 @@ def graph_inputs(key: GraphKey, *, hidden: int, image_size: int, block_size: int
     if key.stage == "prefill":
         t = key.size
         return [("input_ids", i64, (t,)), ("positions", i64, (t,)), ("image_embeds", dtype, (t, hidden)),
-                ("image_mask", torch.bool, (t,)), ("slot_mapping", i64, (t,)), ("block_table", i64, (1, mb)),
+                ("image_mask", torch.bool, (t,)), ("slot_mapping", i64, (t,)), (BLOCK_TABLE_INPUT["prefill"], i64, (1, mb)),
                 ("last_index", i64, (1,))]
     b = key.size
     return [("input_ids", i64, (b,)), ("positions", i64, (b,)), ("slot_mapping", i64, (b,)),
-            ("block_tables", i64, (b, mb))]
+            (BLOCK_TABLE_INPUT["decode"], i64, (b, mb))]
 
 
 def check_signatures(graphs: dict, spec) -> None:

@@ -14,7 +14,7 @@ try:
 except ImportError:         # only the ONNX runtime installed (runtime/onnx/): no torch on this box
     torch = None
 
-from .buckets import BucketPolicy, GraphKey
+from .buckets import BLOCK_TABLE_INPUT, BucketPolicy, GraphKey
 from .kv_cache import BlockAllocator, KVPool
 from .sequence import Sequence
 from .spec import BucketSpec
@@ -32,7 +32,7 @@ def table_width_is_dynamic(graph) -> bool:
     sig = getattr(graph, "input_signature", None)
     if not sig:
         return False
-    return any(name in ("block_table", "block_tables") and shape[1] is None for name, _, shape in sig)
+    return any(name in BLOCK_TABLE_INPUT.values() and shape[1] is None for name, _, shape in sig)
 
 
 class ModelRunner:
@@ -56,6 +56,12 @@ class ModelRunner:
 
     def _long(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _table(self, seq: Sequence, width: int) -> list[int]:
+        """The first `width` blocks of seq's table, padded with the sink block 0 (blocks past `width`
+        hold no key the graph's queries may see)."""
+        table = self.allocator.block_table(seq.seq_id)[:width]
+        return table + [0] * (width - len(table))
 
     # -- vision ---------------------------------------------------------------------------------
     def vision_chunk(self, pixel_values: torch.Tensor, size: int) -> torch.Tensor:
@@ -96,8 +102,7 @@ class ModelRunner:
         width = key.context // self.block_size      # the chunk's keys all lie in the first `width` blocks
         if key.name() in self._trim:
             width = -(-(start + n) // self.block_size)
-        table = self.allocator.block_table(seq.seq_id)[:width]
-        block_table = self._long([table + [0] * (width - len(table))])
+        block_table = self._long([self._table(seq, width)])
         return _first(self.graphs[key.name()](
             self._long(chunk_ids), self._long(pos + [0] * (t - n)), embeds, mask, self._long(slots),
             block_table, self._long([n - 1]), self.pool.k_cache, self.pool.v_cache))
@@ -124,18 +129,18 @@ class ModelRunner:
     # -- decode ---------------------------------------------------------------------------------
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One step for every sequence (its last token is not yet cached) -> logits [len(seqs), V]."""
-        key = self.policy.decode_key(len(seqs), max(len(s) for s in seqs))
+        longest = max(len(s) for s in seqs)
+        key = self.policy.decode_key(len(seqs), longest)
         b, mb = key.size, key.context // self.block_size
         if key.name() in self._trim:                # the blocks that hold the longest sequence's keys
-            mb = -(-max(len(s) for s in seqs) // self.block_size)
+            mb = -(-longest // self.block_size)
         ids, pos, slots, tables = [], [], [], []
         for s in seqs:
             p = len(s) - 1
             ids.append(s.all_ids[-1])
             pos.append(p)
             slots.extend(self.allocator.slot_mapping(s.seq_id, [p]))
-            table = self.allocator.block_table(s.seq_id)[:mb]
-            tables.append(table + [0] * (mb - len(table)))
+            tables.append(self._table(s, mb))
         pad = b - len(seqs)
         ids += [0] * pad
         pos += [0] * pad
