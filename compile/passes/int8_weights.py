@@ -135,6 +135,7 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
             ed.graph.erase_node(node)
             sliced += 1
         ed.drop_input_if_unused(w_node)
+        ed.drop_input_if_unused(s_in)           # the int8 GEMM takes the scale in x's dtype instead
         done.append(fqn)
         q_bytes += q.numel() + 4 * scale.numel()
         src_bytes += w.numel() * w.element_size()
