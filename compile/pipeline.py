@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .. import kernels
 from ..graphs.config import ModelConfig
 from ..graphs.model import build_model
 from ..graphs.parallel import SINGLE, TPInfo
@@ -28,12 +30,14 @@ from .tp import (TP_COMPILE_OPTIONS, check_outputs, check_tp, count_collectives,
 def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Path, buckets: Buckets,
                   dtype: str = "bf16", backend: str = "cpu", tp: int = 1, source: dict | None = None,
                   passes: list[str] | None = None, log: Callable[[str], None] = print,
-                  target: str = "native", opset: int = 18, quant: str = "none") -> dict:
+                  target: str = "native", opset: int = 18, quant: str = "none",
+                  pass_options: dict[str, dict] | None = None) -> dict:
     """Checkpoint weights -> artifact directory `out`: per rank, export every bucket graph, run the
     passes, compile (rank 0's packages reused by the other ranks when their programs agree), then
     write the artifact. target: the CPU the artifact is for (runtime/isa.py: native, x86-64-v3,
     x86-64-v4, ...); compile/targets.py applies it to Inductor, and `targets.current()` tells passes
-    about it. quant: "none" or "int8" (weight-only, compile/passes/int8_weights.py)."""
+    about it. quant: "none" or "int8" (weight-only, compile/passes/int8_weights.py). pass_options:
+    pass name -> keyword arguments for its `apply` (e.g. {"small_m_linear": {"kernel": True}})."""
     if quant != "none" and backend != "cpu":
         raise ValueError(f"QUANT={quant} is implemented for BACKEND=cpu only (got BACKEND={backend})")
     if backend == "onnx":     # ONNX graphs for onnxruntime / ATC: compile/backends/onnx.py
@@ -59,7 +63,7 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
     def progress(msg):
         log(f"[aoti] {msg} (elapsed {time.perf_counter() - t_start:.0f} s)")
 
-    ranks, pass_reports, graph_s, tp_info = [], {}, {}, {}
+    ranks, pass_reports, graph_s, tp_info, uses_kernels = [], {}, {}, {}, False
     # A fake process group of the runtime's size and group name while Inductor compiles (compile/tp.py).
     with (fake_process_group(tp) if tp > 1 else contextlib.nullcontext("")) as group_name, \
             targets.activate(cpu_target):
@@ -72,9 +76,10 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
             # fixed shapes, and the other backends' graphs are not proven with them.
             programs, reports = _export_rank(model, buckets, names, tdtype, device, pass_list(passes, quant),
                                              f" rank {r}" if tp > 1 else "", log, t_start,
-                                             dynamic_tables=backend == "cpu" and tp == 1)
+                                             dynamic_tables=backend == "cpu" and tp == 1, pass_options=pass_options)
             if r == 0:
                 pass_reports = reports
+            uses_kernels = uses_kernels or kernels.uses_kernels(programs.values())
             graphs_dir = staging / f"rank{r}" / "graphs"
             options = TP_COMPILE_OPTIONS if tp > 1 else None
             if r == 0:
@@ -101,6 +106,11 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
             "lowering": _lowering(cpu_target, backend, tdtype, quant)}
     if tp > 1:
         info["tp"] = tp_info
+    if uses_kernels:        # the graphs call kernels/ ops: the library built for the target ships with them
+        lib = staging / kernels.KERNELS_LIBRARY
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kernels.library_for(cpu_target), lib)
+        info["lowering"]["kernels"] = kernels.manifest_entry()
     write_artifact(out, staging, spec, ranks, Path(tokenizer_dir), source or {}, backend, info, target=target)
     return _summary(out, ranks, tp, compile_s, log)
 
@@ -136,7 +146,7 @@ def _fresh_staging(out: Path) -> Path:
 
 
 def _export_rank(model, buckets: Buckets, names: list[str], tdtype, device, passes, where: str, log,
-                 t_start: float, dynamic_tables: bool = False) -> tuple[dict, dict]:
+                 t_start: float, dynamic_tables: bool = False, pass_options: dict | None = None) -> tuple[dict, dict]:
     """Every bucket graph of one rank's model, exported and passed: -> (programs, pass reports)."""
     programs, reports = {}, {}
     for i, name in enumerate(names, 1):
@@ -144,7 +154,9 @@ def _export_rank(model, buckets: Buckets, names: list[str], tdtype, device, pass
         ep = export_graph(model, buckets, name, tdtype, device, dynamic_tables=dynamic_tables)
         nodes_before = _count_calls(ep)
         # One RoPE table sized for the largest context, shared by every graph of the artifact.
-        ep, report = run_passes(ep, passes, {"rope_table": {"max_context": buckets.max_context}})
+        options = {**(pass_options or {})}
+        options["rope_table"] = {"max_context": buckets.max_context, **options.get("rope_table", {})}
+        ep, report = run_passes(ep, passes, options)
         programs[name] = ep
         reports[name] = {"ops_before": nodes_before, "ops_after": _count_calls(ep), "passes": report}
         log(f"[export{where} {i}/{len(names)}] {name}: {nodes_before} -> {_count_calls(ep)} ops "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .. import kernels
 from .bundle import freshly_verified, resolve_artifact
 from .check import QUIET_ENV, enforce_trust
 from .graph_loader import GraphLoadError, load_graph, load_weights
@@ -47,10 +48,11 @@ def load_artifact(path: Path, device: str | None = None, skip_verify: bool = Fal
         raise ArtifactError(f"artifact was compiled for {backend}, not {device.type}: re-compile with BACKEND={device.type}")
     entry = manifest["ranks"][rank]
     try:
+        kernels.load_for_artifact(path, manifest)      # before any package: its graphs may call the ops
         weights = load_weights(path / entry["weights"], device)
         graphs = {name: load_graph(path / g["package"], weights, g["constants"], device, check_inputs=False)
                   for name, g in entry["graphs"].items()}
-    except GraphLoadError as e:
+    except (GraphLoadError, kernels.KernelError) as e:
         raise ArtifactError(str(e)) from None
     tok = Tokenizer.from_dir(path / manifest["tokenizer_dir"]) if tokenizer else None
     return manifest, graphs, tok, device

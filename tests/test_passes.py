@@ -282,23 +282,26 @@ def test_passed_decode_graph_compiles_and_binds(tmp_path):
 BEFORE_GEMV = [p for p in PASS_ORDER if p not in ("small_m_linear", "fp32_gemm")]
 
 
+REDUCE = {"small_m_linear": {"kernel": False}}     # Inductor's reduction, not the kernel library
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_small_m_linear_lowers_one_row_linears_only(arch):
     progs = programs(arch, torch.bfloat16)
     dec, _ = run_passes(progs["decode_b1_c32"], BEFORE_GEMV)
-    low, report = run_passes(dec, ["small_m_linear"])
+    low, report = run_passes(dec, ["small_m_linear"], REDUCE)
     assert report["small_m_linear"]["lowered"] == count_targets(dec, aten.linear.default) > 0
     assert count_targets(low, aten.linear.default) == 0
     assert_same_results(dec, low, "decode_b1_c32", torch.bfloat16, atol=0.05, rtol=0.02)
     # K split into chunks (as for K > 4,096 on real models): the same result.
-    split, report = run_passes(dec, ["small_m_linear"], {"small_m_linear": {"max_chunk": 32}})
+    split, report = run_passes(dec, ["small_m_linear"], {"small_m_linear": {"max_chunk": 32, "kernel": False}})
     assert count_targets(split, aten.linear.default) == 0
     assert_same_results(low, split, "decode_b1_c32", torch.bfloat16, atol=0.03, rtol=0.02)
     # Two rows: the GEMM is faster there; nothing is lowered.
     dec2, _ = run_passes(progs["decode_b2_c64"], BEFORE_GEMV)
-    assert run_passes(dec2, ["small_m_linear"])[1]["small_m_linear"]["lowered"] == 0
+    assert run_passes(dec2, ["small_m_linear"], REDUCE)[1]["small_m_linear"]["lowered"] == 0
     pre, _ = run_passes(progs["prefill_t16_c64"], BEFORE_GEMV)
-    low_pre, report = run_passes(pre, ["small_m_linear"])
+    low_pre, report = run_passes(pre, ["small_m_linear"], REDUCE)
     # 16 token rows: the layers keep their GEMMs; only the output head runs on one row.
     assert report["small_m_linear"]["lowered"] == 1
     assert count_targets(low_pre, aten.linear.default) == count_targets(pre, aten.linear.default) - 1
@@ -306,6 +309,31 @@ def test_small_m_linear_lowers_one_row_linears_only(arch):
     fp32 = programs(arch, torch.float32)["decode_b2_c64"]
     kept, report = run_passes(fp32, ["small_m_linear"])
     assert report["small_m_linear"]["lowered"] == 0                      # fp32 keeps MKL's GEMV
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_small_m_linear_calls_the_kernel_library_up_to_8_rows(arch):
+    """kernel=True: bf16 linears of <= 8 rows call internvl::small_m_linear (kernels/small_m_gemm.cpp: its
+    vdpbf16ps path where this box has AVX512-BF16, its plain loop elsewhere); the results are the GEMM's."""
+    progs = programs(arch, torch.bfloat16)
+    for name, lowered_all in (("decode_b1_c32", True), ("decode_b2_c64", True), ("prefill_t16_c64", False)):
+        ep, _ = run_passes(progs[name], BEFORE_GEMV)
+        low, report = run_passes(ep, ["small_m_linear"], {"small_m_linear": {"kernel": True}})
+        op = torch.ops.internvl.small_m_linear.default
+        n_lin = count_targets(ep, aten.linear.default)
+        # decode: every linear (qwen2's q/k/v biases too); prefill (16 rows): only the one-row output head
+        assert report["small_m_linear"]["kernel"] == (n_lin if lowered_all else 1) == count_targets(low, op) > 0
+        assert count_targets(low, aten.linear.default) == (0 if lowered_all else n_lin - 1)
+        assert_same_results(ep, low, name, torch.bfloat16, atol=0.05, rtol=0.02)
+    # The target decides by default: x86-64-v3 (no AVX512-BF16) keeps Inductor's reduction.
+    from internvl_aot.compile import targets
+    from internvl_aot.runtime.isa import get_target
+    with targets.activate(get_target("x86-64-v3")):
+        ep, _ = run_passes(progs["decode_b1_c32"], BEFORE_GEMV)
+        assert run_passes(ep, ["small_m_linear"])[1]["small_m_linear"]["kernel"] == 0
+    with targets.activate(get_target("x86-64-v4-bf16")):
+        assert run_passes(ep, ["small_m_linear"])[1]["small_m_linear"]["kernel"] > 0
+
 
 
 # ---------------------------------------------------------------- fp32 compute for targets without native bf16

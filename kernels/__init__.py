@@ -1,0 +1,138 @@
+"""Hand-written CPU kernels compiled into an artifact: `internvl::small_m_linear` (small_m_gemm.cpp).
+
+Why: a decode step multiplies every weight matrix by 1-8 token rows and is bound by reading the
+weights. On an AVX512-BF16 CPU without AMX (AMD Zen 4) oneDNN's bf16 GEMM reads them at 14-17 GB/s at
+M = 1-8 and Inductor's multiply+sum reduction (compile/passes/small_m_linear.py) at about 24 GB/s at
+M = 1 only; this kernel streams each weight row once for all rows with vdpbf16ps (docs/performance.md,
+"Fourth round"). compile/passes/small_m_linear.py lowers a bf16 linear of <= 8 rows to it when the
+compile target has AVX512-BF16 and the library is loaded (`ensure_built`).
+
+How it ships: the library is built at compile time for the artifact's target (`-march` of the target, no
+Python, linked against the torch it runs with) into the artifact as KERNELS_LIBRARY, hashed and signed
+with every other file; the manifest's `compile.lowering.kernels` names it. The runtime loads it
+(`load_for_artifact`) before any graph package is opened: AOTInductor calls the op through its proxy
+executor, which needs the op registered in the process. Built libraries are cached by source, flags and
+torch version under $INTERNVL_CACHE_DIR/kernels (one g++ run, about 30 s, per combination).
+
+One copy of the op per process: a second artifact whose library has the same KERNELS_VERSION reuses the
+first one's; a different version is refused (run that artifact in a process of its own).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("small_m_gemm.cpp")
+KERNELS_LIBRARY = "kernels/internvl_kernels.so"   # inside an artifact directory
+KERNELS_VERSION = 1                                 # = kVersion in small_m_gemm.cpp
+OP = "internvl::small_m_linear"
+MAX_ROWS = 8
+
+_loaded: dict = {}      # {"path": the library loaded in this process, "version": its KERNELS_VERSION}
+
+
+class KernelError(RuntimeError):
+    """The kernel library cannot be built or loaded; the message says what to do."""
+
+
+def target_has_kernel(target) -> bool:
+    """The kernel's fast path needs AVX512-BF16 (compile/targets.py Target.flags)."""
+    return "avx512_bf16" in target.flags
+
+
+def build_flags(target) -> list[str]:
+    march = "-march=native" if target.march == "native" else f"-march={target.march}"
+    return [march, *target.extra_cflags, "-mtune=generic" if target.march != "native" else "-mtune=native"]
+
+
+def build(dest: Path, flags: list[str]) -> Path:
+    """Compile small_m_gemm.cpp into the shared library `dest` with g++ and `flags` (-march ...)."""
+    import torch
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise KernelError(f"building {SOURCE.name} needs a C++ compiler ({cxx} not found; AOTInductor needs one too)")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cmd = [cxx, "-O3", "-shared", "-fPIC", "-std=c++17", "-fopenmp", *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+           *[f"-I{p}" for p in cpp_extension.include_paths()], str(SOURCE),
+           # libtorch's own libraries and OpenMP runtime, already loaded when the library is: never a second libgomp
+           *[f"-L{p}" for p in cpp_extension.library_paths()], "-lc10", "-ltorch_cpu", "-o", str(dest)]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise KernelError(f"building {SOURCE.name} failed:\n{' '.join(cmd)}\n{done.stderr[-4000:]}")
+    return dest
+
+
+def cached_build(flags: list[str]) -> Path:
+    """The library for `flags`, built once per source, flags and torch version."""
+    import torch
+    from ..runtime.bundle import CACHE_ENV
+
+    base = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "internvl-aot"
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((flags, torch.__version__, sys.platform)).encode()).hexdigest()
+    path = Path(base) / "kernels" / key[:32] / "internvl_kernels.so"
+    if not path.is_file():      # built beside its place, then renamed: a concurrent build never sees half a file
+        os.replace(build(path.with_name(f".{os.getpid()}.tmp.so"), flags), path)
+    return path
+
+
+def load(path: Path, version: int = KERNELS_VERSION) -> None:
+    """Register the library's ops in this process (once; see the module docstring)."""
+    import torch
+
+    if _loaded:
+        if _loaded["version"] != version:
+            raise KernelError(f"this process already runs kernels version {_loaded['version']} "
+                              f"({_loaded['path']}); {path} is version {version}: run it in a process of its own")
+        return
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as e:
+        raise KernelError(f"kernel library {path} cannot be loaded ({e}): recompile the artifact") from e
+    got = torch.ops.internvl.kernels_version()
+    if got != version:
+        raise KernelError(f"kernel library {path} is version {got}, its manifest says {version}: recompile the artifact")
+    _loaded.update(path=str(path), version=version)
+
+
+def ensure_built(target) -> None:
+    """Compile side: the ops registered in this process (for export and AOTInductor), from the library
+    for `target` (built, cached) unless one is loaded already: compiling needs only their schemas."""
+    if not _loaded:
+        load(cached_build(build_flags(target)))
+
+
+def library_for(target) -> Path:
+    """The library an artifact for `target` ships (built for the target's -march, cached)."""
+    return cached_build(build_flags(target))
+
+
+def loaded() -> bool:
+    return bool(_loaded)
+
+
+def manifest_entry() -> dict:
+    return {"library": KERNELS_LIBRARY, "version": KERNELS_VERSION, "ops": [OP]}
+
+
+def load_for_artifact(artifact: Path, manifest: dict) -> None:
+    """Runtime side: load the artifact's kernel library, if its graphs call one."""
+    entry = manifest.get("compile", {}).get("lowering", {}).get("kernels")
+    if not entry:
+        return
+    path = Path(artifact) / entry["library"]
+    if not path.is_file():
+        raise KernelError(f"{entry['library']} is missing from {artifact}: copy the whole artifact again")
+    load(path, int(entry["version"]))
+
+
+def uses_kernels(programs) -> bool:
+    """Whether any exported program calls an op of this library."""
+    return any(n.op == "call_function" and str(n.target).startswith("internvl.")
+               for ep in programs for n in ep.graph.nodes)

@@ -1,0 +1,160 @@
+// internvl::small_m_linear(x, w, b?): y[..., N] = x[..., K] @ w[N, K]^T (+ b), bf16 in and out, fp32
+// accumulation, for at most 8 rows of x: the linears of a decode step (kernels/__init__.py says why and how
+// it is built, loaded and chosen).
+//
+// Each weight row is read from memory once for all rows of x: a block of R weight rows is loaded 32 bf16 at
+// a time and multiplied into every activation row (a few KB each, in L1) with AVX512-BF16's vdpbf16ps (a
+// pair of bf16 products summed into fp32 per lane); rows of x are taken MC at a time so that the MC x R
+// accumulators stay in registers, and a later chunk re-reads the block from L1/L2, not from DRAM. Built
+// without AVX512-BF16 (a test build on another CPU) the same op runs a plain loop: correct, not fast.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kMaxRows = 8;
+constexpr int64_t kVersion = 1;     // kernels/__init__.py KERNELS_VERSION: bumped when the ops change
+
+using bf16 = c10::BFloat16;
+
+#if defined(__AVX512BF16__)
+// out[m][r] = sum_k x[m, k] * w[n0 + r, k] for MC rows of x and R rows of w.
+template <int MC, int R>
+inline void dot_block(const bf16* x, int64_t K, const bf16* w, int64_t n0, float* out) {
+  __m512 acc[MC][R];
+  for (int m = 0; m < MC; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  const bf16* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = w + (n0 + r) * K;
+  const int64_t body = K - K % 32;
+  for (int64_t k = 0; k < body; k += 32) {
+    __m512bh wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512((const void*)(wr[r] + k));
+    for (int m = 0; m < MC; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void*)(x + m * K + k));
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+    }
+  }
+  if (body < K) {     // the last K % 32 elements, masked (zeros beyond K add nothing)
+    const __mmask32 mask = (__mmask32)((1ull << (K - body)) - 1);
+    __m512bh wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, (const void*)(wr[r] + body));
+    for (int m = 0; m < MC; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, (const void*)(x + m * K + body));
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+    }
+  }
+  for (int m = 0; m < MC; ++m)
+    for (int r = 0; r < R; ++r) out[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+template <int MC, int R>
+inline void rows_block(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t n0, float* out) {
+  // rows of x MC at a time; the rest (M % MC) one at a time. out: [M][R]
+  int64_t m0 = 0;
+  for (; m0 + MC <= M; m0 += MC) dot_block<MC, R>(x + m0 * K, K, w, n0, out + m0 * R);
+  for (; m0 < M; ++m0) dot_block<1, R>(x + m0 * K, K, w, n0, out + m0 * R);
+}
+
+template <int R>
+inline void weight_block(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t n0, float* out) {
+  if (M <= 2) {
+    rows_block<2, R>(x, M, K, w, n0, out);
+  } else {
+    rows_block<4, R>(x, M, K, w, n0, out);
+  }
+}
+#endif
+
+void compute(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, const bf16* b, bf16* y) {
+#if defined(__AVX512BF16__)
+  // R = 8 weight rows per block for 1-2 rows of x (more streams in flight), 4 for 3-8 (registers).
+  const int64_t R = M <= 2 ? 8 : 4;
+  const int64_t blocks = N / R;
+  auto store = [&](int64_t n0, int64_t r_count, const float* acc) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < r_count; ++r)
+        y[m * N + n0 + r] = bf16(acc[m * r_count + r] + (b ? float(b[n0 + r]) : 0.f));
+  };
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    float acc[kMaxRows * 8];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      if (R == 8) {
+        weight_block<8>(x, M, K, w, blk * 8, acc);
+      } else {
+        weight_block<4>(x, M, K, w, blk * 4, acc);
+      }
+      store(blk * R, R, acc);
+    }
+  });
+  float acc[kMaxRows];
+  for (int64_t n = blocks * R; n < N; ++n) {     // the last N % R rows of w
+    rows_block<1, 1>(x, M, K, w, n, acc);
+    store(n, 1, acc);
+  }
+#else
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) {
+        float s = 0.f;
+        for (int64_t k = 0; k < K; ++k) s += float(x[m * K + k]) * float(w[n * K + k]);
+        y[m * N + n] = bf16(s + (b ? float(b[n]) : 0.f));
+      }
+  });
+#endif
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, const at::Tensor& w) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = w.size(0);
+  return shape;
+}
+
+void check(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
+              "internvl::small_m_linear takes bf16 x and w, got ", x.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1),
+              "internvl::small_m_linear: x [..., K] and w [N, K], got ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x.numel() / std::max<int64_t>(x.size(-1), 1) <= kMaxRows,
+              "internvl::small_m_linear takes at most ", kMaxRows, " rows, got x ", x.sizes());
+  TORCH_CHECK(!b || (b->scalar_type() == at::kBFloat16 && b->dim() == 1 && b->size(0) == w.size(0)),
+              "internvl::small_m_linear: bias must be bf16 [N]");
+}
+
+at::Tensor small_m_linear_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  check(x, w, b);
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const std::optional<at::Tensor> bc = b ? std::optional<at::Tensor>(b->contiguous()) : std::nullopt;
+  at::Tensor y = at::empty(out_shape(x, w), x.options());
+  const int64_t K = w.size(1), N = w.size(0), M = K ? xc.numel() / K : 0;
+  if (M == 0 || N == 0) return y;
+  compute(xc.const_data_ptr<bf16>(), M, K, wc.const_data_ptr<bf16>(), N,
+          bc ? bc->const_data_ptr<bf16>() : nullptr, y.mutable_data_ptr<bf16>());
+  return y;
+}
+
+at::Tensor small_m_linear_meta(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  check(x, w, b);
+  return at::empty(out_shape(x, w), x.options());
+}
+
+int64_t kernels_version() { return kVersion; }
+
+}  // namespace
+
+TORCH_LIBRARY(internvl, m) {
+  m.def("small_m_linear(Tensor x, Tensor w, Tensor? b=None) -> Tensor");
+  m.def("kernels_version() -> int", &kernels_version);
+}
+
+TORCH_LIBRARY_IMPL(internvl, CPU, m) { m.impl("small_m_linear", &small_m_linear_cpu); }
+TORCH_LIBRARY_IMPL(internvl, Meta, m) { m.impl("small_m_linear", &small_m_linear_meta); }

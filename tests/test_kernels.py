@@ -1,0 +1,107 @@
+"""kernels/: the small-M bf16 GEMM library (internvl::small_m_linear) against PyTorch's GEMM, and a bf16
+artifact whose decode graphs call it against transformers in bf16.
+
+The artifact is compiled with the kernel forced (pass option), so that its path (built for the target,
+shipped in the artifact, hashed, loaded before the graphs, called through AOTInductor's proxy executor) is
+proven on any CPU: with AVX512-BF16 the vdpbf16ps path runs, elsewhere the library's plain loop.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import checkpoint_dir
+from internvl_aot import kernels
+from internvl_aot.compile import targets
+from internvl_aot.compile.buckets import Buckets
+from internvl_aot.compile.checkpoint import load_checkpoint
+from internvl_aot.compile.pipeline import compile_model
+from internvl_aot.runtime.engine import Engine
+from test_artifact import _requests
+
+SPEC, FMT = "qwen2_vit300m", "hf"     # qwen2: q/k/v biases go through the kernel too
+BUCKETS = "vision=1;prefill=128;batch=1,4;context=2048;block_size=16"
+
+
+def test_kernel_matches_the_gemm_at_every_shape():
+    """1-8 rows, K and N with and without tails (masked loads, the last N % R rows), bias or not, leading
+    dims kept; bad inputs are refused with a message."""
+    kernels.ensure_built(targets.current())
+    op = torch.ops.internvl.small_m_linear
+    g = torch.Generator().manual_seed(0)
+    for rows in range(1, 9):
+        for k in (31, 64, 1000, 2048):
+            for n in (5, 37, 64):
+                x = torch.randn(rows, k, generator=g).bfloat16()
+                w = torch.randn(n, k, generator=g).bfloat16()
+                b = torch.randn(n, generator=g).bfloat16() if n != 64 else None
+                want = F.linear(x.float(), w.float(), None if b is None else b.float())
+                got = op(x, w, b).float()
+                torch.testing.assert_close(got, want, atol=0.05 + 0.01 * want.abs().max().item(), rtol=0.01)
+    assert op(torch.randn(2, 1, 64).bfloat16(), torch.randn(8, 64).bfloat16()).shape == (2, 1, 8)
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        op(torch.randn(9, 64).bfloat16(), torch.randn(8, 64).bfloat16())
+    with pytest.raises(RuntimeError, match="bf16"):
+        op(torch.randn(1, 64), torch.randn(8, 64))
+    with pytest.raises(kernels.KernelError, match="version"):      # one version of the ops per process
+        kernels.load(kernels.library_for(targets.current()), version=kernels.KERNELS_VERSION + 1)
+
+
+@pytest.fixture(scope="module")
+def kernel_artifact(tiny_checkpoints, tmp_path_factory):
+    src = checkpoint_dir(tiny_checkpoints[SPEC], FMT)
+    cfg, weights = load_checkpoint(src)
+    out = tmp_path_factory.mktemp("kernels") / "bf16"
+    compile_model(cfg, weights, src, out, Buckets.parse(BUCKETS), dtype="bf16", source={"path": str(src)},
+                  log=lambda m: None, pass_options={"small_m_linear": {"kernel": True}})
+    return out
+
+
+def _hf_bf16_logits(tiny_checkpoints, prompt_ids, out_ids, tiles):
+    """transformers in bf16, teacher-forced on prompt + our tokens: the logits at each generated position."""
+    hf = tiny_checkpoints[SPEC].load_hf_model().to(torch.bfloat16).eval()
+    ids = torch.tensor([prompt_ids + out_ids])
+    kw = {"pixel_values": tiles.to(torch.bfloat16)} if tiles is not None else {}
+    with torch.no_grad():
+        logits = hf(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).logits[0].float()
+    return logits[len(prompt_ids) - 1: len(prompt_ids) - 1 + len(out_ids)]
+
+
+def test_bf16_artifact_with_the_kernel_follows_transformers(kernel_artifact, tiny_checkpoints):
+    manifest = json.loads((kernel_artifact / "manifest.json").read_text())
+    entry = manifest["compile"]["lowering"]["kernels"]
+    assert entry["library"] == kernels.KERNELS_LIBRARY and entry["version"] == kernels.KERNELS_VERSION
+    assert kernels.KERNELS_LIBRARY in manifest["files"]            # hashed and signed like the graphs
+    reports = manifest["compile"]["passes"]
+    n_layers = json.loads((checkpoint_dir(tiny_checkpoints[SPEC], FMT) / "config.json").read_text()
+                          )["text_config"]["num_hidden_layers"]
+    for name in ("decode_b1_c2048", "decode_b4_c2048"):          # every linear of a decode step: 4 per layer + head
+        assert reports[name]["passes"]["small_m_linear"]["kernel"] == 4 * n_layers + 1
+    assert reports["prefill_t128_c2048"]["passes"]["small_m_linear"]["kernel"] == 1      # its one-row head
+    engine = Engine.from_artifact(kernel_artifact)
+    reqs = _requests(12)
+    together = engine.generate(reqs)                               # batch 4 graph (3 sequences)
+    for req, res in zip(reqs, together):
+        alone = engine.generate([req])[0]                          # batch 1 graph
+        tiles = engine.make_sequence(req).pixel_values
+        for out in (res.output_token_ids, alone.output_token_ids):
+            logits = _hf_bf16_logits(tiny_checkpoints, res.prompt_token_ids, out, tiles)
+            chosen = logits.gather(1, torch.tensor(out)[:, None])[:, 0]
+            # each greedy token is transformers' argmax, or within bf16 noise of it
+            spread = logits.max(1).values - logits.min(1).values
+            assert bool((chosen >= logits.max(1).values - 0.03 * spread).all()), req.prompt
+            assert (logits.argmax(1) == torch.tensor(out)).float().mean() >= 0.75, req.prompt
+    assert max(len(set(r.output_token_ids)) for r in together) > 3
+
+
+def test_a_missing_kernel_library_is_refused(kernel_artifact, tmp_path):
+    import shutil
+    from internvl_aot.runtime.errors import ArtifactError
+    art = tmp_path / "art"
+    shutil.copytree(kernel_artifact, art)
+    (art / kernels.KERNELS_LIBRARY).unlink()
+    with pytest.raises(ArtifactError, match="internvl_kernels.so"):
+        Engine.from_artifact(art)
