@@ -39,9 +39,18 @@ class KernelError(RuntimeError):
     """The kernel library cannot be built or loaded; the message says what to do."""
 
 
-def target_has_kernel(target) -> bool:
-    """The kernel's fast path needs AVX512-BF16 (compile/targets.py Target.flags)."""
-    return "avx512_bf16" in target.flags
+def min_rows(target) -> int | None:
+    """The fewest rows a linear calls the kernel at on `target` (compile/targets.py Target), or None.
+
+    AVX512-BF16: from 1 row. AVX2 + FMA without it (x86-64-v3): from 3 rows, where PyTorch's bf16 GEMM
+    has no fast path (emulated on a Zen 4 with oneDNN limited to AVX2, 24 layers of 2B matrices, ms at
+    M = 1 / 2 / 4 / 8: oneDNN 126 / 183 / 418 / 792, the kernel's AVX2 loop 149-156 / 226-244 / 260 / 390-399;
+    at 1 row Inductor's reduction is faster still: 132 against the kernel's 153 inside AOTInductor)."""
+    if "avx512_bf16" in target.flags:
+        return 1
+    if "avx2" in target.flags and "fma" in target.flags:
+        return 3
+    return None
 
 
 def build_flags(target) -> list[str]:
@@ -58,7 +67,7 @@ def build(dest: Path, flags: list[str]) -> Path:
     if shutil.which(cxx) is None:
         raise KernelError(f"building {SOURCE.name} needs a C++ compiler ({cxx} not found; AOTInductor needs one too)")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [cxx, "-O3", "-shared", "-fPIC", "-std=c++17", "-fopenmp", *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+    cmd = [cxx, "-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
            *[f"-I{p}" for p in cpp_extension.include_paths()], str(SOURCE),
            # libtorch's own libraries and OpenMP runtime, already loaded when the library is: never a second libgomp
            *[f"-L{p}" for p in cpp_extension.library_paths()], "-lc10", "-ltorch_cpu", "-o", str(dest)]

@@ -5,8 +5,11 @@
 // Each weight row is read from memory once for all rows of x: a block of R weight rows is loaded 32 bf16 at
 // a time and multiplied into every activation row (a few KB each, in L1) with AVX512-BF16's vdpbf16ps (a
 // pair of bf16 products summed into fp32 per lane); rows of x are taken MC at a time so that the MC x R
-// accumulators stay in registers, and a later chunk re-reads the block from L1/L2, not from DRAM. Built
-// without AVX512-BF16 (a test build on another CPU) the same op runs a plain loop: correct, not fast.
+// accumulators stay in registers, and a later chunk re-reads the block from L1/L2, not from DRAM.
+// Built for AVX2 + FMA without AVX512-BF16 (x86-64-v3: Zen 1-3, Haswell+), the same loop structure in
+// fp32: 16 bf16 weights per 256-bit load become two fp32 vectors with one shift and one mask (the even
+// and the odd elements: a bf16 is the top half of an fp32), multiplied into x split once per call into
+// its even and odd elements in fp32. Built for neither, a plain loop: correct, not fast (tests only).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -14,8 +17,11 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <type_traits>
 
-#if defined(__AVX512BF16__)
+#include <vector>
+
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -73,6 +79,43 @@ inline void weight_block(const bf16* x, int64_t M, int64_t K, const bf16* w, int
     rows_block<4, R>(x, M, K, w, n0, out);
   }
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// out[m][r] = sum_k x[m, k] * w[n0 + r, k]; xe / xo: x's even / odd elements in fp32, K2 = K / 2 per row.
+template <int MC, int R>
+inline void dot_block(const bf16* x, const float* xe, const float* xo, int64_t K, int64_t K2, const bf16* w,
+                      int64_t n0, float* out) {
+  __m256 acc[MC][R];
+  for (int m = 0; m < MC; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const bf16* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = w + (n0 + r) * K;
+  const __m256i high = _mm256_set1_epi32((int)0xFFFF0000);
+  const int64_t body = K - K % 16;
+  for (int64_t k = 0; k < body; k += 16) {
+    __m256 we[R], wo[R];
+    for (int r = 0; r < R; ++r) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(wr[r] + k));
+      we[r] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      wo[r] = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+    }
+    for (int m = 0; m < MC; ++m) {
+      const __m256 e = _mm256_loadu_ps(xe + m * K2 + k / 2), o = _mm256_loadu_ps(xo + m * K2 + k / 2);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(o, wo[r], _mm256_fmadd_ps(e, we[r], acc[m][r]));
+    }
+  }
+  for (int m = 0; m < MC; ++m)
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[m][r]);
+      for (int64_t k = body; k < K; ++k) s += float(x[m * K + k]) * float(wr[r][k]);
+      out[m * R + r] = s;
+    }
+}
 #endif
 
 void compute(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, const bf16* b, bf16* y) {
@@ -99,6 +142,49 @@ void compute(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, cons
   float acc[kMaxRows];
   for (int64_t n = blocks * R; n < N; ++n) {     // the last N % R rows of w
     rows_block<1, 1>(x, M, K, w, n, acc);
+    store(n, 1, acc);
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  // 16 ymm registers: R = 4 weight rows for one row of x, R = 2 for x taken 4 rows at a time.
+  const int64_t K2 = K / 2;
+  std::vector<float> xe(M * K2), xo(M * K2);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < K2; ++i) {
+      xe[m * K2 + i] = float(x[m * K + 2 * i]);
+      xo[m * K2 + i] = float(x[m * K + 2 * i + 1]);
+    }
+  const int64_t R = M == 1 ? 4 : 2;
+  const int64_t blocks = N / R;
+  auto store = [&](int64_t n0, int64_t r_count, const float* acc) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < r_count; ++r)
+        y[m * N + n0 + r] = bf16(acc[m * r_count + r] + (b ? float(b[n0 + r]) : 0.f));
+  };
+  auto rows = [&](auto mc, auto r, int64_t n0, float* acc) {
+    constexpr int MC = decltype(mc)::value, RR = decltype(r)::value;
+    int64_t m0 = 0;
+    for (; m0 + MC <= M; m0 += MC)
+      dot_block<MC, RR>(x + m0 * K, xe.data() + m0 * K2, xo.data() + m0 * K2, K, K2, w, n0, acc + m0 * RR);
+    for (; m0 < M; ++m0)
+      dot_block<1, RR>(x + m0 * K, xe.data() + m0 * K2, xo.data() + m0 * K2, K, K2, w, n0, acc + m0 * RR);
+  };
+  using one = std::integral_constant<int, 1>;
+  using two = std::integral_constant<int, 2>;
+  using four = std::integral_constant<int, 4>;
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    float acc[kMaxRows * 4];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      if (R == 4) {
+        rows(one{}, four{}, blk * 4, acc);
+      } else {
+        rows(four{}, two{}, blk * 2, acc);
+      }
+      store(blk * R, R, acc);
+    }
+  });
+  float acc[kMaxRows];
+  for (int64_t n = blocks * R; n < N; ++n) {
+    rows(one{}, one{}, n, acc);
     store(n, 1, acc);
   }
 #else

@@ -8,6 +8,7 @@ proven on any CPU: with AVX512-BF16 the vdpbf16ps path runs, elsewhere the libra
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,11 +27,9 @@ SPEC, FMT = "qwen2_vit300m", "hf"     # qwen2: q/k/v biases go through the kerne
 BUCKETS = "vision=1;prefill=128;batch=1,4;context=2048;block_size=16"
 
 
-def test_kernel_matches_the_gemm_at_every_shape():
-    """1-8 rows, K and N with and without tails (masked loads, the last N % R rows), bias or not, leading
-    dims kept; bad inputs are refused with a message."""
-    kernels.ensure_built(targets.current())
-    op = torch.ops.internvl.small_m_linear
+def check_every_shape(op):
+    """op against F.linear in fp32: 1-8 rows, K and N with and without tails (masked loads, the scalar K
+    tail, the last N % R rows), bias or not."""
     g = torch.Generator().manual_seed(0)
     for rows in range(1, 9):
         for k in (31, 64, 1000, 2048):
@@ -41,6 +40,14 @@ def test_kernel_matches_the_gemm_at_every_shape():
                 want = F.linear(x.float(), w.float(), None if b is None else b.float())
                 got = op(x, w, b).float()
                 torch.testing.assert_close(got, want, atol=0.05 + 0.01 * want.abs().max().item(), rtol=0.01)
+
+
+def test_kernel_matches_the_gemm_at_every_shape():
+    """The library built for this box (its vdpbf16ps path where the box has AVX512-BF16); leading dims
+    are kept; bad inputs are refused with a message."""
+    kernels.ensure_built(targets.current())
+    op = torch.ops.internvl.small_m_linear
+    check_every_shape(op)
     assert op(torch.randn(2, 1, 64).bfloat16(), torch.randn(8, 64).bfloat16()).shape == (2, 1, 8)
     with pytest.raises(RuntimeError, match="at most 8 rows"):
         op(torch.randn(9, 64).bfloat16(), torch.randn(8, 64).bfloat16())
@@ -48,6 +55,22 @@ def test_kernel_matches_the_gemm_at_every_shape():
         op(torch.randn(1, 64), torch.randn(8, 64))
     with pytest.raises(kernels.KernelError, match="version"):      # one version of the ops per process
         kernels.load(kernels.library_for(targets.current()), version=kernels.KERNELS_VERSION + 1)
+
+
+def test_the_avx2_build_matches_the_gemm():
+    """The library built for x86-64-v3 (its AVX2 + FMA loop, what an AVX2 box's artifact ships), in a
+    process of its own (one library per process)."""
+    import subprocess
+    import sys
+    from internvl_aot.runtime.isa import cpu_flags, get_target
+    if not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("this CPU cannot run x86-64-v3 code")
+    lib = kernels.library_for(get_target("x86-64-v3"))
+    code = (f"import torch, test_kernels as t; torch.ops.load_library({str(lib)!r}); "
+            "t.check_every_shape(torch.ops.internvl.small_m_linear); print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=str(Path(__file__).parent))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")

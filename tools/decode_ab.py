@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/decode_ab.py ARTIFACT 1,4        # N=16 tokens, T=2 threads by env
     CTX=4096 .venv/bin/python tools/decode_ab.py ARTIFACT 1,8   # decode through the context bucket >= 4096
+    LONG=400 .venv/bin/python tools/decode_ab.py ARTIFACT 1       # a prompt of ~400 more words (longer context)
 """
 import sys, torch, os, json
 torch.set_num_threads(int(os.environ.get("T", "2")))
@@ -15,7 +16,7 @@ from internvl_aot.runtime.sequence import Status
 eng = Engine.from_artifact(sys.argv[1], skip_verify=True)
 eng.generate([Request(prompt="Hi", params=SamplingParams(max_new_tokens=3, ignore_eos=True))])
 for B in [int(b) for b in sys.argv[2].split(",")]:
-    req = Request(prompt="Tell me about the weather today.", params=SamplingParams(max_new_tokens=int(os.environ.get("N", "16")), ignore_eos=True))
+    req = Request(prompt="Tell me about the weather today." + " and the sea" * int(os.environ.get("LONG", "0")), params=SamplingParams(max_new_tokens=int(os.environ.get("N", "16")), ignore_eos=True))
     seqs = [eng.make_sequence(req) for _ in range(B)]
     for s in seqs: eng.scheduler.add(s)
     dec, toks = [], 0

@@ -1,9 +1,10 @@
 """Linear lowerings inside AOTInductor at M rows, 24 layers of InternLM2-1.8B matrices (weights bound from an aligned
 weights file, as the runtime does): int8 `reduce` (small_m_linear's reduction over int8), int8 `pack`
 (_weight_int8pack_mm), int8 `sliced` (dequantised slices + GEMM), `bf16` (oneDNN linear), `bf16_reduce`
-(small_m_linear over bf16); docs/performance.md third round:
+(small_m_linear over bf16), `kernel` (kernels/' internvl::small_m_linear); docs/performance.md third round:
 
     .venv/bin/python tools/linear_lowering_ab.py 1 reduce,pack,bf16,bf16_reduce     # M=1; L=24 layers by env
+    TARGET=x86-64-v3 .venv/bin/python tools/linear_lowering_ab.py 1 bf16_reduce,kernel   # graphs for another target
 """
 import time, sys, torch, os, tempfile
 torch.set_num_threads(2)
@@ -37,6 +38,8 @@ def timeit(f,n=9):
         a=time.perf_counter(); f(); ts.append(time.perf_counter()-a)
     ts.sort(); return ts[n//2]*1e3
 import torch._inductor.config as ic
+from internvl_aot.compile import targets
+target = targets.resolve(os.environ.get("TARGET", "native"))
 wpath = os.path.join(tempfile.gettempdir(), 'int8_one_row_ab.safetensors')
 for variant in sys.argv[2].split(","):
     ep=torch.export.export(m,args)
@@ -49,10 +52,13 @@ for variant in sys.argv[2].split(","):
     elif variant=="bf16":
         rep={}
     elif variant=="bf16_reduce":
-        ep,rep=small_m_linear.apply(ep, max_rows=M)
+        ep,rep=small_m_linear.apply(ep, max_rows=M, kernel=False)
+    elif variant=="kernel":
+        with targets.activate(target):
+            ep,rep=small_m_linear.apply(ep, kernel=True)
     print(variant, {k:v for k,v in rep.items() if k!="example"}, flush=True)
     consts={**ep.state_dict, **ep.constants}
-    with ic.patch({"aot_inductor.package_constants_in_so": False}):
+    with ic.patch({"aot_inductor.package_constants_in_so": False}), targets.activate(target):
         p=torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(tempfile.gettempdir(), f"q{variant}{M}.pt2"))
     weights_file.write({k:v.detach().contiguous() for k,v in consts.items()}, wpath)
     w=weights_file.read(wpath)

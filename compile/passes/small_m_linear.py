@@ -20,7 +20,8 @@ The weights stay where they are (no re-layout), so every graph still binds the s
 
 On a target with AVX512-BF16 (`kernel=None`: the compile target decides) bf16 linears of up to 8 rows
 (batch-1..8 decode, the prefill head) call `internvl::small_m_linear` instead, a hand-written kernel
-compiled into the artifact (kernels/: vdpbf16ps, each weight row read once for all rows). Measured on a
+compiled into the artifact (kernels/: vdpbf16ps, each weight row read once for all rows); on an AVX2
+target those of 3-8 rows (kernels.min_rows). Measured on a
 2-core Zen 4 (AVX512-BF16, no AMX), eager, 24 layers of InternLM2-1.8B matrices, GB/s of weights read at
 M = 1 / 2 / 4 / 8: oneDNN 16.9 / 17.7 / 14.6 / 15.5, the kernel 27.0 / 25.3 / 19.7 / 17.5, Inductor's
 reduction about 24 at M = 1 (docs/performance.md, fourth round).
@@ -54,9 +55,9 @@ def chunk_major_strides(lead: list[int], n: int, c: int) -> list[int]:
     return contiguous_strides(lead + [c, n])[:-2] + [1, n]
 
 
-def use_kernel() -> bool:
-    """The compile target's choice: the kernel library where the target has AVX512-BF16."""
-    return kernels.target_has_kernel(_target())
+def kernel_min_rows() -> int | None:
+    """The compile target's choice: the fewest rows a bf16 linear calls the kernel library at (None: never)."""
+    return kernels.min_rows(_target())
 
 
 def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096,
@@ -64,9 +65,10 @@ def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096,
     """max_rows: the most rows a bf16/fp16 linear is lowered to the reduction at; max_rows_int8: the
     same for int8 weights (int8_weights' dequantisation), at any activation dtype: without the
     lowering they would write a dequantised copy of the matrix every step. kernel: bf16 linears of
-    up to kernels.MAX_ROWS rows call internvl::small_m_linear (None: where the target has
-    AVX512-BF16; True elsewhere runs the library's plain loop: for tests)."""
-    kernel = use_kernel() if kernel is None else kernel
+    up to kernels.MAX_ROWS rows call internvl::small_m_linear (None: the target decides,
+    kernels.min_rows: AVX512-BF16 from 1 row, AVX2 + FMA from 3; True: from 1 row on any target,
+    for tests; False: never)."""
+    least = kernel_min_rows() if kernel is None else (1 if kernel else None)
     op = None
     ed = ProgramEditor(ep)
     lowered, kept, int8, by_kernel = 0, 0, 0, 0
@@ -78,8 +80,8 @@ def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096,
         xv, wv = val(x), val(w)
         rows = math.prod(xv.shape[:-1])
         deq = dequantized(w)
-        if (kernel and deq is None and xv.device.type == "cpu" and xv.dtype == wv.dtype == torch.bfloat16
-                and rows <= kernels.MAX_ROWS and (b is None or val(b).dtype == torch.bfloat16)):
+        if (least is not None and deq is None and xv.device.type == "cpu" and xv.dtype == wv.dtype == torch.bfloat16
+                and least <= rows <= kernels.MAX_ROWS and (b is None or val(b).dtype == torch.bfloat16)):
             if op is None:
                 kernels.ensure_built(_target())
                 op = torch.ops.internvl.small_m_linear.default
