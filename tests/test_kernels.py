@@ -8,6 +8,7 @@ proven on any CPU: with AVX512-BF16 the vdpbf16ps path runs, elsewhere the libra
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,27 @@ def test_bf16_artifact_with_the_kernel_follows_transformers(kernel_artifact, tin
             assert bool((chosen >= logits.max(1).values - 0.03 * spread).all()), req.prompt
             assert (logits.argmax(1) == torch.tensor(out)).float().mean() >= 0.75, req.prompt
     assert max(len(set(r.output_token_ids)) for r in together) > 3
+
+
+def test_a_bundle_runs_the_kernel_in_a_fresh_process(kernel_artifact, tmp_path):
+    """Packed into one file and run by internvl-run in a new process (which never compiled, so the ops come
+    from the artifact's own library): the same tokens as in this process."""
+    import subprocess
+    import sys
+    from internvl_aot.runtime import bundle
+    from internvl_aot.runtime.sampler import SamplingParams
+    from internvl_aot.runtime.engine import Request
+    packed = tmp_path / "model.ivl"
+    bundle.pack(kernel_artifact, packed)
+    prompt = "Hello, world! Please answer the question briefly."
+    want = Engine.from_artifact(kernel_artifact).generate(
+        [Request(prompt=prompt, params=SamplingParams(max_new_tokens=10))])[0].output_token_ids
+    env = {**os.environ, "INTERNVL_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "internvl_aot.runtime.cli", "--artifact", str(packed), "--prompt",
+                           prompt, "--max-new-tokens", "10", "--json"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["output_token_ids"] == want
 
 
 def test_a_missing_kernel_library_is_refused(kernel_artifact, tmp_path):
