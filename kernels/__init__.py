@@ -4,8 +4,8 @@ Why: a decode step multiplies every weight matrix by 1-8 token rows and is bound
 weights. On an AVX512-BF16 CPU without AMX (AMD Zen 4) oneDNN's bf16 GEMM reads them at 14-17 GB/s at
 M = 1-8 and Inductor's multiply+sum reduction (compile/passes/small_m_linear.py) at about 24 GB/s at
 M = 1 only; this kernel streams each weight row once for all rows with vdpbf16ps (docs/performance.md,
-"Fourth round"). compile/passes/small_m_linear.py lowers a bf16 linear of <= 8 rows to it when the
-compile target has AVX512-BF16 and the library is loaded (`ensure_built`).
+"Fourth round"). compile/passes/small_m_linear.py lowers a bf16 linear of <= 8 rows to it where the
+compile target has it (`min_rows`: AVX512-BF16 from 1 row, AVX2 + FMA from 3).
 
 How it ships: the library is built at compile time for the artifact's target (`-march` of the target, no
 Python, linked against the torch it runs with) into the artifact as KERNELS_LIBRARY, hashed and signed

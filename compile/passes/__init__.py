@@ -19,8 +19,10 @@ Order, and why:
 4. rope_table: touches only the rotary subgraph (positions -> cos/sin), so its tables are
    built once per program whatever the passes before it did.
 5. small_m_linear: lowers one-row linears (batch-1 decode, the prefill head) of bf16/fp16 CPU
-   graphs to multiply + sum; last, so it sees the fused weights (one GEMV per fused matrix)
-   and no later pass has to recognise its reductions as linears.
+   graphs to multiply + sum, or bf16 linears of up to 8 rows to the kernels/ library's
+   internvl::small_m_linear where the target has it (AVX512-BF16: 1-8 rows; AVX2: 3-8); last, so
+   it sees the fused weights (one GEMV per fused matrix) and no later pass has to recognise its
+   reductions as linears.
 (QUANT=int8: int8_weights between 4 and 5: the LLM's linear weights -> int8 + per-row scales,
    which small_m_linear then reads directly in the decode graphs.)
 6. fp32_gemm: on a CPU target without native bf16 only, the GEMM-bound ops left (linears over
