@@ -20,7 +20,7 @@ Order, and why:
    built once per program whatever the passes before it did.
 5. small_m_linear: lowers one-row linears (batch-1 decode, the prefill head) of bf16/fp16 CPU
    graphs to multiply + sum, or bf16 linears of up to 8 rows to the kernels/ library's
-   internvl::small_m_linear where the target has it (AVX512-BF16: 1-8 rows; AVX2: 3-8); last, so
+   internvl::small_m_linear where the target has it (AVX512-BF16 without AMX: 1-8 rows; AVX2: 3-8); last, so
    it sees the fused weights (one GEMV per fused matrix) and no later pass has to recognise its
    reductions as linears.
 (QUANT=int8: int8_weights between 4 and 5: the LLM's linear weights -> int8 + per-row scales,

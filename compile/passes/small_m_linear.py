@@ -18,7 +18,7 @@ halved the speed of the K=8,192 `down` projection, so K is split into equal chun
 
 The weights stay where they are (no re-layout), so every graph still binds the same tensors.
 
-On a target with AVX512-BF16 (`kernel=None`: the compile target decides) bf16 linears of up to 8 rows
+On a target with AVX512-BF16 and no AMX (`kernel=None`: the compile target decides) bf16 linears of up to 8 rows
 (batch-1..8 decode, the prefill head) call `internvl::small_m_linear` instead, a hand-written kernel
 compiled into the artifact (kernels/: vdpbf16ps, each weight row read once for all rows); on an AVX2
 target those of 3-8 rows (kernels.min_rows). Measured on a
