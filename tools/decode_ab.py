@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/decode_ab.py ARTIFACT 1,4        # N=16 tokens, T=2 threads by env
     CTX=4096 .venv/bin/python tools/decode_ab.py ARTIFACT 1,8   # decode through the context bucket >= 4096
-    LONG=400 .venv/bin/python tools/decode_ab.py ARTIFACT 1       # a prompt of ~400 more words (longer context)
+    LONG=150 .venv/bin/python tools/decode_ab.py ARTIFACT 8       # a longer prompt (150: 2,017 tokens)
 """
 import sys, torch, os, json
 torch.set_num_threads(int(os.environ.get("T", "2")))
