@@ -85,9 +85,9 @@ def build(dest: Path, flags: list[str]) -> Path:
 def cached_build(flags: list[str]) -> Path:
     """The library for `flags`, built once per source, flags and torch version."""
     import torch
-    from ..runtime.bundle import CACHE_ENV
+    from ..runtime.bundle import CACHE_ENV, default_cache_base
 
-    base = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "internvl-aot"
+    base = os.environ.get(CACHE_ENV) or default_cache_base()
     key = hashlib.sha256(SOURCE.read_bytes() + repr((flags, torch.__version__, sys.platform)).encode()).hexdigest()
     path = Path(base) / "kernels" / key[:32] / "internvl_kernels.so"
     if not path.is_file():      # built beside its place, then renamed: a concurrent build never sees half a file
@@ -118,16 +118,12 @@ def ensure_built(target) -> None:
     """Compile side: the ops registered in this process (for export and AOTInductor), from the library
     for `target` (built, cached) unless one is loaded already: compiling needs only their schemas."""
     if not _loaded:
-        load(cached_build(build_flags(target)))
+        load(library_for(target))
 
 
 def library_for(target) -> Path:
     """The library an artifact for `target` ships (built for the target's -march, cached)."""
     return cached_build(build_flags(target))
-
-
-def loaded() -> bool:
-    return bool(_loaded)
 
 
 def manifest_entry() -> dict:

@@ -18,7 +18,6 @@
 
 #include <optional>
 #include <type_traits>
-
 #include <vector>
 
 #if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
@@ -118,32 +117,44 @@ inline void dot_block(const bf16* x, const float* xe, const float* xo, int64_t K
 }
 #endif
 
-void compute(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, const bf16* b, bf16* y) {
-#if defined(__AVX512BF16__)
-  // R = 8 weight rows per block for 1-2 rows of x (more streams in flight), 4 for 3-8 (registers).
-  const int64_t R = M <= 2 ? 8 : 4;
+// y[m, n0 + r] = acc[m * count + r] (+ b[n0 + r]) for the M rows and `count` weight rows from n0.
+inline void store(bf16* y, const bf16* b, int64_t M, int64_t N, int64_t n0, int64_t count, const float* acc) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t r = 0; r < count; ++r)
+      y[m * N + n0 + r] = bf16(acc[m * count + r] + (b ? float(b[n0 + r]) : 0.f));
+}
+
+// Every block of R (<= 8) weight rows in parallel, then the last N % R rows one at a time;
+// dot(n0, count, acc) fills acc [M][count] with the rows of x times weight rows n0 .. n0 + count.
+template <typename Dot>
+void for_weight_blocks(int64_t M, int64_t N, int64_t R, const bf16* b, bf16* y, const Dot& dot) {
   const int64_t blocks = N / R;
-  auto store = [&](int64_t n0, int64_t r_count, const float* acc) {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t r = 0; r < r_count; ++r)
-        y[m * N + n0 + r] = bf16(acc[m * r_count + r] + (b ? float(b[n0 + r]) : 0.f));
-  };
   at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
     float acc[kMaxRows * 8];
     for (int64_t blk = b0; blk < b1; ++blk) {
-      if (R == 8) {
-        weight_block<8>(x, M, K, w, blk * 8, acc);
-      } else {
-        weight_block<4>(x, M, K, w, blk * 4, acc);
-      }
-      store(blk * R, R, acc);
+      dot(blk * R, R, acc);
+      store(y, b, M, N, blk * R, R, acc);
     }
   });
   float acc[kMaxRows];
-  for (int64_t n = blocks * R; n < N; ++n) {     // the last N % R rows of w
-    rows_block<1, 1>(x, M, K, w, n, acc);
-    store(n, 1, acc);
+  for (int64_t n = blocks * R; n < N; ++n) {
+    dot(n, 1, acc);
+    store(y, b, M, N, n, 1, acc);
   }
+}
+
+void compute(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, const bf16* b, bf16* y) {
+#if defined(__AVX512BF16__)
+  // R = 8 weight rows per block for 1-2 rows of x (more streams in flight), 4 for 3-8 (registers).
+  for_weight_blocks(M, N, M <= 2 ? 8 : 4, b, y, [&](int64_t n0, int64_t count, float* acc) {
+    if (count == 8) {
+      weight_block<8>(x, M, K, w, n0, acc);
+    } else if (count == 4) {
+      weight_block<4>(x, M, K, w, n0, acc);
+    } else {
+      rows_block<1, 1>(x, M, K, w, n0, acc);
+    }
+  });
 #elif defined(__AVX2__) && defined(__FMA__)
   // 16 ymm registers: R = 4 weight rows for one row of x, R = 2 for x taken 4 rows at a time.
   const int64_t K2 = K / 2;
@@ -153,13 +164,6 @@ void compute(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, cons
       xe[m * K2 + i] = float(x[m * K + 2 * i]);
       xo[m * K2 + i] = float(x[m * K + 2 * i + 1]);
     }
-  const int64_t R = M == 1 ? 4 : 2;
-  const int64_t blocks = N / R;
-  auto store = [&](int64_t n0, int64_t r_count, const float* acc) {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t r = 0; r < r_count; ++r)
-        y[m * N + n0 + r] = bf16(acc[m * r_count + r] + (b ? float(b[n0 + r]) : 0.f));
-  };
   auto rows = [&](auto mc, auto r, int64_t n0, float* acc) {
     constexpr int MC = decltype(mc)::value, RR = decltype(r)::value;
     int64_t m0 = 0;
@@ -171,30 +175,22 @@ void compute(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, cons
   using one = std::integral_constant<int, 1>;
   using two = std::integral_constant<int, 2>;
   using four = std::integral_constant<int, 4>;
-  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
-    float acc[kMaxRows * 4];
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      if (R == 4) {
-        rows(one{}, four{}, blk * 4, acc);
-      } else {
-        rows(four{}, two{}, blk * 2, acc);
-      }
-      store(blk * R, R, acc);
+  for_weight_blocks(M, N, M == 1 ? 4 : 2, b, y, [&](int64_t n0, int64_t count, float* acc) {
+    if (count == 4) {
+      rows(one{}, four{}, n0, acc);
+    } else if (count == 2) {
+      rows(four{}, two{}, n0, acc);
+    } else {
+      rows(one{}, one{}, n0, acc);
     }
   });
-  float acc[kMaxRows];
-  for (int64_t n = blocks * R; n < N; ++n) {
-    rows(one{}, one{}, n, acc);
-    store(n, 1, acc);
-  }
 #else
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t m = 0; m < M; ++m) {
-        float s = 0.f;
-        for (int64_t k = 0; k < K; ++k) s += float(x[m * K + k]) * float(w[n * K + k]);
-        y[m * N + n] = bf16(s + (b ? float(b[n]) : 0.f));
-      }
+  for_weight_blocks(M, N, 1, b, y, [&](int64_t n, int64_t, float* acc) {
+    for (int64_t m = 0; m < M; ++m) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += float(x[m * K + k]) * float(w[n * K + k]);
+      acc[m] = s;
+    }
   });
 #endif
 }

@@ -238,12 +238,16 @@ def unpack(bundle: str | os.PathLike, dest: str | os.PathLike) -> Path:
 
 
 # -- cache ----------------------------------------------------------------------------------------------
+def default_cache_base() -> Path:
+    """$XDG_CACHE_HOME/internvl-aot (~/.cache/internvl-aot): bundles/ here, kernels/ (kernels/__init__.py)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")) / "internvl-aot"
+
+
 def cache_root() -> Path:
     base = os.environ.get(CACHE_ENV)
     if base:
         return Path(base)
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "internvl-aot" / "bundles"
+    return default_cache_base() / "bundles"
 
 
 def bundle_sha256(bundle: Path, root: Path) -> str:

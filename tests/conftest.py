@@ -81,24 +81,28 @@ def checkpoint_dir(ck, fmt):
     return ck.hf_dir if fmt == "hf" else ck.original_dirs[fmt]
 
 
-@pytest.fixture(scope="session")
-def tiny_artifact(tiny_checkpoints, tmp_path_factory):
+def compile_tiny(ck, fmt, out, buckets: str, dtype: str = "fp32", log=lambda m: None, **options):
+    """Tiny checkpoint `ck` in format `fmt` -> an artifact at `out` (compile_model's other options as given)."""
     from internvl_aot.compile.buckets import Buckets
     from internvl_aot.compile.checkpoint import load_checkpoint
     from internvl_aot.compile.pipeline import compile_model
 
+    src = checkpoint_dir(ck, fmt)
+    cfg, weights = load_checkpoint(src)
+    compile_model(cfg, weights, src, out, Buckets.parse(buckets), dtype=dtype, source={"path": str(src)},
+                  log=log, **options)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("artifacts")
     cache = {}
 
     def get(name: str):
         if name not in cache:
             spec, fmt = ARTIFACT_CASES[name]
-            src = checkpoint_dir(tiny_checkpoints[spec], fmt)
-            cfg, weights = load_checkpoint(src)
-            out = root / name
-            compile_model(cfg, weights, src, out, Buckets.parse(ARTIFACT_BUCKETS), dtype="fp32",
-                          source={"path": str(src)}, log=lambda m: None)
-            cache[name] = out
+            cache[name] = compile_tiny(tiny_checkpoints[spec], fmt, root / name, ARTIFACT_BUCKETS)
         return cache[name]
 
     return get

@@ -15,12 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import checkpoint_dir
+from conftest import checkpoint_dir, compile_tiny
 from internvl_aot import kernels
 from internvl_aot.compile import targets
-from internvl_aot.compile.buckets import Buckets
-from internvl_aot.compile.checkpoint import load_checkpoint
-from internvl_aot.compile.pipeline import compile_model
 from internvl_aot.runtime.engine import Engine
 from test_artifact import _requests
 
@@ -76,12 +73,8 @@ def test_the_avx2_build_matches_the_gemm():
 
 @pytest.fixture(scope="module")
 def kernel_artifact(tiny_checkpoints, tmp_path_factory):
-    src = checkpoint_dir(tiny_checkpoints[SPEC], FMT)
-    cfg, weights = load_checkpoint(src)
-    out = tmp_path_factory.mktemp("kernels") / "bf16"
-    compile_model(cfg, weights, src, out, Buckets.parse(BUCKETS), dtype="bf16", source={"path": str(src)},
-                  log=lambda m: None, pass_options={"small_m_linear": {"kernel": True}})
-    return out
+    return compile_tiny(tiny_checkpoints[SPEC], FMT, tmp_path_factory.mktemp("kernels") / "bf16", BUCKETS,
+                        dtype="bf16", pass_options={"small_m_linear": {"kernel": True}})
 
 
 def _hf_bf16_logits(tiny_checkpoints, prompt_ids, out_ids, tiles):

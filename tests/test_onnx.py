@@ -11,10 +11,9 @@ import torch
 onnx = pytest.importorskip("onnx")          # the test extra installs onnx, onnxscript and onnxruntime
 pytest.importorskip("onnxruntime")
 
-from conftest import ARTIFACT_BUCKETS, ARTIFACT_CASES, checkpoint_dir  # noqa: E402
+from conftest import ARTIFACT_BUCKETS, ARTIFACT_CASES, checkpoint_dir, compile_tiny  # noqa: E402
 from internvl_aot.compile.buckets import Buckets  # noqa: E402
 from internvl_aot.compile.checkpoint import load_checkpoint  # noqa: E402
-from internvl_aot.compile.pipeline import compile_model  # noqa: E402
 from internvl_aot.runtime.engine import Engine, Request  # noqa: E402
 from internvl_aot.runtime.sampler import SamplingParams  # noqa: E402
 from test_artifact import _requests  # noqa: E402
@@ -36,12 +35,8 @@ def onnx_artifact(tiny_checkpoints, tmp_path_factory):
     def get(opset: int) -> Path:
         if opset not in cache:
             spec, fmt = ARTIFACT_CASES[CASE]
-            src = checkpoint_dir(tiny_checkpoints[spec], fmt)
-            cfg, weights = load_checkpoint(src)
-            out = root / f"{CASE}-onnx{opset}"
-            compile_model(cfg, weights, src, out, Buckets.parse(ARTIFACT_BUCKETS), dtype="fp32", backend="onnx",
-                          opset=opset, source={"path": str(src)}, log=lambda m: None)
-            cache[opset] = out
+            cache[opset] = compile_tiny(tiny_checkpoints[spec], fmt, root / f"{CASE}-onnx{opset}", ARTIFACT_BUCKETS,
+                                        backend="onnx", opset=opset)
         return cache[opset]
 
     return get

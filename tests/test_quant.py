@@ -12,11 +12,8 @@ import json
 import pytest
 import torch
 
-from conftest import checkpoint_dir
-from internvl_aot.compile.buckets import Buckets
-from internvl_aot.compile.checkpoint import load_checkpoint
+from conftest import compile_tiny
 from internvl_aot.compile.passes.int8_weights import quantize
-from internvl_aot.compile.pipeline import compile_model
 from internvl_aot.runtime.engine import Engine
 from test_artifact import _requests
 from test_graphs_vs_transformers import hf_greedy
@@ -27,12 +24,7 @@ BUCKETS = "vision=1;prefill=128;batch=1,4;context=2048;block_size=16"
 
 @pytest.fixture(scope="module")
 def int8_artifact(tiny_checkpoints, tmp_path_factory):
-    src = checkpoint_dir(tiny_checkpoints[SPEC], FMT)
-    cfg, weights = load_checkpoint(src)
-    out = tmp_path_factory.mktemp("quant") / "int8"
-    compile_model(cfg, weights, src, out, Buckets.parse(BUCKETS), dtype="fp32", source={"path": str(src)},
-                  log=lambda m: None, quant="int8")
-    return out
+    return compile_tiny(tiny_checkpoints[SPEC], FMT, tmp_path_factory.mktemp("quant") / "int8", BUCKETS, quant="int8")
 
 
 def _int8_rounded_hf(tiny_checkpoints):

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from conftest import ARTIFACT_BUCKETS, ARTIFACT_CASES, checkpoint_dir  # noqa: E402
+from conftest import ARTIFACT_BUCKETS, ARTIFACT_CASES, checkpoint_dir, compile_tiny  # noqa: E402
 from internvl_aot.compile.buckets import Buckets  # noqa: E402
 from internvl_aot.compile.checkpoint import canonical_shapes, load_checkpoint, random_weights  # noqa: E402
 from internvl_aot.compile.export import stage_module  # noqa: E402
@@ -292,14 +292,10 @@ TP_BUCKETS = "vision=1;prefill=128;batch=1,4;context=2048;block_size=16"
 
 @pytest.fixture(scope="session")
 def tp2_artifact(tiny_checkpoints, tmp_path_factory):
-    from internvl_aot.compile.pipeline import compile_model
     spec, fmt = ARTIFACT_CASES["internlm2_vit300m"]
-    src = checkpoint_dir(tiny_checkpoints[spec], fmt)
-    cfg, weights = load_checkpoint(src)
-    out = tmp_path_factory.mktemp("tp_artifacts") / "internlm2_vit300m_tp2"
     logs = []
-    compile_model(cfg, weights, src, out, Buckets.parse(TP_BUCKETS), dtype="fp32", tp=2, source={"path": str(src)},
-                  log=logs.append)
+    out = compile_tiny(tiny_checkpoints[spec], fmt, tmp_path_factory.mktemp("tp_artifacts") / "internlm2_vit300m_tp2",
+                       TP_BUCKETS, tp=2, log=logs.append)
     return out, logs
 
 

@@ -35,6 +35,7 @@ import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_f
 from torch.export import ExportedProgram
 
 from ... import kernels
+from ..targets import current
 from .int8_weights import DECODE_ROWS, dequantized
 from .program_edit import ProgramEditor, aten, is_op, val
 
@@ -55,11 +56,6 @@ def chunk_major_strides(lead: list[int], n: int, c: int) -> list[int]:
     return contiguous_strides(lead + [c, n])[:-2] + [1, n]
 
 
-def kernel_min_rows() -> int | None:
-    """The compile target's choice: the fewest rows a bf16 linear calls the kernel library at (None: never)."""
-    return kernels.min_rows(_target())
-
-
 def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096,
           max_rows_int8: int = DECODE_ROWS, kernel: bool | None = None) -> tuple[ExportedProgram, dict]:
     """max_rows: the most rows a bf16/fp16 linear is lowered to the reduction at; max_rows_int8: the
@@ -68,7 +64,7 @@ def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096,
     up to kernels.MAX_ROWS rows call internvl::small_m_linear (None: the target decides,
     kernels.min_rows: AVX512-BF16 from 1 row, AVX2 + FMA from 3; True: from 1 row on any target,
     for tests; False: never)."""
-    least = kernel_min_rows() if kernel is None else (1 if kernel else None)
+    least = kernels.min_rows(current()) if kernel is None else (1 if kernel else None)   # fewest rows, None: never
     op = None
     ed = ProgramEditor(ep)
     lowered, kept, int8, by_kernel = 0, 0, 0, 0
@@ -83,37 +79,29 @@ def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096,
         if (least is not None and deq is None and xv.device.type == "cpu" and xv.dtype == wv.dtype == torch.bfloat16
                 and least <= rows <= kernels.MAX_ROWS and (b is None or val(b).dtype == torch.bfloat16)):
             if op is None:
-                kernels.ensure_built(_target())
+                kernels.ensure_built(current())
                 op = torch.ops.internvl.small_m_linear.default
             with ed.graph.inserting_before(node):
                 out = ed.call(op, (x, w, b), like=node)
-            node.replace_all_uses_with(out)
-            ed.graph.erase_node(node)
-            lowered += 1
             by_kernel += 1
-            continue
-        if deq is not None:
-            ok = xv.device.type == "cpu" and rows <= max_rows_int8
         else:
-            ok = xv.device.type == "cpu" and xv.dtype in LOW_PRECISION and wv.dtype == xv.dtype and rows <= max_rows
-        if not ok:
-            kept += 1
-            continue
-        source, scale = deq if deq is not None else (w, None)
-        with ed.graph.inserting_before(node):
-            out = _reduction(ed, node, x, source, scale, b, xv, wv.shape, max_chunk)
+            if deq is not None:
+                ok = xv.device.type == "cpu" and rows <= max_rows_int8
+            else:
+                ok = xv.device.type == "cpu" and xv.dtype in LOW_PRECISION and wv.dtype == xv.dtype and rows <= max_rows
+            if not ok:
+                kept += 1
+                continue
+            source, scale = deq if deq is not None else (w, None)
+            with ed.graph.inserting_before(node):
+                out = _reduction(ed, node, x, source, scale, b, xv, wv.shape, max_chunk)
+            int8 += deq is not None
         node.replace_all_uses_with(out)
         ed.graph.erase_node(node)
         lowered += 1
-        int8 += deq is not None
     report = {"lowered": lowered, "int8": int8, "kernel": by_kernel, "kept": kept, "max_rows": max_rows,
               "max_rows_int8": max_rows_int8, "max_chunk": max_chunk}
     return (ed.finish() if lowered else ep), report
-
-
-def _target():
-    from ..targets import current
-    return current()
 
 
 def _reduction(ed, node, x, w, scale, b, xv, w_shape, max_chunk):
