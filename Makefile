@@ -8,6 +8,7 @@ DTYPE   ?= bf16
 BUCKETS ?=
 TARGET  ?= native
 QUANT   ?= none
+KERNELS ?= auto
 OUT     ?= artifacts/$(notdir $(MODEL))-tp$(TP)-$(BACKEND)-$(DTYPE)$(if $(filter-out none,$(QUANT)),-$(QUANT))$(if $(filter-out native,$(TARGET)),-$(TARGET))
 TORCH   ?= torch==2.13.0
 
@@ -31,7 +32,8 @@ compile: setup
 	$(if $(filter npu,$(BACKEND)),TORCH_DEVICE_BACKEND_AUTOLOAD=0) .venv/bin/internvl-compile --model $(MODEL) \
 		$(if $(WEIGHTS),--weights $(WEIGHTS)) --tp $(TP) \
 		--backend $(BACKEND) --dtype $(DTYPE) --out $(OUT) $(if $(BUCKETS),--buckets "$(BUCKETS)") \
-		--target $(TARGET) $(if $(SOC),--soc $(SOC)) $(if $(filter onnx,$(BACKEND)),--opset $(OPSET)) $(if $(filter-out none,$(QUANT)),--quant $(QUANT))
+		--target $(TARGET) $(if $(SOC),--soc $(SOC)) $(if $(filter onnx,$(BACKEND)),--opset $(OPSET)) $(if $(filter-out none,$(QUANT)),--quant $(QUANT)) \
+		$(if $(filter-out auto,$(KERNELS)),--kernels $(KERNELS))
 
 # The main job on a fresh machine: compile the demo model that ships in the repository
 # (models/internvl-demo: a small trained InternVL2-architecture checkpoint in the original

@@ -104,6 +104,14 @@ def check_tp_early(model: str, weights: str | None, tp: int) -> None:
     check_tp(cfg, tp)
 
 
+def kernel_options(choice: str) -> dict | None:
+    """--kernels as pass options: the `kernel` option of both passes that lower linears to kernels/' ops."""
+    if choice == "auto":
+        return None
+    on = choice == "on"
+    return {"small_m_linear": {"kernel": on}, "int8_weights": {"kernel": on}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="internvl-compile", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,6 +136,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quant", default="none", choices=["none", "int8"],
                     help="int8: the LLM's linear weights stored as int8 with per-output-channel scales "
                          "(weight-only; activations in DTYPE; compile/passes/int8_weights.py)")
+    ap.add_argument("--kernels", default="auto", choices=["auto", "off", "on"],
+                    help="the decode linears' hand-written kernels (kernels/): auto = where the target has them "
+                         "(kernels.min_rows), off = never (PyTorch's lowerings only), on = from 1 row on any target")
     args = ap.parse_args(argv)
     backend = args.backend or default_backend()
     name = Path(args.model).name if Path(args.model).is_dir() else args.model
@@ -158,7 +169,7 @@ def main(argv=None) -> int:
         from .pipeline import compile_model
         compile_model(cfg, weights, Path(tok_dir), out, buckets, dtype=args.dtype, backend=backend, tp=args.tp,
                       source=source, passes=passes, target=args.target, opset=args.opset,
-                      quant=args.quant)
+                      quant=args.quant, pass_options=kernel_options(args.kernels))
     except (FileNotFoundError, ValueError, NotImplementedError, RuntimeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,13 @@
-"""Hand-written CPU kernels compiled into an artifact: `internvl::small_m_linear` (small_m_gemm.cpp).
+"""Hand-written CPU kernels compiled into an artifact: `internvl::small_m_linear` and
+`internvl::small_m_linear_int8` (small_m_gemm.cpp).
 
 Why: a decode step multiplies every weight matrix by 1-8 token rows and is bound by reading the
 weights. On an AVX512-BF16 CPU without AMX (AMD Zen 4) oneDNN's bf16 GEMM reads them at 14-17 GB/s at
 M = 1-8 and Inductor's multiply+sum reduction (compile/passes/small_m_linear.py) at about 24 GB/s at
-M = 1 only; this kernel streams each weight row once for all rows with vdpbf16ps (docs/performance.md,
-"Fourth round"). compile/passes/small_m_linear.py lowers a bf16 linear of <= 8 rows to it where the
-compile target has it (`min_rows`: AVX512-BF16 from 1 row, AVX2 + FMA from 3).
+M = 1 only; this kernel streams each weight row once for all rows with vdpbf16ps, prefetching ahead
+(docs/performance.md, fourth and fifth rounds). compile/passes/small_m_linear.py lowers a bf16 linear of
+<= 8 rows to it where the compile target has it (`min_rows`: AVX512-BF16 from 1 row, AVX2 + FMA from 3);
+compile/passes/int8_weights.py an int8 one (QUANT=int8) to the int8 op (from 1 row on both).
 
 How it ships: the library is built at compile time for the artifact's target (`-march` of the target, no
 Python, linked against the torch it runs with) into the artifact as KERNELS_LIBRARY, hashed and signed
@@ -28,8 +30,8 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("small_m_gemm.cpp")
 KERNELS_LIBRARY = "kernels/internvl_kernels.so"   # inside an artifact directory
-KERNELS_VERSION = 1                                 # = kVersion in small_m_gemm.cpp
-OP = "internvl::small_m_linear"
+KERNELS_VERSION = 2                                 # = kVersion in small_m_gemm.cpp
+OPS = ["internvl::small_m_linear", "internvl::small_m_linear_int8"]
 MAX_ROWS = 8
 
 _loaded: dict = {}      # {"path": the library loaded in this process, "version": its KERNELS_VERSION}
@@ -39,13 +41,16 @@ class KernelError(RuntimeError):
     """The kernel library cannot be built or loaded; the message says what to do."""
 
 
-def min_rows(target) -> int | None:
+def min_rows(target, int8: bool = False) -> int | None:
     """The fewest rows a linear calls the kernel at on `target` (compile/targets.py Target), or None.
 
-    AVX512-BF16 without AMX: from 1 row. AMX: never (not measured there). AVX2 + FMA without AVX512-BF16
-    (x86-64-v3): from 3 rows, where PyTorch's bf16 GEMM has no fast path (emulated on a Zen 4 with oneDNN limited to AVX2, 24 layers of 2B matrices, ms at
-    M = 1 / 2 / 4 / 8: oneDNN 126 / 183 / 418 / 792, the kernel's AVX2 loop 149-156 / 226-244 / 260 / 390-399;
-    at 1 row Inductor's reduction is faster still: 132 against the kernel's 153 inside AOTInductor)."""
+    bf16 weights (internvl::small_m_linear): AVX512-BF16 without AMX from 1 row; AVX2 + FMA without AVX512-BF16
+    (x86-64-v3) from 3 rows, where PyTorch's bf16 GEMM has no fast path (emulated on a Zen 4 with oneDNN limited
+    to AVX2, 24 layers of 2B matrices, ms at M = 1 / 2 / 4 / 8: oneDNN 126 / 183 / 418 / 792, the kernel's AVX2
+    loop 149-156 / 226-244 / 260 / 390-399; at 1 row Inductor's reduction is faster still: 132 against the
+    kernel's 153 inside AOTInductor). int8 weights (internvl::small_m_linear_int8): from 1 row on both, where
+    it beats every other int8 lowering at every row count (docs/performance.md, fifth round). AMX: never (not
+    measured there)."""
     if "amx_bf16" in target.flags:
         # AMX: oneDNN's bf16 GEMM already read at the bandwidth at M = 1-8 on the Emerald Rapids box (round 3);
         # the kernel is unmeasured there, so those targets keep the lowerings measured on them.
@@ -53,8 +58,14 @@ def min_rows(target) -> int | None:
     if "avx512_bf16" in target.flags:
         return 1
     if "avx2" in target.flags and "fma" in target.flags:
-        return 3
+        return 1 if int8 else 3
     return None
+
+
+def least_rows(kernel: bool | None, target, int8: bool = False) -> int | None:
+    """A pass's `kernel` option as the fewest rows a linear calls the kernel at: None -> the target's
+    min_rows, True -> 1 (any target: tests), False -> None (never)."""
+    return min_rows(target, int8) if kernel is None else (1 if kernel else None)
 
 
 def build_flags(target) -> list[str]:
@@ -127,7 +138,7 @@ def library_for(target) -> Path:
 
 
 def manifest_entry() -> dict:
-    return {"library": KERNELS_LIBRARY, "version": KERNELS_VERSION, "ops": [OP]}
+    return {"library": KERNELS_LIBRARY, "version": KERNELS_VERSION, "ops": list(OPS)}
 
 
 def load_for_artifact(artifact: Path, manifest: dict) -> None:

@@ -40,13 +40,37 @@ def check_every_shape(op):
                 torch.testing.assert_close(got, want, atol=0.05 + 0.01 * want.abs().max().item(), rtol=0.01)
 
 
+def check_int8_every_shape(op):
+    """The int8 op against F.linear over the dequantised weights: 1-8 rows (padded to 2/4/8 inside), K with
+    and without a tail of the 64- (VBMI) / 32- / 8-element steps, the last N % R rows, bias or not; the
+    weights as int8_weights quantises them (symmetric, [-127, 127], an fp32 scale per row)."""
+    from internvl_aot.compile.passes.int8_weights import quantize
+    g = torch.Generator().manual_seed(1)
+    for rows in range(1, 9):
+        for k in (31, 64, 100, 2048):
+            for n in (5, 37, 64):
+                x = torch.randn(rows, k, generator=g).bfloat16()
+                q, s = quantize(torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g))
+                b = torch.randn(n, generator=g).bfloat16() if n != 64 else None
+                want = F.linear(x.float(), q.float() * s[:, None], None if b is None else b.float())
+                got = op(x, q, s, b).float()
+                torch.testing.assert_close(got, want, atol=0.02 + 0.01 * want.abs().max().item(), rtol=0.01)
+
+
 def test_kernel_matches_the_gemm_at_every_shape():
     """The library built for this box (its vdpbf16ps path where the box has AVX512-BF16); leading dims
     are kept; bad inputs are refused with a message."""
     kernels.ensure_built(targets.current())
     op = torch.ops.internvl.small_m_linear
     check_every_shape(op)
+    check_int8_every_shape(torch.ops.internvl.small_m_linear_int8)
     assert op(torch.randn(2, 1, 64).bfloat16(), torch.randn(8, 64).bfloat16()).shape == (2, 1, 8)
+    q8 = torch.ops.internvl.small_m_linear_int8
+    assert q8(torch.randn(3, 1, 64).bfloat16(), torch.ones(8, 64, dtype=torch.int8), torch.ones(8)).shape == (3, 1, 8)
+    with pytest.raises(RuntimeError, match="int8 q and fp32 scales"):
+        q8(torch.randn(1, 64).bfloat16(), torch.ones(8, 64, dtype=torch.int8), torch.ones(8).bfloat16())
+    with pytest.raises(RuntimeError, match=r"s \[N\]"):
+        q8(torch.randn(1, 64).bfloat16(), torch.ones(8, 64, dtype=torch.int8), torch.ones(7))
     with pytest.raises(RuntimeError, match="at most 8 rows"):
         op(torch.randn(9, 64).bfloat16(), torch.randn(8, 64).bfloat16())
     with pytest.raises(RuntimeError, match="bf16"):
@@ -55,20 +79,25 @@ def test_kernel_matches_the_gemm_at_every_shape():
         kernels.load(kernels.library_for(targets.current()), version=kernels.KERNELS_VERSION + 1)
 
 
-def test_the_avx2_build_matches_the_gemm():
-    """The library built for x86-64-v3 (its AVX2 + FMA loop, what an AVX2 box's artifact ships), in a
-    process of its own (one library per process)."""
+def test_the_other_targets_builds_match_the_gemm():
+    """The library built for x86-64-v3 (its AVX2 + FMA loops, what an AVX2 box's artifact ships) and for
+    x86-64-v4-bf16 (AVX512-BF16 without VBMI: the int8 op's sign-extend + convert path), each in a process of its
+    own (one library per process)."""
     import subprocess
     import sys
     from internvl_aot.runtime.isa import cpu_flags, get_target
     if not {"avx2", "fma"} <= cpu_flags():
         pytest.skip("this CPU cannot run x86-64-v3 code")
-    lib = kernels.library_for(get_target("x86-64-v3"))
-    code = (f"import torch, test_kernels as t; torch.ops.load_library({str(lib)!r}); "
-            "t.check_every_shape(torch.ops.internvl.small_m_linear); print('ok')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=str(Path(__file__).parent))
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+    names = ["x86-64-v3"] + (["x86-64-v4-bf16"] if {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags()
+                             else [])
+    for name in names:
+        lib = kernels.library_for(get_target(name))
+        code = (f"import torch, test_kernels as t; torch.ops.load_library({str(lib)!r}); "
+                "t.check_every_shape(torch.ops.internvl.small_m_linear); "
+                "t.check_int8_every_shape(torch.ops.internvl.small_m_linear_int8); print('ok')")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              cwd=str(Path(__file__).parent))
+        assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (name, done.stderr[-2000:])
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +106,42 @@ def kernel_artifact(tiny_checkpoints, tmp_path_factory):
                         dtype="bf16", pass_options={"small_m_linear": {"kernel": True}})
 
 
-def _hf_bf16_logits(tiny_checkpoints, prompt_ids, out_ids, tiles):
+@pytest.fixture(scope="module")
+def int8_kernel_artifact(tiny_checkpoints, tmp_path_factory):
+    return compile_tiny(tiny_checkpoints[SPEC], FMT, tmp_path_factory.mktemp("kernels") / "bf16-int8", BUCKETS,
+                        dtype="bf16", quant="int8", pass_options={"int8_weights": {"kernel": True}})
+
+
+def _hf_bf16_logits(hf, prompt_ids, out_ids, tiles):
     """transformers in bf16, teacher-forced on prompt + our tokens: the logits at each generated position."""
-    hf = tiny_checkpoints[SPEC].load_hf_model().to(torch.bfloat16).eval()
     ids = torch.tensor([prompt_ids + out_ids])
     kw = {"pixel_values": tiles.to(torch.bfloat16)} if tiles is not None else {}
     with torch.no_grad():
         logits = hf(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).logits[0].float()
     return logits[len(prompt_ids) - 1: len(prompt_ids) - 1 + len(out_ids)]
+
+
+def _follows_transformers(artifact, hf):
+    """Every greedy token of the batch-4 graph (3 sequences) and of the batch-1 graph is transformers' argmax,
+    or within bf16 noise of it (3% of the logits' spread), and >= 75% are its argmax exactly."""
+    engine = Engine.from_artifact(artifact)
+    reqs = _requests(12)
+    together = engine.generate(reqs)
+    for req, res in zip(reqs, together):
+        alone = engine.generate([req])[0]
+        tiles = engine.make_sequence(req).pixel_values
+        for out in (res.output_token_ids, alone.output_token_ids):
+            logits = _hf_bf16_logits(hf, res.prompt_token_ids, out, tiles)
+            chosen = logits.gather(1, torch.tensor(out)[:, None])[:, 0]
+            spread = logits.max(1).values - logits.min(1).values
+            assert bool((chosen >= logits.max(1).values - 0.03 * spread).all()), req.prompt
+            assert (logits.argmax(1) == torch.tensor(out)).float().mean() >= 0.75, req.prompt
+    assert max(len(set(r.output_token_ids)) for r in together) > 3
+
+
+def _n_layers(tiny_checkpoints):
+    return json.loads((checkpoint_dir(tiny_checkpoints[SPEC], FMT) / "config.json").read_text()
+                      )["text_config"]["num_hidden_layers"]
 
 
 def test_bf16_artifact_with_the_kernel_follows_transformers(kernel_artifact, tiny_checkpoints):
@@ -93,25 +150,28 @@ def test_bf16_artifact_with_the_kernel_follows_transformers(kernel_artifact, tin
     assert entry["library"] == kernels.KERNELS_LIBRARY and entry["version"] == kernels.KERNELS_VERSION
     assert kernels.KERNELS_LIBRARY in manifest["files"]            # hashed and signed like the graphs
     reports = manifest["compile"]["passes"]
-    n_layers = json.loads((checkpoint_dir(tiny_checkpoints[SPEC], FMT) / "config.json").read_text()
-                          )["text_config"]["num_hidden_layers"]
+    n_layers = _n_layers(tiny_checkpoints)
     for name in ("decode_b1_c2048", "decode_b4_c2048"):          # every linear of a decode step: 4 per layer + head
         assert reports[name]["passes"]["small_m_linear"]["kernel"] == 4 * n_layers + 1
     assert reports["prefill_t128_c2048"]["passes"]["small_m_linear"]["kernel"] == 1      # its one-row head
-    engine = Engine.from_artifact(kernel_artifact)
-    reqs = _requests(12)
-    together = engine.generate(reqs)                               # batch 4 graph (3 sequences)
-    for req, res in zip(reqs, together):
-        alone = engine.generate([req])[0]                          # batch 1 graph
-        tiles = engine.make_sequence(req).pixel_values
-        for out in (res.output_token_ids, alone.output_token_ids):
-            logits = _hf_bf16_logits(tiny_checkpoints, res.prompt_token_ids, out, tiles)
-            chosen = logits.gather(1, torch.tensor(out)[:, None])[:, 0]
-            # each greedy token is transformers' argmax, or within bf16 noise of it
-            spread = logits.max(1).values - logits.min(1).values
-            assert bool((chosen >= logits.max(1).values - 0.03 * spread).all()), req.prompt
-            assert (logits.argmax(1) == torch.tensor(out)).float().mean() >= 0.75, req.prompt
-    assert max(len(set(r.output_token_ids)) for r in together) > 3
+    _follows_transformers(kernel_artifact, tiny_checkpoints[SPEC].load_hf_model().to(torch.bfloat16).eval())
+
+
+def test_int8_bf16_artifact_with_the_int8_kernel_follows_transformers(int8_kernel_artifact, tiny_checkpoints):
+    """QUANT=int8 in bf16: the decode steps' linears read the int8 matrices through internvl::small_m_linear_int8;
+    against transformers in bf16 holding the same int8-rounded weights (test_quant.py)."""
+    from test_quant import _int8_rounded_hf
+    manifest = json.loads((int8_kernel_artifact / "manifest.json").read_text())
+    assert manifest["compile"]["lowering"]["quant"] == "int8"
+    assert manifest["compile"]["lowering"]["kernels"]["ops"] == kernels.OPS
+    reports = manifest["compile"]["passes"]
+    n_layers = _n_layers(tiny_checkpoints)
+    for name in ("decode_b1_c2048", "decode_b4_c2048"):
+        assert reports[name]["passes"]["int8_weights"]["kernel"] == 4 * n_layers + 1
+        assert reports[name]["passes"]["small_m_linear"]["kernel"] == 0     # no bf16 LLM weight is left
+    assert reports["prefill_t128_c2048"]["passes"]["int8_weights"]["kernel"] == 1
+    hf, _ = _int8_rounded_hf(tiny_checkpoints)
+    _follows_transformers(int8_kernel_artifact, hf.to(torch.bfloat16).eval())
 
 
 def test_a_bundle_runs_the_kernel_in_a_fresh_process(kernel_artifact, tmp_path):
@@ -143,3 +203,12 @@ def test_a_missing_kernel_library_is_refused(kernel_artifact, tmp_path):
     (art / kernels.KERNELS_LIBRARY).unlink()
     with pytest.raises(ArtifactError, match="internvl_kernels.so"):
         Engine.from_artifact(art)
+
+
+def test_the_kernels_flag_reaches_both_passes():
+    """internvl-compile --kernels off|on (make KERNELS=...): the `kernel` option of small_m_linear and
+    int8_weights; auto leaves the target to decide."""
+    from internvl_aot.compile.cli import kernel_options
+    assert kernel_options("auto") is None
+    for choice, on in (("off", False), ("on", True)):
+        assert kernel_options(choice) == {"small_m_linear": {"kernel": on}, "int8_weights": {"kernel": on}}

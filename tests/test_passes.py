@@ -425,13 +425,17 @@ def test_int8_quantize_is_symmetric_per_output_channel():
 @pytest.mark.parametrize("arch,dtype", [("qwen2", torch.bfloat16), ("llama", torch.float32)],
                          ids=["qwen2-bf16", "llama-fp32"])
 def test_int8_weights_decode_reads_int8_and_matches_dequantized_weights(arch, dtype):
+    """The lowerings other than the kernel library's (targets without it; the kernel: the test below)."""
     from internvl_aot.compile.passes import pass_list
     names = pass_list(None, "int8")
     assert names.index("int8_weights") == names.index("small_m_linear") - 1
     progs, ref = programs(arch, dtype), _dequantized_programs(arch)
+
+    def opts(**kw):
+        return {"int8_weights": {"kernel": False, **kw}}
     passed = {}
     for name in GRAPHS:
-        new, reports = run_passes(progs[name], names)
+        new, reports = run_passes(progs[name], names, opts())
         passed[name] = new
         # per layer: qkv, o, gate_up, down (fused by the passes before), plus the output head
         assert reports["int8_weights"]["quantized"] == 4 * LAYERS + 1
@@ -457,24 +461,24 @@ def test_int8_weights_decode_reads_int8_and_matches_dequantized_weights(arch, dt
         tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
         torch.testing.assert_close(got.float(), expect, **tol, msg=lambda m: f"{name}: {m}")
     # The prefill chunk's GEMMs dequantise slices of output rows (as the real model's large matrices do).
-    sliced, reports = run_passes(progs["prefill_t16_c64"], names, {"int8_weights": {"chunk_mb": 0.002}})
+    sliced, reports = run_passes(progs["prefill_t16_c64"], names, opts(chunk_mb=0.002))
     assert reports["int8_weights"]["gemm_sliced"] == 4 * LAYERS and count_targets(sliced, aten.cat.default) > 0
     got, _, _ = run(sliced, graph_inputs("prefill_t16_c64", dtype))
     expect, _, _ = run(ref["prefill_t16_c64"], graph_inputs("prefill_t16_c64", torch.float32))
     torch.testing.assert_close(got.float(), expect, **tol)
     # A native-bf16 target: 2-row bf16 decode through ATen's weight-only int8 GEMM, reading the int8 matrix;
     # fp32 activations never (that kernel has no vector path for them), nor without native bf16.
-    packed, reports = run_passes(progs["decode_b2_c64"], names, {"int8_weights": {"native_bf16": True}})
+    packed, reports = run_passes(progs["decode_b2_c64"], names, opts(native_bf16=True))
     n_packed = 4 * LAYERS + 1 if dtype == torch.bfloat16 else 0
     assert reports["int8_weights"]["int8pack"] == count_targets(packed, aten._weight_int8pack_mm.default) == n_packed
-    _, off = run_passes(progs["decode_b2_c64"], names, {"int8_weights": {"native_bf16": False}})
+    _, off = run_passes(progs["decode_b2_c64"], names, opts(native_bf16=False))
     assert off["int8_weights"]["int8pack"] == 0
     got, _, _ = run(packed, graph_inputs("decode_b2_c64", dtype))
     expect, _, _ = run(ref["decode_b2_c64"], graph_inputs("decode_b2_c64", torch.float32))
     torch.testing.assert_close(got.float(), expect, **tol)
     # A target without native bf16: the sliced GEMMs of a bf16 graph dequantise to fp32 and compute in fp32.
     if dtype == torch.bfloat16:
-        wide, reports = run_passes(progs["decode_b2_c64"], names, {"int8_weights": {"native_bf16": False}})
+        wide, reports = run_passes(progs["decode_b2_c64"], names, opts(native_bf16=False))
         assert _low_precision_gemm_inputs(wide) == 0 and reports["int8_weights"]["gemm_sliced"] > 0
         got, _, _ = run(wide, graph_inputs("decode_b2_c64", dtype))
         expect, _, _ = run(ref["decode_b2_c64"], graph_inputs("decode_b2_c64", torch.float32))
@@ -486,3 +490,38 @@ def test_int8_weights_decode_reads_int8_and_matches_dequantized_weights(arch, dt
     full, _, _ = run(programs(arch, torch.float32)["decode_b2_c64"], graph_inputs("decode_b2_c64", torch.float32))
     quant, _, _ = run(_dequantized_programs(arch)["decode_b2_c64"], graph_inputs("decode_b2_c64", torch.float32))
     assert torch.nn.functional.cosine_similarity(full.flatten(), quant.flatten(), dim=0) > 0.999
+
+
+def test_int8_weights_call_the_int8_kernel_up_to_8_rows():
+    """kernel=True: bf16 int8 linears of <= 8 rows call internvl::small_m_linear_int8 with the int8 matrix and its
+    fp32 scales (its VBMI/AVX512-BF16 path on a box that has them, its plain loop elsewhere); the results are
+    the dequantised weights' GEMM. The target decides by default: the kernel from 1 row with AVX512-BF16 or
+    AVX2 + FMA, never on an AMX box or without AVX2."""
+    from internvl_aot.compile import targets
+    from internvl_aot.compile.passes import pass_list
+    from internvl_aot.runtime.isa import get_target, native_target
+    names = pass_list(None, "int8")
+    progs, ref = programs("qwen2", torch.bfloat16), _dequantized_programs("qwen2")
+    for name, rows in (("decode_b1_c32", 1), ("decode_b2_c64", 2), ("prefill_t16_c64", 16)):
+        new, reports = run_passes(progs[name], names, {"int8_weights": {"kernel": True}})
+        op = torch.ops.internvl.small_m_linear_int8.default          # registered by the pass (kernels.ensure_built)
+        r = reports["int8_weights"]
+        n_kernel = 4 * LAYERS + 1 if rows <= 8 else 1                 # prefill: only its one-row output head
+        assert r["kernel"] == count_targets(new, op) == n_kernel and r["quantized"] == 4 * LAYERS + 1
+        assert r["gemm_sliced"] == (0 if rows <= 8 else 4 * LAYERS) and r["int8pack"] == 0
+        assert reports["small_m_linear"]["int8"] == 0                # nothing left for the reduction
+        for node in new.graph.nodes:                                   # the int8 matrix and fp32 scales, as stored
+            if node.target is op:
+                assert node.args[1].meta["val"].dtype == torch.int8 and node.args[2].meta["val"].dtype == torch.float32
+        expect, _, _ = run(ref[name], graph_inputs(name, torch.float32))
+        got, _, _ = run(new, graph_inputs(name, torch.bfloat16))
+        torch.testing.assert_close(got.float(), expect, atol=0.1, rtol=0.05, msg=lambda m: f"{name}: {m}")
+    two = progs["decode_b2_c64"]
+    for target, used in ((get_target("x86-64-v3"), True), (get_target("x86-64-v4-bf16"), True),
+                         (native_target(["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"]), False),
+                         (native_target(["sse2", "avx"]), False)):
+        with targets.activate(target):
+            assert (run_passes(two, names)[1]["int8_weights"]["kernel"] > 0) == used, target.name
+    # fp32 activations keep the reduction / sliced GEMMs (the kernel takes bf16 x)
+    assert run_passes(programs("qwen2", torch.float32)["decode_b1_c32"], names,
+                      {"int8_weights": {"kernel": True}})[1]["int8_weights"]["kernel"] == 0

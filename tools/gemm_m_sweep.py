@@ -1,27 +1,42 @@
-"""bf16 F.linear (oneDNN) against ATen's int8 GEMM (_weight_int8pack_mm, bf16 activations) at M = 1, 2, 4, 8 rows,
-eager, over 24 layers of InternLM2-1.8B matrices (2.2 GB bf16: from DRAM, not cache); docs/performance.md third round:
+"""Decode GEMMs at M = 1, 2, 4, 8 rows, eager, over 24 layers of InternLM2-1.8B matrices (2.2 GB bf16, 1.1 GB int8:
+from DRAM, not cache), ms per pass and GB/s of weights read: bf16 F.linear (oneDNN), ATen's int8 GEMM
+(_weight_int8pack_mm, bf16 activations), kernels/' internvl::small_m_linear (bf16) and small_m_linear_int8;
+docs/performance.md third and fifth rounds:
 
-    .venv/bin/python tools/gemm_m_sweep.py
+    .venv/bin/python tools/gemm_m_sweep.py                      # all four
+    VARIANTS=kernel,kernel_int8 TARGET=x86-64-v3 .venv/bin/python tools/gemm_m_sweep.py   # another target's kernels
 """
-import time, torch, torch.nn.functional as F
-torch.set_num_threads(2)
+import os, time, torch, torch.nn.functional as F
+torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+from internvl_aot import kernels
+from internvl_aot.compile import targets
 shapes=[(4096,2048),(2048,2048),(16384,2048),(2048,8192)]
 L=24
+variants=os.environ.get("VARIANTS", "bf16,int8pack,kernel,kernel_int8").split(",")
+if any(v.startswith("kernel") for v in variants):
+    kernels.load(kernels.library_for(targets.resolve(os.environ.get("TARGET", "native"))))
 W=[[torch.randn(N,K).to(torch.bfloat16) for N,K in shapes] for _ in range(L)]
 Q=[[torch.randint(-127,127,(N,K),dtype=torch.int8) for N,K in shapes] for _ in range(L)]
 S=[[torch.rand(N).bfloat16() for N,K in shapes] for _ in range(L)]
+S32=[[s.float() for s in l] for l in S]
 def t(f, n=7):
     f(); ts=[]
     for _ in range(n):
         a=time.perf_counter(); f(); ts.append(time.perf_counter()-a)
     ts.sort(); return ts[n//2]*1e3
+nb=sum(N*K for N,K in shapes)*L
 for M in (1,2,4,8):
     xs=[torch.randn(M,K).bfloat16() for N,K in shapes]
-    def bf():
-        for l in range(L):
-            for i in range(4): F.linear(xs[i],W[l][i])
-    def q8():
-        for l in range(L):
-            for i in range(4): torch._weight_int8pack_mm(xs[i],Q[l][i],S[l][i])
-    b=t(bf); q=t(q8); nb=sum(N*K for N,K in shapes)*L
-    print(f"M={M} bf16 {b:.1f} ms ({nb*2/b/1e6:.1f} GB/s)  int8pack {q:.1f} ms ({nb/q/1e6:.1f} GB/s)", flush=True)
+    run={"bf16": lambda l, i: F.linear(xs[i], W[l][i]),
+         "int8pack": lambda l, i: torch._weight_int8pack_mm(xs[i], Q[l][i], S[l][i]),
+         "kernel": lambda l, i: torch.ops.internvl.small_m_linear(xs[i], W[l][i]),
+         "kernel_int8": lambda l, i: torch.ops.internvl.small_m_linear_int8(xs[i], Q[l][i], S32[l][i])}
+    out=[]
+    for v in variants:
+        f=run[v]
+        def all_layers():
+            for l in range(L):
+                for i in range(4): f(l, i)
+        ms=t(all_layers); size=nb*(1 if "int8" in v else 2)
+        out.append(f"{v} {ms:.1f} ms ({size/ms/1e6:.1f} GB/s)")
+    print(f"M={M}  " + "  ".join(out), flush=True)

@@ -23,8 +23,9 @@ Order, and why:
    internvl::small_m_linear where the target has it (AVX512-BF16 without AMX: 1-8 rows; AVX2: 3-8); last, so
    it sees the fused weights (one GEMV per fused matrix) and no later pass has to recognise its
    reductions as linears.
-(QUANT=int8: int8_weights between 4 and 5: the LLM's linear weights -> int8 + per-row scales,
-   which small_m_linear then reads directly in the decode graphs.)
+(QUANT=int8: int8_weights between 4 and 5: the LLM's linear weights -> int8 + per-row scales; where the
+   target has the kernel library, linears of <= 8 rows call its internvl::small_m_linear_int8 directly,
+   elsewhere small_m_linear then reads the int8 bytes in the one-row decode graphs.)
 6. fp32_gemm: on a CPU target without native bf16 only, the GEMM-bound ops left (linears over
    several rows, the patch-embedding conv, SDPA) of bf16/fp16 graphs compute in fp32 from
    bf16 storage; after small_m_linear, so the one-row linears keep their in-register

@@ -7,7 +7,13 @@ projections, the output head) the weight `W [N, K]` becomes
 
     q = round(W / s) in [-127, 127] (int8),   s[n] = max_k |W[n, k]| / 127   (fp32, symmetric, per row)
 
-and the linear's weight input becomes the dequantisation `(q.float() * s[:, None]).to(x.dtype)`.
+and the linear's weight input becomes the dequantisation `(q.float() * s[:, None]).to(x.dtype)`, lowered by rows:
+- bf16 CPU linears of up to kernels.MAX_ROWS (8) rows where the target has the kernel (kernels.min_rows(target,
+  int8=True): AVX512-BF16 or AVX2 + FMA, no AMX; the `kernel` option): `internvl::small_m_linear_int8(x, q, s, b)`
+  of kernels/, which widens the int8 bytes in registers once for all rows and applies `s` after the sum. 24
+  layers of 2B matrices, 2 threads, Zen 4, ms at M = 1 / 2 / 4 / 8: the kernel 53-64 / 46 / 70-95 / 125-160,
+  against the reduction below about 118 at M = 1, `_weight_int8pack_mm` 120 / 165 / 140 / 273 (docs/performance.md,
+  fifth round). Elsewhere:
 - Linears over at most DECODE_ROWS rows (batch-1 decode, the prefill head): small_m_linear, which
   runs after this pass, recognises that pattern (`dequantized`) and lowers them to a reduction
   that reads the int8 bytes and applies `s` after the sum: decode never writes a dequantised copy.
@@ -31,6 +37,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
+from ... import kernels
 from .fp32_gemm import row_slice, sliced_linear
 from .program_edit import ProgramEditor, TensorCache, aten, cast_dtype, is_op, val
 
@@ -85,16 +92,20 @@ def dequantized(node) -> tuple | None:
 
 def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_chunk_mb: float = 2.0,
           native_bf16: bool | None = None, pack_rows: int = PACK_ROWS,
-          pack_min_rows: int = PACK_MIN_ROWS) -> tuple[ExportedProgram, dict]:
+          pack_min_rows: int = PACK_MIN_ROWS, kernel: bool | None = None) -> tuple[ExportedProgram, dict]:
     """native_bf16 (default: the compile target's): without it, the sliced GEMMs of bf16/fp16 graphs
     dequantise to fp32 and compute in fp32 (no bf16 GEMM without native bf16: fp32_gemm.py), and
     ATen's int8 GEMM is not used. pack_min_rows..pack_rows: the rows at which bf16 linears on a
-    native-bf16 target take ATen's int8 GEMM (pack_rows=0: never)."""
+    native-bf16 target take ATen's int8 GEMM (pack_rows=0: never). kernel: bf16 linears of up to
+    kernels.MAX_ROWS rows call internvl::small_m_linear_int8 (None: the target decides; True: from 1 row on
+    any target, for tests; False: never)."""
+    from ..targets import current
     if native_bf16 is None:
-        from ..targets import current
         native_bf16 = current().native_bf16
+    least = kernels.least_rows(kernel, current(), int8=True)
+    op = None
     ed = ProgramEditor(ep)
-    done, q_bytes, src_bytes, sliced, packed = [], 0, 0, 0, 0
+    done, q_bytes, src_bytes, sliced, packed, by_kernel = [], 0, 0, 0, 0, 0
     for node in list(ed.graph.nodes):
         if not is_op(node, aten.linear.default):
             continue
@@ -112,7 +123,18 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
         s_in = ed.add_parameter(f"{base}.weight_scale", scale, before=w_node)
         rows = math.prod(val(x).shape[:-1])
         x_dtype = val(x).dtype
-        if native_bf16 and x_dtype == torch.bfloat16 and pack_min_rows <= rows <= pack_rows:
+        b = node.args[2] if len(node.args) > 2 else None
+        if (least is not None and val(x).device.type == "cpu" and x_dtype == torch.bfloat16
+                and least <= rows <= kernels.MAX_ROWS and (b is None or val(b).dtype == torch.bfloat16)):
+            if op is None:
+                kernels.ensure_built(current())
+                op = torch.ops.internvl.small_m_linear_int8.default
+            with ed.graph.inserting_before(node):
+                y = ed.call(op, (x, q_in, s_in, b), like=node)
+            node.replace_all_uses_with(y)
+            ed.graph.erase_node(node)
+            by_kernel += 1
+        elif native_bf16 and x_dtype == torch.bfloat16 and pack_min_rows <= rows <= pack_rows:
             s_x = ed.add_parameter(
                 f"{base}.weight_scale_{str(x_dtype).split('.')[-1]}",
                 _QUANTIZED.get(base + ".scale", [scale], lambda: torch.nn.Parameter(scale.detach().to(x_dtype),
@@ -139,7 +161,8 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
         done.append(fqn)
         q_bytes += q.numel() + 4 * scale.numel()
         src_bytes += w.numel() * w.element_size()
-    report = {"quantized": len(done), "gemm_sliced": sliced, "int8pack": packed, "scope": scope, "bytes": [src_bytes, q_bytes]}
+    report = {"quantized": len(done), "gemm_sliced": sliced, "int8pack": packed, "kernel": by_kernel, "scope": scope,
+              "bytes": [src_bytes, q_bytes]}
     if not done:
         return ep, report
     report["example"] = done[0]

@@ -64,7 +64,7 @@ def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096,
     up to kernels.MAX_ROWS rows call internvl::small_m_linear (None: the target decides,
     kernels.min_rows: AVX512-BF16 from 1 row, AVX2 + FMA from 3; True: from 1 row on any target,
     for tests; False: never)."""
-    least = kernels.min_rows(current()) if kernel is None else (1 if kernel else None)   # fewest rows, None: never
+    least = kernels.least_rows(kernel, current())      # fewest rows at the kernel, None: never
     op = None
     ed = ProgramEditor(ep)
     lowered, kept, int8, by_kernel = 0, 0, 0, 0
