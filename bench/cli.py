@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-COLUMNS = ["engine", "dtype", "batch_size", "input_tokens", "output_tokens", "num_tiles",
+COLUMNS = ["engine", "dtype", "quant", "batch_size", "input_tokens", "output_tokens", "num_tiles",
            "ttft_s", "ttft_max_s", "decode_ms_mean", "decode_ms_p99", "decode_tok_s", "e2e_tok_s", "total_s",
            "peak_rss_mb", "peak_gpu_mb", "weights_mb", "kv_mb", "rss_over_weights_kv",
            "step_read_mb", "copy_gbs", "roofline_ms", "roofline_frac",
@@ -35,6 +35,12 @@ LLAMACPP_TYPES = ("f32", "f16", "bf16", "q8_0")  # bench/gguf_export.TYPES (not 
 # Bytes per weight of each GGUF type, for the roofline (q8_0: 32 int8 + one f16 scale per block).
 GGUF_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
 DEFAULT_PROMPT = "Please describe the image in detail."
+
+
+def _dtype_label(row: dict) -> str:
+    """bf16, or bf16+int8 for a QUANT=int8 artifact (weights int8, activations bf16)."""
+    quant = row.get("quant", "none")
+    return row["dtype"] + ("" if quant in (None, "none") else f"+{quant}")
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -237,7 +243,7 @@ def finish_rows(rows: list[dict], manifest: dict, copy_gbs: float) -> list[dict]
             rb = int((llm_params - embed + r["batch_size"] * llm["hidden_size"]) * GGUF_BYTES[r["dtype"]] + kv)
         else:
             rb = decode_read_bytes(llm, llm_params, embed, r["dtype"], r["batch_size"], r["input_tokens"],
-                                   r["output_tokens"])
+                                   r["output_tokens"], r.get("quant", "none"))
         r.update(roofline(rb, copy_gbs, r["decode_ms_mean"]), copy_gbs=copy_gbs)
         r["rss_over_weights_kv"] = _ratio(r["peak_rss_mb"], r["weights_mb"] + r["kv_mb"])
         o = ours.get(r["batch_size"])
@@ -268,7 +274,7 @@ def format_table(rows: list[dict]) -> str:
     def f(v, spec):
         return format(v, spec) if isinstance(v, (int, float)) else "-"
     for r in sorted((r for r in rows if "error" not in r), key=lambda r: (r["batch_size"], r["engine"] != "ours")):
-        name = r["engine"] + " " + r["dtype"]
+        name = r["engine"] + " " + _dtype_label(r)
         ratios = "" if r["engine"] == "ours" else (
             f" | {f(r.get('ratio_ttft'), '6.2f')} {f(r.get('ratio_decode_tok_s'), '6.2f')} "
             f"{f(r.get('ratio_peak_rss'), '5.2f')}")
@@ -295,7 +301,7 @@ def markdown_table(meta: dict) -> str:
                     key=lambda r: (r["batch_size"], r["engine"] != "ours", r["engine"], r["dtype"])):
         ratios = "" if r["engine"] == "ours" else (
             f"{f(r.get('ratio_ttft'), '.2f')}, {f(r.get('ratio_decode_tok_s'), '.2f')}, {f(r.get('ratio_peak_rss'), '.2f')}")
-        lines.append(f"| {r['batch_size']} | {r['engine']} {r['dtype']} | {r['input_tokens']} / {r['output_tokens']} "
+        lines.append(f"| {r['batch_size']} | {r['engine']} {_dtype_label(r)} | {r['input_tokens']} / {r['output_tokens']} "
                      f"| {f(r['ttft_s'], '.2f')} | {f(r['decode_ms_mean'], '.0f')} / {f(r['decode_ms_p99'], '.0f')} "
                      f"| {f(r['decode_tok_s'], '.2f')} | {f(r['e2e_tok_s'], '.2f')} "
                      f"| {f(r['peak_rss_mb'], '.0f')} ({f(r.get('rss_over_weights_kv'), '.2f')}) "

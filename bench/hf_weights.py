@@ -31,6 +31,22 @@ class WeightMappingError(ValueError):
     pass
 
 
+def dequantized(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """QUANT=int8 artifacts (compile/passes/int8_weights.py): each `X.weight_int8` with its fp32 `X.weight_scale`
+    becomes `X.weight` = q * scale (fp32): the int8-rounded weights the artifact computes with, so transformers
+    runs the same model. The scales cast for ATen's int8 GEMM (`X.weight_scale_<dtype>`) are dropped."""
+    if not any(k.endswith(".weight_int8") for k in weights):
+        return weights
+    out = {}
+    for key, t in weights.items():
+        if key.endswith(".weight_int8"):
+            base = key[: -len("_int8")]
+            out[base] = t.float() * weights[base + "_scale"].float()[:, None]
+        elif not re.search(r"\.weight_scale(_\w+)?$", key):
+            out[key] = t
+    return out
+
+
 def canonical_from_artifact(manifest: dict, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The artifact's weights -> canonical names and layouts (views where possible, no copies)."""
     from ..compile.checkpoint import canonical_shapes
@@ -42,6 +58,7 @@ def canonical_from_artifact(manifest: dict, weights: dict[str, torch.Tensor]) ->
     llm = cfg.llm
     q_rows, kv_rows = llm.num_heads * llm.head_dim, llm.num_kv_heads * llm.head_dim
     out = {}
+    weights = dequantized(weights)
     for key, t in weights.items():
         if DERIVED.search(key):
             continue

@@ -154,16 +154,17 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 def decode_read_bytes(llm: dict, llm_params: int, embed_params: int, dtype: str, batch: int,
-                      input_tokens: int, output_tokens: int) -> int:
+                      input_tokens: int, output_tokens: int, quant: str = "none") -> int:
     """Bytes one decode step must read at batch `batch`, averaged over the run's steps.
 
     llm_params: every language-model weight element (embedding included); the embedding is
     replaced by the `batch` rows a step looks up. Steps 1..N-1 attend over input + i tokens,
-    so the mean context is input + N/2.
+    so the mean context is input + N/2. quant="int8": the weights (less the embedding) at one
+    byte each (their per-row scales and the norms are a rounding error), the K/V in `dtype`.
     """
     b = DTYPE_BYTES[dtype]
     hidden = llm["hidden_size"]
-    weights = (llm_params - embed_params + batch * hidden) * b
+    weights = (llm_params - embed_params) * (1 if quant == "int8" else b) + batch * hidden * b
     kv_per_token = 2 * llm["num_layers"] * llm["num_kv_heads"] * llm["head_dim"] * b
     mean_ctx = input_tokens + output_tokens / 2
     return int(weights + batch * mean_ctx * kv_per_token)

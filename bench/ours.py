@@ -66,7 +66,8 @@ def run(spec: dict, emit) -> None:
                    params=SamplingParams(max_new_tokens=2, ignore_eos=True))
     engine.generate([warm])
     warmup_s = time.perf_counter() - t0
-    base = {"engine": "ours", "dtype": engine.spec.dtype, "threads": torch.get_num_threads(),
+    quant = manifest.get("compile", {}).get("lowering", {}).get("quant", "none")
+    base = {"engine": "ours", "dtype": engine.spec.dtype, "quant": quant, "threads": torch.get_num_threads(),
             "load_s": round(load_s, 2), "warmup_s": round(warmup_s, 2), "rss_mode": mem.mode,
             "weights_mb": round(weights_mb, 1), "kv_mb": round(engine.pool.nbytes / 1e6, 1),
             "max_batch_bucket": engine.runner.max_batch}

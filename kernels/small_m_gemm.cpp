@@ -44,12 +44,11 @@ using bf16 = c10::BFloat16;
 // 24 layers of 2B int8 matrices, 2 threads, Zen 4, ms at M = 1 / 4 / 8, no prefetch 89-96 / 142-150 / 238-242,
 // 4 KB ahead to L1 93 / 144 / 182, 8 KB to L2 73-87 / 77-85 / 173-196, 32 KB to L2 63 / 73 / 172. Rows of a
 // block and blocks of a thread's range are contiguous, so a distance past the row's end fetches the rows read
-// next. A prefetch never faults, past the matrix's end included.
+// next. A prefetch never faults, past the matrix's end included. bf16 weights: from 3 rows of x on AVX512-BF16
+// (rows_block); always in the AVX2 loop (emulated on the Zen 4, 24 layers of 2B bf16 matrices, ms at M = 3 / 4 / 8:
+// 185-210 / 132-140 / 249-280 with, 296-299 / 245-261 / 385-386 without).
 #ifndef INTERNVL_PREFETCH_BYTES
 #define INTERNVL_PREFETCH_BYTES 32768
-#endif
-#ifndef INTERNVL_AVX2_PF
-#define INTERNVL_AVX2_PF true
 #endif
 constexpr int64_t kPrefetchBytes = INTERNVL_PREFETCH_BYTES;
 template <bool PF>
@@ -218,7 +217,7 @@ inline void dot_block(const bf16* x, const float* xe, const float* xo, int64_t K
   for (int64_t k = 0; k < body; k += 16) {
     __m256 we[R], wo[R];
     if (k % 32 == 0)
-      for (int r = 0; r < R; ++r) prefetch<INTERNVL_AVX2_PF>(wr[r] + k);
+      for (int r = 0; r < R; ++r) prefetch<true>(wr[r] + k);
     for (int r = 0; r < R; ++r) {
       const __m256i v = _mm256_loadu_si256((const __m256i*)(wr[r] + k));
       we[r] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));

@@ -61,3 +61,32 @@ def test_int8_artifact_stores_int8_and_equals_transformers_with_int8_weights(int
     # Each alone (batch 1: the one-row int8 reduction) gives the same tokens as in the batch (4 rows).
     for req, a in zip(reqs, ours):
         assert engine.generate([req])[0].output_token_ids == a.output_token_ids
+
+
+def test_the_bench_runs_transformers_on_the_int8_rounded_weights(int8_artifact, tiny_checkpoints):
+    """internvl-bench --compare transformers on a QUANT=int8 artifact (bench/hf_weights.py `dequantized`): every int8
+    matrix with its scales becomes the fp32 weight q * scale, i.e. the checkpoint's weights rounded as int8_weights
+    rounds them (per output row, so fusing q/k/v or gate/up rounds each part alike); nothing int8 is left."""
+    from internvl_aot.bench.hf_weights import dequantized
+    from internvl_aot.compile.checkpoint import load_checkpoint
+    from internvl_aot.runtime import weights_file
+    from conftest import checkpoint_dir
+    manifest = json.loads((int8_artifact / "manifest.json").read_text())
+    deq = dequantized(weights_file.read(int8_artifact / manifest["ranks"][0]["weights"]))
+    assert not [k for k in deq if ".weight_int8" in k or ".weight_scale" in k]
+    _, want = load_checkpoint(checkpoint_dir(tiny_checkpoints[SPEC], FMT))
+
+    def rounded(*names):
+        return torch.cat([(lambda q, s: q.float() * s[:, None])(*quantize(want[n])) for n in names])
+    layers = tiny_checkpoints[SPEC].load_hf_model().config.text_config.num_hidden_layers
+    for i in range(layers):
+        pre = f"language_model.layers.{i}."
+        assert torch.equal(deq[pre + "self_attn.qkv_proj.weight"],
+                           rounded(*(pre + f"self_attn.{n}_proj.weight" for n in "qkv")))
+        assert torch.equal(deq[pre + "self_attn.o_proj.weight"], rounded(pre + "self_attn.o_proj.weight"))
+        assert torch.equal(deq[pre + "mlp.gate_up_proj.weight"], rounded(pre + "mlp.gate_proj.weight",
+                                                                          pre + "mlp.up_proj.weight"))
+        assert torch.equal(deq[pre + "mlp.down_proj.weight"], rounded(pre + "mlp.down_proj.weight"))
+        assert torch.equal(deq[pre + "self_attn.qkv_proj.bias"].float(),       # biases stay as stored
+                           torch.cat([want[pre + f"self_attn.{n}_proj.bias"] for n in "qkv"]).float())
+    assert torch.equal(deq["language_model.lm_head.weight"], rounded("language_model.lm_head.weight"))
