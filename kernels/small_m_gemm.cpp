@@ -173,27 +173,23 @@ inline void dot_block_q(const bf16* xp, int64_t Kp, int64_t K, const int8_t* q, 
 }
 #endif
 
-template <int MC, int R>
+template <int MC, int R, bool PF>
 inline void rows_block(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t n0, float* out) {
-  // rows of x MC at a time; the rest (M % MC) one at a time. out: [M][R]. Software prefetch from 3 rows: at 1-2
-  // the hardware prefetchers keep up (24 layers of 2B bf16 matrices, ms at M = 1 / 2 / 4 / 8: without 96-109 /
-  // 105-107 / 140-147 / 183-188, 32 KB ahead 117-121 / 113-125 / 122-125 / 120-130, 64 KB ahead 110 / 97 / 112 / 109)
+  // rows of x MC at a time; the rest (M % MC) one at a time. out: [M][R]
   int64_t m0 = 0;
-  if (M <= 2) {
-    for (; m0 + MC <= M; m0 += MC) dot_block<MC, R, bf16, false>(x + m0 * K, K, w, n0, out + m0 * R);
-    for (; m0 < M; ++m0) dot_block<1, R, bf16, false>(x + m0 * K, K, w, n0, out + m0 * R);
-    return;
-  }
-  for (; m0 + MC <= M; m0 += MC) dot_block<MC, R>(x + m0 * K, K, w, n0, out + m0 * R);
-  for (; m0 < M; ++m0) dot_block<1, R>(x + m0 * K, K, w, n0, out + m0 * R);
+  for (; m0 + MC <= M; m0 += MC) dot_block<MC, R, bf16, PF>(x + m0 * K, K, w, n0, out + m0 * R);
+  for (; m0 < M; ++m0) dot_block<1, R, bf16, PF>(x + m0 * K, K, w, n0, out + m0 * R);
 }
 
+// Software prefetch from 3 rows: at 1-2 the hardware prefetchers keep up (24 layers of 2B bf16 matrices, ms at
+// M = 1 / 2 / 4 / 8: without 96-109 / 105-107 / 140-147 / 183-188, 32 KB ahead 117-121 / 113-125 / 122-125 /
+// 120-130, 64 KB ahead 110 / 97 / 112 / 109)
 template <int R>
 inline void weight_block(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t n0, float* out) {
   if (M <= 2) {
-    rows_block<2, R>(x, M, K, w, n0, out);
+    rows_block<2, R, false>(x, M, K, w, n0, out);
   } else {
-    rows_block<4, R>(x, M, K, w, n0, out);
+    rows_block<4, R, true>(x, M, K, w, n0, out);
   }
 }
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -293,6 +289,18 @@ void for_weight_blocks(int64_t M, int64_t N, int64_t R, const bf16* b, const flo
   }
 }
 
+// Built for neither ISA: one weight row at a time, plainly (tests only).
+template <typename W>
+void plain(const bf16* x, int64_t M, int64_t K, const W* w, int64_t N, const bf16* b, const float* s, bf16* y) {
+  for_weight_blocks(M, N, 1, b, s, y, [&](int64_t n, int64_t, float* acc) {
+    for (int64_t m = 0; m < M; ++m) {
+      float t = 0.f;
+      for (int64_t k = 0; k < K; ++k) t += float(x[m * K + k]) * float(w[n * K + k]);
+      acc[m] = t;
+    }
+  });
+}
+
 void compute(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, const bf16* b, bf16* y) {
 #if defined(__AVX512BF16__)
   // R = 8 weight rows per block for 1-2 rows of x (more streams in flight), 4 for 3-8 (registers).
@@ -302,7 +310,7 @@ void compute(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, cons
     } else if (count == 4) {
       weight_block<4>(x, M, K, w, n0, acc);
     } else {
-      rows_block<1, 1>(x, M, K, w, n0, acc);
+      weight_block<1>(x, M, K, w, n0, acc);
     }
   });
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -335,95 +343,75 @@ void compute(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, cons
     }
   });
 #else
-  for_weight_blocks(M, N, 1, b, nullptr, y, [&](int64_t n, int64_t, float* acc) {
-    for (int64_t m = 0; m < M; ++m) {
-      float t = 0.f;
-      for (int64_t k = 0; k < K; ++k) t += float(x[m * K + k]) * float(w[n * K + k]);
-      acc[m] = t;
-    }
-  });
+  plain(x, M, K, w, N, b, nullptr, y);
 #endif
 }
 
 // Rows of x for the int8 path, padded with zero rows to 1, 2, 4 or 8, so that the rows are computed in one pass
-// over the weights (two at 8 rows on AVX512-BF16) and each int8 weight is widened once per pass.
+// over the weights (two at 8 rows) and each int8 weight is widened once per pass.
 inline int64_t padded_rows(int64_t M) { return M <= 2 ? M : (M <= 4 ? 4 : 8); }
+
+// The int8 blocks of both ISAs: R1 weight rows per block for 1-2 rows of x, R2 for 4 and 8, where the block is
+// read twice, 4 rows of x at a time (from L1/L2, widened again: 24 layers of 2B int8 matrices, 2 threads, AVX512-BF16,
+// 138-160 ms against 172-177 for one pass over 2 weight rows with all 8 rows of x, whose 16 loads of x per 4 dot
+// products were the limit). x0: x padded to padded_rows(M) rows of `stride` elements; dot(mc, r, x rows, n0, out)
+// is the ISA's dot block for MC rows of x and R weight rows.
+template <int R1, int R2, typename X, typename Dot>
+void int8_blocks(int64_t M, int64_t N, const X* x0, int64_t stride, const bf16* b, const float* s, bf16* y,
+                 const Dot& dot) {
+  using one = std::integral_constant<int, 1>;
+  using two = std::integral_constant<int, 2>;
+  using four = std::integral_constant<int, 4>;
+  using r1 = std::integral_constant<int, R1>;
+  using r2 = std::integral_constant<int, R2>;
+  const int64_t MP = padded_rows(M), R = MP <= 2 ? R1 : R2;
+  for_weight_blocks(M, N, R, b, s, y, [&](int64_t n0, int64_t count, float* acc) {
+    float full[8 * 8];
+    if (count == 1) {
+      for (int64_t m = 0; m < M; ++m) dot(one{}, one{}, x0 + m * stride, n0, acc + m);
+      return;
+    }
+    if (MP == 1) {
+      dot(one{}, r1{}, x0, n0, full);
+    } else if (MP == 2) {
+      dot(two{}, r1{}, x0, n0, full);
+    } else {
+      dot(four{}, r2{}, x0, n0, full);
+      if (MP == 8) dot(four{}, r2{}, x0 + 4 * stride, n0, full + 4 * R2);
+    }
+    std::copy(full, full + M * R, acc);     // the padding rows dropped
+  });
+}
 
 void compute_int8(const bf16* x, int64_t M, int64_t K, const int8_t* q, const float* s, int64_t N, const bf16* b,
                   bf16* y) {
-  const int64_t MP = padded_rows(M);
 #if defined(__AVX512BF16__)
-  // Weight rows per block: 8 for 1-2 rows of x, 4 for 4 and 8. At 8 rows the block is read twice, 4 rows of x at a
-  // time (from L1/L2, widened again): 24 layers of 2B int8 matrices, 2 threads, 138-160 ms against 172-177 for one
-  // pass over 2 weight rows with all 8 rows of x (MP x R accumulators in registers, 16 loads of x per 4 dot products).
-  std::vector<bf16> xp;
-  int64_t Kp = K;
+  // 8 weight rows per block for 1-2 rows of x, 4 for 4 and 8 (MC x R accumulators in 32 zmm registers)
+  const int64_t MP = padded_rows(M);
 #if defined(__AVX512VBMI__)
-  Kp = (K + 63) / 64 * 64;
-  xp.assign(MP * Kp, bf16(0.f));      // x permuted like widen64's weights, zero rows up to MP
+  const int64_t Kp = (K + 63) / 64 * 64;
+  std::vector<bf16> xp(MP * Kp, bf16(0.f));      // x permuted like widen64's weights, zero rows up to MP
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xp[m * Kp + k / 64 * 64 + permute64(k % 64)] = x[m * K + k];
-#define INTERNVL_DOT_Q(MC, R, X, OUT) dot_block_q<MC, R>(X, Kp, K, q, n0, OUT)
+  int8_blocks<8, 4>(M, N, xp.data(), Kp, b, s, y, [&](auto mc, auto r, const bf16* xr, int64_t n0, float* out) {
+    dot_block_q<decltype(mc)::value, decltype(r)::value>(xr, Kp, K, q, n0, out);
+  });
 #else
-  xp.assign(MP * K, bf16(0.f));
+  std::vector<bf16> xp(MP * K, bf16(0.f));
   std::copy(x, x + M * K, xp.begin());
-#define INTERNVL_DOT_Q(MC, R, X, OUT) dot_block<MC, R>(X, K, q, n0, OUT)
-#endif
-  const bf16* x0 = xp.data();
-  const int64_t R = MP <= 2 ? 8 : 4;
-  for_weight_blocks(M, N, R, b, s, y, [&](int64_t n0, int64_t count, float* acc) {
-    float full[8 * 8];
-    if (count == 1) {
-      for (int64_t m = 0; m < M; ++m) INTERNVL_DOT_Q(1, 1, x0 + m * Kp, acc + m);
-      return;
-    }
-    if (MP == 1) {
-      INTERNVL_DOT_Q(1, 8, x0, full);
-    } else if (MP == 2) {
-      INTERNVL_DOT_Q(2, 8, x0, full);
-    } else if (MP == 4) {
-      INTERNVL_DOT_Q(4, 4, x0, full);
-    } else {
-      INTERNVL_DOT_Q(4, 4, x0, full);
-      INTERNVL_DOT_Q(4, 4, x0 + 4 * Kp, full + 16);
-    }
-    std::copy(full, full + M * R, acc);     // the padding rows dropped
+  int8_blocks<8, 4>(M, N, xp.data(), K, b, s, y, [&](auto mc, auto r, const bf16* xr, int64_t n0, float* out) {
+    dot_block<decltype(mc)::value, decltype(r)::value>(xr, K, q, n0, out);
   });
-#undef INTERNVL_DOT_Q
+#endif
 #elif defined(__AVX2__) && defined(__FMA__)
-  // x once in fp32 (zero rows up to MP); 16 ymm registers: R = 4 weight rows for 1-2 rows of x, 2 for 4 and 8
-  // (8: two passes over the block, 4 rows of x at a time)
-  std::vector<float> xf(MP * K, 0.f);
+  // x once in fp32 (zero rows up to MP); 16 ymm registers: 4 weight rows per block for 1-2 rows of x, 2 for 4 and 8
+  std::vector<float> xf(padded_rows(M) * K, 0.f);
   for (int64_t i = 0; i < M * K; ++i) xf[i] = float(x[i]);
-  const float* x0 = xf.data();
-  const int64_t R = MP <= 2 ? 4 : 2;
-  for_weight_blocks(M, N, R, b, s, y, [&](int64_t n0, int64_t count, float* acc) {
-    float full[8 * 8];
-    if (count == 1) {
-      for (int64_t m = 0; m < M; ++m) dot_block_q<1, 1>(x0 + m * K, K, q, n0, acc + m);
-      return;
-    }
-    if (MP == 1) {
-      dot_block_q<1, 4>(x0, K, q, n0, full);
-    } else if (MP == 2) {
-      dot_block_q<2, 4>(x0, K, q, n0, full);
-    } else if (MP == 4) {
-      dot_block_q<4, 2>(x0, K, q, n0, full);
-    } else {
-      dot_block_q<4, 2>(x0, K, q, n0, full);
-      dot_block_q<4, 2>(x0 + 4 * K, K, q, n0, full + 8);
-    }
-    std::copy(full, full + M * R, acc);     // the padding rows dropped
+  int8_blocks<4, 2>(M, N, xf.data(), K, b, s, y, [&](auto mc, auto r, const float* xr, int64_t n0, float* out) {
+    dot_block_q<decltype(mc)::value, decltype(r)::value>(xr, K, q, n0, out);
   });
 #else
-  (void)MP;
-  for_weight_blocks(M, N, 1, b, s, y, [&](int64_t n, int64_t, float* acc) {
-    for (int64_t m = 0; m < M; ++m) {
-      float t = 0.f;
-      for (int64_t k = 0; k < K; ++k) t += float(x[m * K + k]) * float(q[n * K + k]);
-      acc[m] = t;
-    }
-  });
+  plain(x, M, K, q, N, b, s, y);
 #endif
 }
 
