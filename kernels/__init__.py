@@ -68,6 +68,21 @@ def least_rows(kernel: bool | None, target, int8: bool = False) -> int | None:
     return min_rows(target, int8) if kernel is None else (1 if kernel else None)
 
 
+def takes(least: int | None, x, rows: int, bias) -> bool:
+    """Whether a linear over `rows` rows of x with `bias` (fake tensors, bias None or not) calls a kernels/ op:
+    a CPU graph, bf16 activations and bias, least <= rows <= MAX_ROWS (least: least_rows; None: never)."""
+    import torch
+    return (least is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16
+            and least <= rows <= MAX_ROWS and (bias is None or bias.dtype == torch.bfloat16))
+
+
+def op(name: str, target):
+    """torch.ops.internvl.<name>.default for a graph, registered first from the library for `target`."""
+    import torch
+    ensure_built(target)
+    return getattr(torch.ops.internvl, name).default
+
+
 def build_flags(target) -> list[str]:
     march = "-march=native" if target.march == "native" else f"-march={target.march}"
     return [march, *target.extra_cflags, "-mtune=generic" if target.march != "native" else "-mtune=native"]

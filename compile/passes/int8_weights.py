@@ -38,6 +38,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from ... import kernels
+from ..targets import current
 from .fp32_gemm import row_slice, sliced_linear
 from .program_edit import ProgramEditor, TensorCache, aten, cast_dtype, is_op, val
 
@@ -99,11 +100,9 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
     native-bf16 target take ATen's int8 GEMM (pack_rows=0: never). kernel: bf16 linears of up to
     kernels.MAX_ROWS rows call internvl::small_m_linear_int8 (None: the target decides; True: from 1 row on
     any target, for tests; False: never)."""
-    from ..targets import current
     if native_bf16 is None:
         native_bf16 = current().native_bf16
     least = kernels.least_rows(kernel, current(), int8=True)
-    op = None
     ed = ProgramEditor(ep)
     done, q_bytes, src_bytes, sliced, packed, by_kernel = [], 0, 0, 0, 0, 0
     for node in list(ed.graph.nodes):
@@ -124,13 +123,9 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
         rows = math.prod(val(x).shape[:-1])
         x_dtype = val(x).dtype
         b = node.args[2] if len(node.args) > 2 else None
-        if (least is not None and val(x).device.type == "cpu" and x_dtype == torch.bfloat16
-                and least <= rows <= kernels.MAX_ROWS and (b is None or val(b).dtype == torch.bfloat16)):
-            if op is None:
-                kernels.ensure_built(current())
-                op = torch.ops.internvl.small_m_linear_int8.default
+        if kernels.takes(least, val(x), rows, None if b is None else val(b)):
             with ed.graph.inserting_before(node):
-                y = ed.call(op, (x, q_in, s_in, b), like=node)
+                y = ed.call(kernels.op("small_m_linear_int8", current()), (x, q_in, s_in, b), like=node)
             node.replace_all_uses_with(y)
             ed.graph.erase_node(node)
             by_kernel += 1

@@ -65,7 +65,6 @@ def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096,
     kernels.min_rows: AVX512-BF16 from 1 row, AVX2 + FMA from 3; True: from 1 row on any target,
     for tests; False: never)."""
     least = kernels.least_rows(kernel, current())      # fewest rows at the kernel, None: never
-    op = None
     ed = ProgramEditor(ep)
     lowered, kept, int8, by_kernel = 0, 0, 0, 0
     for node in list(ed.graph.nodes):
@@ -76,13 +75,9 @@ def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096,
         xv, wv = val(x), val(w)
         rows = math.prod(xv.shape[:-1])
         deq = dequantized(w)
-        if (least is not None and deq is None and xv.device.type == "cpu" and xv.dtype == wv.dtype == torch.bfloat16
-                and least <= rows <= kernels.MAX_ROWS and (b is None or val(b).dtype == torch.bfloat16)):
-            if op is None:
-                kernels.ensure_built(current())
-                op = torch.ops.internvl.small_m_linear.default
+        if deq is None and wv.dtype == torch.bfloat16 and kernels.takes(least, xv, rows, None if b is None else val(b)):
             with ed.graph.inserting_before(node):
-                out = ed.call(op, (x, w, b), like=node)
+                out = ed.call(kernels.op("small_m_linear", current()), (x, w, b), like=node)
             by_kernel += 1
         else:
             if deq is not None:
