@@ -104,6 +104,10 @@ def check_tp_early(model: str, weights: str | None, tp: int) -> None:
     check_tp(cfg, tp)
 
 
+# --kernels as compile_model's attention_kernel (decode attention through kernels/paged_attention.cpp)
+ATTENTION_KERNEL = {"auto": None, "on": True, "off": False}
+
+
 def kernel_options(choice: str) -> dict | None:
     """--kernels as pass options: the `kernel` option of both passes that lower linears to kernels/' ops."""
     if choice == "auto":
@@ -137,8 +141,9 @@ def main(argv=None) -> int:
                     help="int8: the LLM's linear weights stored as int8 with per-output-channel scales "
                          "(weight-only; activations in DTYPE; compile/passes/int8_weights.py)")
     ap.add_argument("--kernels", default="auto", choices=["auto", "off", "on"],
-                    help="the decode linears' hand-written kernels (kernels/): auto = where the target has them "
-                         "(kernels.min_rows), off = never (PyTorch's lowerings only), on = from 1 row on any target")
+                    help="the decode steps' hand-written kernels (kernels/: linears, attention): auto = where the target "
+                         "has them (kernels.min_rows, kernels.attention_kernel), off = never (PyTorch's lowerings "
+                         "only), on = from 1 row on any target")
     args = ap.parse_args(argv)
     backend = args.backend or default_backend()
     name = Path(args.model).name if Path(args.model).is_dir() else args.model
@@ -169,7 +174,8 @@ def main(argv=None) -> int:
         from .pipeline import compile_model
         compile_model(cfg, weights, Path(tok_dir), out, buckets, dtype=args.dtype, backend=backend, tp=args.tp,
                       source=source, passes=passes, target=args.target, opset=args.opset,
-                      quant=args.quant, pass_options=kernel_options(args.kernels))
+                      quant=args.quant, pass_options=kernel_options(args.kernels),
+                      attention_kernel=ATTENTION_KERNEL[args.kernels])
     except (FileNotFoundError, ValueError, NotImplementedError, RuntimeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from .. import kernels
+from ..graphs.attention import decode_kernel
 from ..graphs.config import ModelConfig
 from ..graphs.model import build_model
 from ..graphs.parallel import SINGLE, TPInfo
@@ -31,13 +32,15 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
                   dtype: str = "bf16", backend: str = "cpu", tp: int = 1, source: dict | None = None,
                   passes: list[str] | None = None, log: Callable[[str], None] = print,
                   target: str = "native", opset: int = 18, quant: str = "none",
-                  pass_options: dict[str, dict] | None = None) -> dict:
+                  pass_options: dict[str, dict] | None = None, attention_kernel: bool | None = None) -> dict:
     """Checkpoint weights -> artifact directory `out`: per rank, export every bucket graph, run the
     passes, compile (rank 0's packages reused by the other ranks when their programs agree), then
     write the artifact. target: the CPU the artifact is for (runtime/isa.py: native, x86-64-v3,
     x86-64-v4, ...); compile/targets.py applies it to Inductor, and `targets.current()` tells passes
     about it. quant: "none" or "int8" (weight-only, compile/passes/int8_weights.py). pass_options:
-    pass name -> keyword arguments for its `apply` (e.g. {"small_m_linear": {"kernel": True}})."""
+    pass name -> keyword arguments for its `apply` (e.g. {"small_m_linear": {"kernel": True}}).
+    attention_kernel: decode attention through kernels/' internvl::paged_decode_attention (None: where
+    kernels.attention_kernel(target) says so; True: any CPU target; False: never; the CPU backend only)."""
     if quant != "none" and backend != "cpu":
         raise ValueError(f"QUANT={quant} is implemented for BACKEND=cpu only (got BACKEND={backend})")
     if backend == "onnx":     # ONNX graphs for onnxruntime / ATC: compile/backends/onnx.py
@@ -64,9 +67,12 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
         log(f"[aoti] {msg} (elapsed {time.perf_counter() - t_start:.0f} s)")
 
     ranks, pass_reports, graph_s, tp_info, uses_kernels = [], {}, {}, {}, False
+    use_attention_kernel = backend == "cpu" and (kernels.attention_kernel(cpu_target) if attention_kernel is None
+                                                 else attention_kernel)
+    attention_op = kernels.op("paged_decode_attention", cpu_target) if use_attention_kernel else None
     # A fake process group of the runtime's size and group name while Inductor compiles (compile/tp.py).
     with (fake_process_group(tp) if tp > 1 else contextlib.nullcontext("")) as group_name, \
-            targets.activate(cpu_target):
+            targets.activate(cpu_target), decode_kernel(attention_op):
         spec = build_spec(cfg, buckets, dtype, tokenizer, TPInfo(0, tp, group_name))
         for r in range(tp):
             tpi = TPInfo(r, tp, group_name) if tp > 1 else SINGLE
@@ -103,7 +109,8 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
             log(f"[tp] collectives per decode step: {tp_info['collectives'][decode]}")
     compile_s = time.perf_counter() - t_start
     info = {"seconds": round(compile_s, 1), "passes": pass_reports, "graph_compile_s": graph_s,
-            "lowering": _lowering(cpu_target, backend, tdtype, quant)}
+            "lowering": {**_lowering(cpu_target, backend, tdtype, quant),
+                         "decode_attention": "kernel" if use_attention_kernel else "graph"}}
     if tp > 1:
         info["tp"] = tp_info
     if uses_kernels:        # the graphs call kernels/ ops: the library built for the target ships with them

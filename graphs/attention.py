@@ -8,8 +8,27 @@ the keys at indices 0..p: causal masking, earlier prefill chunks and decode are 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+
+# The decode step's attention as one call to a CPU kernel (kernels/paged_attention.cpp,
+# internvl::paged_decode_attention), instead of the multiply + sum formulation of _decode_attention:
+# set by the compile pipeline (decode_kernel) while it exports the graphs of a CPU target that has it.
+_decode_kernel = None
+
+
+@contextlib.contextmanager
+def decode_kernel(op):
+    """Graphs traced inside this block call `op` (torch.ops.internvl.paged_decode_attention, or None for
+    the graph formulation) for decode attention over bf16 or fp32 caches."""
+    global _decode_kernel
+    prev, _decode_kernel = _decode_kernel, op
+    try:
+        yield
+    finally:
+        _decode_kernel = prev
 
 
 def write_kv(cache: torch.Tensor, layer: int, slot_mapping: torch.Tensor, kv: torch.Tensor) -> None:
@@ -34,6 +53,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     65 ms at batch 8 x 1,024 keys, mostly the copies; the gather-free reduction below 4.4 ms.
     """
     if q.shape[1] == 1:
+        if (_decode_kernel is not None and q.device.type == "cpu" and q.shape[-1] % 16 == 0
+                and q.dtype in (torch.bfloat16, torch.float32) and k_cache.dtype == q.dtype):
+            return _decode_kernel(q, k_cache, v_cache, layer, block_tables, positions, scale)
         return _decode_attention(q, k_cache, v_cache, layer, block_tables, positions, scale)
     return _chunk_attention(q, k_cache, v_cache, layer, block_tables, positions, scale)
 

@@ -1,5 +1,6 @@
 """Hand-written CPU kernels compiled into an artifact: `internvl::small_m_linear` and
-`internvl::small_m_linear_int8` (small_m_gemm.cpp).
+`internvl::small_m_linear_int8` (small_m_gemm.cpp), `internvl::paged_decode_attention`
+(paged_attention.cpp).
 
 Why: a decode step multiplies every weight matrix by 1-8 token rows and is bound by reading the
 weights. On an AVX512-BF16 CPU without AMX (AMD Zen 4) oneDNN's bf16 GEMM reads them at 14-17 GB/s at
@@ -7,7 +8,11 @@ M = 1-8 and Inductor's multiply+sum reduction (compile/passes/small_m_linear.py)
 M = 1 only; this kernel streams each weight row once for all rows with vdpbf16ps, prefetching ahead
 (docs/performance.md, fourth and fifth rounds). compile/passes/small_m_linear.py lowers a bf16 linear of
 <= 8 rows to it where the compile target has it (`min_rows`: AVX512-BF16 from 1 row, AVX2 + FMA from 3);
-compile/passes/int8_weights.py an int8 one (QUANT=int8) to the int8 op (from 1 row on both).
+compile/passes/int8_weights.py an int8 one (QUANT=int8) to the int8 op (from 1 row on both). The decode
+graphs' attention over the paged cache (graphs/attention.py, the same multiply + sum read the K/V at ~7 GB/s
+inside Inductor) calls paged_decode_attention where `attention_kernel(target)`: the pipeline traces them
+inside graphs.attention.decode_kernel (one key's row of all heads read once, scores and softmax as vector
+loops, the next block prefetched).
 
 How it ships: the library is built at compile time for the artifact's target (`-march` of the target, no
 Python, linked against the torch it runs with) into the artifact as KERNELS_LIBRARY, hashed and signed
@@ -28,10 +33,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("small_m_gemm.cpp")
+SOURCES = [Path(__file__).with_name(n) for n in ("small_m_gemm.cpp", "paged_attention.cpp")]
 KERNELS_LIBRARY = "kernels/internvl_kernels.so"   # inside an artifact directory
-KERNELS_VERSION = 2                                 # = kVersion in small_m_gemm.cpp
-OPS = ["internvl::small_m_linear", "internvl::small_m_linear_int8"]
+KERNELS_VERSION = 3                                 # = kVersion in small_m_gemm.cpp
+OPS = ["internvl::small_m_linear", "internvl::small_m_linear_int8", "internvl::paged_decode_attention"]
 MAX_ROWS = 8
 
 _loaded: dict = {}      # {"path": the library loaded in this process, "version": its KERNELS_VERSION}
@@ -62,6 +67,14 @@ def min_rows(target, int8: bool = False) -> int | None:
     return None
 
 
+def attention_kernel(target) -> bool:
+    """Whether decode graphs for `target` call internvl::paged_decode_attention (kernels/paged_attention.cpp)
+    instead of graphs/attention.py's multiply + sum: on AVX2 + FMA and AVX-512 targets without AMX (measured
+    on Zen 4, 24 layers of 2B caches at batch 8 x 512 keys, 2 threads: 22-27 ms against the graph's 51-65
+    inside Inductor; docs/performance.md, sixth round). AMX boxes keep what was measured on them."""
+    return "amx_bf16" not in target.flags and "avx2" in target.flags and "fma" in target.flags
+
+
 def least_rows(kernel: bool | None, target, int8: bool = False) -> int | None:
     """A pass's `kernel` option as the fewest rows a linear calls the kernel at: None -> the target's
     min_rows, True -> 1 (any target: tests), False -> None (never)."""
@@ -89,22 +102,22 @@ def build_flags(target) -> list[str]:
 
 
 def build(dest: Path, flags: list[str]) -> Path:
-    """Compile small_m_gemm.cpp into the shared library `dest` with g++ and `flags` (-march ...)."""
+    """Compile SOURCES into the shared library `dest` with g++ and `flags` (-march ...)."""
     import torch
     from torch.utils import cpp_extension
 
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
-        raise KernelError(f"building {SOURCE.name} needs a C++ compiler ({cxx} not found; AOTInductor needs one too)")
+        raise KernelError(f"building the kernel library needs a C++ compiler ({cxx} not found; AOTInductor needs one too)")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [cxx, "-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-           *[f"-I{p}" for p in cpp_extension.include_paths()], str(SOURCE),
+           *[f"-I{p}" for p in cpp_extension.include_paths()], *map(str, SOURCES),
            # libtorch's own libraries and OpenMP runtime, already loaded when the library is: never a second libgomp
            *[f"-L{p}" for p in cpp_extension.library_paths()], "-lc10", "-ltorch_cpu", "-o", str(dest)]
     dest.parent.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise KernelError(f"building {SOURCE.name} failed:\n{' '.join(cmd)}\n{done.stderr[-4000:]}")
+        raise KernelError(f"building the kernel library failed:\n{' '.join(cmd)}\n{done.stderr[-4000:]}")
     return dest
 
 
@@ -114,7 +127,7 @@ def cached_build(flags: list[str]) -> Path:
     from ..runtime.bundle import CACHE_ENV, default_cache_base
 
     base = os.environ.get(CACHE_ENV) or default_cache_base()
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((flags, torch.__version__, sys.platform)).encode()).hexdigest()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + repr((flags, torch.__version__, sys.platform)).encode()).hexdigest()
     path = Path(base) / "kernels" / key[:32] / "internvl_kernels.so"
     if not path.is_file():      # built beside its place, then renamed: a concurrent build never sees half a file
         os.replace(build(path.with_name(f".{os.getpid()}.tmp.so"), flags), path)

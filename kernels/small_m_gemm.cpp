@@ -34,7 +34,7 @@
 namespace {
 
 constexpr int64_t kMaxRows = 8;
-constexpr int64_t kVersion = 2;     // kernels/__init__.py KERNELS_VERSION: bumped when the ops change
+constexpr int64_t kVersion = 3;     // kernels/__init__.py KERNELS_VERSION: bumped when the ops change
 
 using bf16 = c10::BFloat16;
 

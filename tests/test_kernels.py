@@ -57,6 +57,24 @@ def check_int8_every_shape(op):
                 torch.testing.assert_close(got, want, atol=0.02 + 0.01 * want.abs().max().item(), rtol=0.01)
 
 
+def check_attention(op):
+    """internvl::paged_decode_attention against dense attention written from the definition (test_attention.py)
+    over keys 0..position scattered in the pool: GQA groups of 1, 2, 7 and 20 (more than the 8 of one pass),
+    head_dim 16 to 128, blocks of 4 to 32 keys, tables wider than the keys in use, fp32 and bf16."""
+    from test_attention import dense_reference, make_case
+    cases = [(3, 8, 2, 16, 4, 6), (1, 16, 8, 128, 32, 5), (8, 14, 2, 64, 16, 4), (2, 40, 2, 32, 8, 3),
+             (4, 4, 4, 96, 32, 2)]
+    for seed, (b, heads, kv_heads, d, block_size, max_blocks) in enumerate(cases):
+        for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2)):
+            q, kc, vc, tables, positions, seqs = make_case(b, 1, heads, kv_heads, d, block_size, max_blocks, dtype,
+                                                           seed=seed)
+            out = op(q, kc, vc, 1, tables, positions, d ** -0.5)
+            assert out.shape == q.shape and out.dtype == dtype
+            for i, (keys, values) in enumerate(seqs):
+                want = dense_reference(q[i], keys, values, positions[i], d ** -0.5)
+                torch.testing.assert_close(out[i].float(), want, atol=tol, rtol=tol)
+
+
 def test_kernel_matches_the_gemm_at_every_shape():
     """The library built for this box (its vdpbf16ps path where the box has AVX512-BF16); leading dims
     are kept; bad inputs are refused with a message."""
@@ -79,6 +97,24 @@ def test_kernel_matches_the_gemm_at_every_shape():
         kernels.load(kernels.library_for(targets.current()), version=kernels.KERNELS_VERSION + 1)
 
 
+def test_decode_attention_kernel_matches_dense_attention():
+    """The library built for this box; a block table naming no block of the pool, a head_dim the vector loops
+    cannot take and a dtype mismatch are refused with a message, never read."""
+    kernels.ensure_built(targets.current())
+    op = torch.ops.internvl.paged_decode_attention
+    check_attention(op)
+    q, kc, vc = torch.randn(2, 1, 4, 16), torch.randn(2, 5, 4, 2, 16), torch.randn(2, 5, 4, 2, 16)
+    positions = torch.tensor([[6], [2]])
+    with pytest.raises(RuntimeError, match=r"block_tables\[0, 1\] = 9 is not a block of the pool"):
+        op(q, kc, vc, 0, torch.tensor([[1, 9], [2, 3]]), positions, 0.25)
+    assert op(q, kc, vc, 0, torch.tensor([[1, 2], [3, 9]]), positions, 0.25).shape == q.shape   # block 9 unread
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        op(torch.randn(2, 1, 4, 8), torch.randn(2, 5, 4, 2, 8), torch.randn(2, 5, 4, 2, 8), 0,
+           torch.tensor([[1], [2]]), positions, 0.25)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        op(q.bfloat16(), kc, vc, 0, torch.tensor([[1, 2], [3, 4]]), positions, 0.25)
+
+
 def test_the_other_targets_builds_match_the_gemm():
     """The library built for x86-64-v3 (its AVX2 + FMA loops, what an AVX2 box's artifact ships) and for
     x86-64-v4-bf16 (AVX512-BF16 without VBMI: the int8 op's sign-extend + convert path), each in a process of its
@@ -94,7 +130,8 @@ def test_the_other_targets_builds_match_the_gemm():
         lib = kernels.library_for(get_target(name))
         code = (f"import torch, test_kernels as t; torch.ops.load_library({str(lib)!r}); "
                 "t.check_every_shape(torch.ops.internvl.small_m_linear); "
-                "t.check_int8_every_shape(torch.ops.internvl.small_m_linear_int8); print('ok')")
+                "t.check_int8_every_shape(torch.ops.internvl.small_m_linear_int8); "
+                "t.check_attention(torch.ops.internvl.paged_decode_attention); print('ok')")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               cwd=str(Path(__file__).parent))
         assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (name, done.stderr[-2000:])
@@ -103,13 +140,15 @@ def test_the_other_targets_builds_match_the_gemm():
 @pytest.fixture(scope="module")
 def kernel_artifact(tiny_checkpoints, tmp_path_factory):
     return compile_tiny(tiny_checkpoints[SPEC], FMT, tmp_path_factory.mktemp("kernels") / "bf16", BUCKETS,
-                        dtype="bf16", pass_options={"small_m_linear": {"kernel": True}})
+                        dtype="bf16", pass_options={"small_m_linear": {"kernel": True}}, attention_kernel=True)
 
 
 @pytest.fixture(scope="module")
 def int8_kernel_artifact(tiny_checkpoints, tmp_path_factory):
+    # the decode attention of graphs/attention.py (multiply + sum) here, the kernel in kernel_artifact
     return compile_tiny(tiny_checkpoints[SPEC], FMT, tmp_path_factory.mktemp("kernels") / "bf16-int8", BUCKETS,
-                        dtype="bf16", quant="int8", pass_options={"int8_weights": {"kernel": True}})
+                        dtype="bf16", quant="int8", pass_options={"int8_weights": {"kernel": True}},
+                        attention_kernel=False)
 
 
 def _hf_bf16_logits(hf, prompt_ids, out_ids, tiles):
@@ -139,6 +178,16 @@ def _follows_transformers(artifact, hf):
     assert max(len(set(r.output_token_ids)) for r in together) > 3
 
 
+def _calls(artifact, graph, op):
+    """How many times the compiled package of `graph` calls internvl::`op` (its proxy executor's op list)."""
+    import zipfile
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    package = artifact / manifest["ranks"][0]["graphs"][graph]["package"]
+    with zipfile.ZipFile(package) as z:
+        texts = [z.read(n).decode() for n in z.namelist() if n.endswith(".json") and "wrapper" in n]
+    return sum(t.count(f"internvl::{op}") for t in texts)
+
+
 def _n_layers(tiny_checkpoints):
     return json.loads((checkpoint_dir(tiny_checkpoints[SPEC], FMT) / "config.json").read_text()
                       )["text_config"]["num_hidden_layers"]
@@ -154,6 +203,9 @@ def test_bf16_artifact_with_the_kernel_follows_transformers(kernel_artifact, tin
     for name in ("decode_b1_c2048", "decode_b4_c2048"):          # every linear of a decode step: 4 per layer + head
         assert reports[name]["passes"]["small_m_linear"]["kernel"] == 4 * n_layers + 1
     assert reports["prefill_t128_c2048"]["passes"]["small_m_linear"]["kernel"] == 1      # its one-row head
+    assert manifest["compile"]["lowering"]["decode_attention"] == "kernel"
+    for name in ("decode_b1_c2048", "decode_b4_c2048"):          # one call per layer, through AOTInductor's proxy
+        assert _calls(kernel_artifact, name, "paged_decode_attention") == n_layers
     _follows_transformers(kernel_artifact, tiny_checkpoints[SPEC].load_hf_model().to(torch.bfloat16).eval())
 
 
@@ -164,6 +216,8 @@ def test_int8_bf16_artifact_with_the_int8_kernel_follows_transformers(int8_kerne
     manifest = json.loads((int8_kernel_artifact / "manifest.json").read_text())
     assert manifest["compile"]["lowering"]["quant"] == "int8"
     assert manifest["compile"]["lowering"]["kernels"]["ops"] == kernels.OPS
+    assert manifest["compile"]["lowering"]["decode_attention"] == "graph"
+    assert _calls(int8_kernel_artifact, "decode_b4_c2048", "paged_decode_attention") == 0
     reports = manifest["compile"]["passes"]
     n_layers = _n_layers(tiny_checkpoints)
     for name in ("decode_b1_c2048", "decode_b4_c2048"):
@@ -207,8 +261,11 @@ def test_a_missing_kernel_library_is_refused(kernel_artifact, tmp_path):
 
 def test_the_kernels_flag_reaches_both_passes():
     """internvl-compile --kernels off|on (make KERNELS=...): the `kernel` option of small_m_linear and
-    int8_weights; auto leaves the target to decide."""
-    from internvl_aot.compile.cli import kernel_options
+    int8_weights, and the decode attention kernel; auto leaves the target to decide."""
+    from internvl_aot.compile.cli import ATTENTION_KERNEL, kernel_options
+    from internvl_aot.runtime.isa import get_target
+    assert ATTENTION_KERNEL == {"auto": None, "on": True, "off": False}
+    assert kernels.attention_kernel(get_target("x86-64-v3")) and kernels.attention_kernel(get_target("x86-64-v4"))
     assert kernel_options("auto") is None
     for choice, on in (("off", False), ("on", True)):
         assert kernel_options(choice) == {"small_m_linear": {"kernel": on}, "int8_weights": {"kernel": on}}
