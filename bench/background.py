@@ -32,14 +32,14 @@ def background_load(n: int, nice: int = 0):
             p.wait()
 
 
-OMP_WAIT_CHOICES = ("active", "passive", "spin10000", "libgomp-default")
+OMP_WAIT_CHOICES = ("active", "passive", "spin1000", "spin10000", "libgomp-default")
 
 
 def omp_env(policy: str | None) -> None:
     """The OpenMP wait policy of the engine processes started after this (libgomp reads it when it
     loads, so it must be in their environment, not set from inside them). None: as the environment
-    says (this package sets OMP_WAIT_POLICY=PASSIVE unless told otherwise: internvl_aot/__init__.py);
-    active/passive: OMP_WAIT_POLICY; spin10000: GOMP_SPINCOUNT=10000; libgomp-default: neither."""
+    says (this package sets GOMP_SPINCOUNT=1000 unless told otherwise: internvl_aot/__init__.py);
+    active/passive: OMP_WAIT_POLICY; spinN: GOMP_SPINCOUNT=N; libgomp-default: neither."""
     if not policy:
         return
     os.environ.pop("OMP_WAIT_POLICY", None)

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .background import OMP_WAIT_CHOICES
+
 COLUMNS = ["engine", "dtype", "quant", "batch_size", "input_tokens", "output_tokens", "num_tiles",
            "ttft_s", "ttft_max_s", "decode_ms_mean", "decode_ms_p99", "decode_tok_s", "e2e_tok_s", "total_s",
            "peak_rss_mb", "peak_gpu_mb", "weights_mb", "kv_mb", "rss_over_weights_kv",
@@ -79,7 +81,7 @@ def parse_args(argv=None):
     ap.add_argument("--background-load", type=int, default=0,
                     help="busy processes beside the engines for the whole run (a shared box; bench/background.py)")
     ap.add_argument("--background-nice", type=int, default=0, help="their nice level (default 0; 19: polite)")
-    ap.add_argument("--omp-wait", default=None, choices=["active", "passive", "spin10000", "libgomp-default"],
+    ap.add_argument("--omp-wait", default=None, choices=list(OMP_WAIT_CHOICES),
                     help="OpenMP wait policy of the engine processes (default: the environment's; bench/background.py)")
     ap.add_argument("--kv-cache-gb", type=float, default=None, help="our KV pool (default: sized to the buckets)")
     ap.add_argument("--skip-verify", action="store_true", help="skip the sha256 check of the artifact")

@@ -17,13 +17,16 @@ _os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
 # The compiled graphs' OpenMP threads wait for each other at every parallel region (a decode step
 # runs thousands). libgomp's default is to spin ~300,000 iterations before sleeping: where another
-# process wants a core, a spinning waiter takes it from the thread it waits for. Measured (2B bf16
-# decode, 2 threads, docs/performance.md "A shared box"): idle 4.06 tok/s default spin, 4.33 spin
-# 10,000, 4.35 passive; beside one busy process 1.25 / 1.31 / 2.16 (1 thread: 2.15); among other
-# engineers' jobs (load 4-6) 0.17-0.26 / 1.16 / 1.18-1.24. So passive waiting, which costs nothing
-# idle. libgomp reads it when torch loads: it works for processes that import this package before
+# process wants a core, a spinning waiter takes it from the thread it waits for. Sleeping at once
+# (OMP_WAIT_POLICY=PASSIVE, this package's default until the sixth round) pays a futex wake-up at every
+# region instead. Measured on 2B bf16 decode through the kernels/ ops (2 threads, Zen 4, ~480-token
+# prompt, docs/performance.md sixth round), ms per step, idle batch 1 / batch 8 and batch 1 beside one
+# busy process: passive 115-116 / 137-139 and 179-180; GOMP_SPINCOUNT=1000 93-95 / 123-124 and 197-198;
+# 3000 93-94 / 122 and 238; 10000 93-95 / 120-121 and 362-381; libgomp's default 113 / 133 and 264.
+# So a short spin (about a microsecond) before sleeping: 1.2x passive idle, 0.9x beside a busy
+# neighbour. libgomp reads it when torch loads: it works for processes that import this package before
 # torch (every internvl-* command); an explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
-    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    _os.environ["GOMP_SPINCOUNT"] = "1000"
 
 __version__ = "0.1.0"

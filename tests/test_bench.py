@@ -83,7 +83,8 @@ def test_bench_against_transformers(tiny_artifact, tmp_path):
 
 
 def test_openmp_wait_default_and_background_load():
-    """internvl_aot makes OpenMP threads wait passively (set before torch loads (an explicit setting wins); the benchmark's
+    """internvl_aot makes OpenMP threads spin briefly, then sleep (GOMP_SPINCOUNT=1000, set before torch loads; an
+    explicit setting wins); the benchmark's
     neighbours run while its block runs and are gone after it."""
     import os
     import subprocess
@@ -92,13 +93,15 @@ def test_openmp_wait_default_and_background_load():
     code = "import internvl_aot, os; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True).stdout.split()
-    assert run(env) == ["None", "PASSIVE"]
+    assert run(env) == ["1000", "None"]
     assert run(dict(env, OMP_WAIT_POLICY="ACTIVE")) == ["None", "ACTIVE"]
     assert run(dict(env, GOMP_SPINCOUNT="5")) == ["5", "None"]
     saved = {k: os.environ.get(k) for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     try:
         omp_env("passive")
         assert os.environ.get("OMP_WAIT_POLICY") == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
+        omp_env("spin1000")
+        assert os.environ.get("GOMP_SPINCOUNT") == "1000" and "OMP_WAIT_POLICY" not in os.environ
         omp_env("libgomp-default")
         assert "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
     finally:
