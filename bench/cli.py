@@ -29,7 +29,7 @@ from .background import OMP_WAIT_CHOICES
 COLUMNS = ["engine", "dtype", "quant", "batch_size", "input_tokens", "output_tokens", "num_tiles",
            "ttft_s", "ttft_max_s", "decode_ms_mean", "decode_ms_p99", "decode_tok_s", "e2e_tok_s", "total_s",
            "peak_rss_mb", "peak_gpu_mb", "weights_mb", "kv_mb", "rss_over_weights_kv",
-           "step_read_mb", "copy_gbs", "roofline_ms", "roofline_frac",
+           "step_read_mb", "copy_gbs", "roofline_ms", "roofline_frac", "ttft_tflop", "gemm_gflops", "ttft_compute_frac",
            "match_tokens", "ratio_ttft", "ratio_decode_tok_s", "ratio_e2e_tok_s", "ratio_peak_rss",
            "threads", "load_s", "warmup_s", "rss_mode", "error"]
 ENGINES = ("transformers", "transformers-compile", "llama.cpp")
@@ -40,7 +40,7 @@ DEFAULT_PROMPT = "Please describe the image in detail."
 
 
 def _dtype_label(row: dict) -> str:
-    """bf16, or bf16+int8 for a QUANT=int8 artifact (weights int8, activations bf16)."""
+    """bf16, or bf16+int8 / bf16+int4 for a QUANT=int8 / int4 artifact (weights int8 / int4, activations bf16)."""
     quant = row.get("quant", "none")
     return row["dtype"] + ("" if quant in (None, "none") else f"+{quant}")
 
@@ -222,11 +222,12 @@ def _ratio(a, b, digits=3):
     return round(a / b, digits) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
 
 
-def finish_rows(rows: list[dict], manifest: dict, copy_gbs: float) -> list[dict]:
-    """Add the roofline, memory and ratio columns."""
+def finish_rows(rows: list[dict], manifest: dict, copy_gbs: float, gemm_gflops: float | None = None) -> list[dict]:
+    """Add the roofline, memory and ratio columns. gemm_gflops: the box's best measured GEMM rate (any
+    dtype: an engine may compute bf16 weights in fp32), for the time-to-first-token compute bound."""
     from ..compile.checkpoint import canonical_shapes
     from ..graphs.config import ModelConfig
-    from .measure import common_prefix, decode_read_bytes, roofline
+    from .measure import common_prefix, decode_read_bytes, prefill_flops, roofline, sig
     import math
 
     cfg = ModelConfig.from_dict(manifest["model"]["config"])
@@ -247,6 +248,12 @@ def finish_rows(rows: list[dict], manifest: dict, copy_gbs: float) -> list[dict]
             rb = decode_read_bytes(llm, llm_params, embed, r["dtype"], r["batch_size"], r["input_tokens"],
                                    r["output_tokens"], r.get("quant", "none"))
         r.update(roofline(rb, copy_gbs, r["decode_ms_mean"]), copy_gbs=copy_gbs)
+        # The last first token of the batch came after every request's vision and prefill (llama.cpp: text only).
+        tiles = 0 if r["engine"].startswith("llama.cpp") else r.get("num_tiles", 0)
+        flop = r["batch_size"] * prefill_flops(cfg, tiles, r["input_tokens"])
+        r["ttft_tflop"] = sig(flop / 1e12)
+        if gemm_gflops and r.get("ttft_max_s"):
+            r.update(gemm_gflops=gemm_gflops, ttft_compute_frac=sig(flop / (gemm_gflops * 1e9) / r["ttft_max_s"], 3))
         r["rss_over_weights_kv"] = _ratio(r["peak_rss_mb"], r["weights_mb"] + r["kv_mb"])
         o = ours.get(r["batch_size"])
         if r["engine"] != "ours" and o is not None:
@@ -270,7 +277,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'batch':>5} {'engine':<26} {'in':>5} {'out':>4} {'ttft s':>8} {'ms/tok':>8} {'p99 ms':>8} "
-            f"{'tok/s':>8} {'e2e tok/s':>9} {'RSS MB':>8} {'roofline':>8} | {'ttft':>6} {'decode':>6} {'RSS':>5}")
+            f"{'tok/s':>8} {'e2e tok/s':>9} {'RSS MB':>8} {'roofline':>8} {'ttft cmp':>8} | {'ttft':>6} {'decode':>6} {'RSS':>5}")
     lines = [head, "-" * len(head)]
 
     def f(v, spec):
@@ -283,12 +290,13 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{r['batch_size']:>5} {name:<26} {r['input_tokens']:>5} {r['output_tokens']:>4} "
                      f"{f(r['ttft_s'], '8.3f')} {f(r['decode_ms_mean'], '8.1f')} {f(r['decode_ms_p99'], '8.1f')} "
                      f"{f(r['decode_tok_s'], '8.2f')} {f(r['e2e_tok_s'], '9.2f')} {f(r['peak_rss_mb'], '8.0f')} "
-                     f"{f(r.get('roofline_frac'), '8.2f')}{ratios}")
+                     f"{f(r.get('roofline_frac'), '8.2f')} {f(r.get('ttft_compute_frac'), '8.2f')}{ratios}")
     for r in rows:
         if "error" in r:
             lines.append(f"  {r.get('engine')} {r.get('dtype')}: ERROR {r['error']}")
     lines.append("ratios are ours / theirs at the same batch size (ttft: lower is better; decode tok/s: higher; "
-                 "RSS: lower); roofline = fraction of the copy-bandwidth bound")
+                 "RSS: lower); roofline = fraction of the copy-bandwidth bound; ttft cmp = fraction of the GEMM-rate bound "
+                 "of the first tokens (vision + prefill FLOPs / the box's best matmul rate)")
     return "\n".join(lines)
 
 
@@ -297,8 +305,8 @@ def markdown_table(meta: dict) -> str:
     def f(v, spec=""):
         return format(v, spec) if isinstance(v, (int, float)) else "-"
     lines = ["| batch | engine | in / out tokens | TTFT s | decode ms/token (mean / p99) | decode tok/s | e2e tok/s "
-             "| peak RSS MB (x weights+KV) | roofline frac | ours/theirs: TTFT, decode tok/s, RSS |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak RSS MB (x weights+KV) | roofline frac | TTFT compute frac | ours/theirs: TTFT, decode tok/s, RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in meta["rows"] if "error" not in r),
                     key=lambda r: (r["batch_size"], r["engine"] != "ours", r["engine"], r["dtype"])):
         ratios = "" if r["engine"] == "ours" else (
@@ -307,7 +315,7 @@ def markdown_table(meta: dict) -> str:
                      f"| {f(r['ttft_s'], '.2f')} | {f(r['decode_ms_mean'], '.0f')} / {f(r['decode_ms_p99'], '.0f')} "
                      f"| {f(r['decode_tok_s'], '.2f')} | {f(r['e2e_tok_s'], '.2f')} "
                      f"| {f(r['peak_rss_mb'], '.0f')} ({f(r.get('rss_over_weights_kv'), '.2f')}) "
-                     f"| {f(r.get('roofline_frac'), '.3f')} | {ratios} |")
+                     f"| {f(r.get('roofline_frac'), '.3f')} | {f(r.get('ttft_compute_frac'), '.3f')} | {ratios} |")
     for r in meta["rows"]:
         if "error" in r:
             lines.append(f"| - | {r.get('engine')} {r.get('dtype')} | error: {r['error']} | | | | | | | |")
@@ -349,7 +357,7 @@ def main(argv=None) -> int:
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .measure import measure_bandwidth, measure_gpu_bandwidth
+    from .measure import measure_bandwidth, measure_gemm_flops, measure_gpu_bandwidth
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     load_start = os.getloadavg()
     if manifest["backend"] == "cuda" or (compare and (args.device or "").startswith("cuda")):
@@ -358,6 +366,10 @@ def main(argv=None) -> int:
         bw = measure_bandwidth()
     print(f"[bench] copy bandwidth {bw['copy_gbs']} GB/s (2 x bytes / s)"
           + (f", read {bw['read_gbs']} GB/s" if "read_gbs" in bw else ""), file=sys.stderr, flush=True)
+    gemm = None if "device" in bw else measure_gemm_flops()
+    if gemm:
+        print(f"[bench] GEMM {gemm['gemm_shape']}: " + ", ".join(f"{k} {v} GFLOP/s" for k, v in gemm["gemm_gflops"].items()),
+              file=sys.stderr, flush=True)
 
     from .background import background_load, omp_env
     omp_env(args.omp_wait)
@@ -389,10 +401,10 @@ def main(argv=None) -> int:
                   read_gbs=max(bw["read_gbs"], bw_end["read_gbs"]))
     print(f"[bench] copy bandwidth at the end {bw_end['copy_gbs']} GB/s; roofline uses {bw['copy_gbs']} GB/s",
           file=sys.stderr)
-    rows = finish_rows(rows, manifest, bw["copy_gbs"])
+    rows = finish_rows(rows, manifest, bw["copy_gbs"], max(gemm["gemm_gflops"].values()) if gemm else None)
     write_csv(rows, out / "benchmark.csv")
     meta = {"command": "internvl-bench " + " ".join(sys.argv[1:] if argv is None else argv), "date": started,
-            "machine": machine_info(), "bandwidth": bw,
+            "machine": machine_info(), "bandwidth": bw, "gemm": gemm,
             # Other processes on the box: 1-minute load average before and after the run.
             "loadavg": {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)},
             "artifact": {"path": str(art), "model": manifest["model"]["name"], "dtype": manifest["dtype"],

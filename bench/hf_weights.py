@@ -34,14 +34,20 @@ class WeightMappingError(ValueError):
 def dequantized(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """QUANT=int8 artifacts (compile/passes/int8_weights.py): each `X.weight_int8` with its fp32 `X.weight_scale`
     becomes `X.weight` = q * scale (fp32): the int8-rounded weights the artifact computes with, so transformers
-    runs the same model. The scales cast for ATen's int8 GEMM (`X.weight_scale_<dtype>`) are dropped."""
-    if not any(k.endswith(".weight_int8") for k in weights):
+    runs the same model. The scales cast for ATen's int8 GEMM (`X.weight_scale_<dtype>`) are dropped. QUANT=int4
+    (compile/passes/int4_weights.py): `X.weight_int4` with its `X.weight_scale_g<group>` likewise."""
+    if not any(k.endswith((".weight_int8", ".weight_int4")) for k in weights):
         return weights
+    from ..compile.passes.int4_weights import dequantize as dequantize_int4
     out = {}
     for key, t in weights.items():
         if key.endswith(".weight_int8"):
             base = key[: -len("_int8")]
             out[base] = t.float() * weights[base + "_scale"].float()[:, None]
+        elif key.endswith(".weight_int4"):
+            base = key[: -len("_int4")]
+            scale = next(k for k in weights if re.fullmatch(re.escape(base) + r"_scale_g\d+", k))
+            out[base] = dequantize_int4(t, weights[scale].float(), int(scale.rsplit("_g", 1)[1]))
         elif not re.search(r"\.weight_scale(_\w+)?$", key):
             out[key] = t
     return out

@@ -9,6 +9,11 @@ Definitions (also in docs/performance.md):
   embedding, of which only B rows are read, plus the K/V of every sequence at its mean context
   length over the run) divided by the copy bandwidth. `roofline_frac` = roofline time / measured
   mean step time (1.0 = running at the copy bandwidth).
+- compute roofline of the time to first token: the multiply-adds of the vision encoder and the
+  prompt's prefill (`prefill_flops`: 2 x tokens x each weight matrix, plus attention) divided by the
+  box's achievable GEMM rate (`measure_gemm_flops`: a large matmul in each dtype with the engines'
+  thread count, best of several). `ttft_compute_frac` = that time / measured time to first token
+  (1.0 = every cycle of the first token in GEMMs at the rate a plain large matmul reaches).
 - peak resident memory: the process's high-water RSS during one row. Linux lets a process reset
   its high-water mark (`echo 5 > /proc/self/clear_refs`), so each row reports its own peak
   (weights resident at that point included). Where that is not possible, ru_maxrss is used and
@@ -51,6 +56,27 @@ def measure_bandwidth(mib: int = 256, repeats: int = 7) -> dict:
     nbytes = n * 4
     return {"copy_gbs": round(2 * nbytes / min(copy_s) / 1e9, 2), "read_gbs": round(nbytes / min(read_s) / 1e9, 2),
             "mib": mib, "threads": torch.get_num_threads()}
+
+
+def measure_gemm_flops(dtypes=("bf16", "fp32"), m: int = 1024, k: int = 2048, n: int = 8192,
+                       repeats: int = 5) -> dict:
+    """{'gemm_gflops': {dtype: GFLOP/s}} of an [m, k] x [k, n] matmul on the CPU with torch's current
+    thread count (2 m k n FLOP a call, best of `repeats`): the rate a large, well-shaped GEMM reaches
+    here, which bounds vision and prefill (an LLM MLP-sized matrix; 34 GFLOP a call)."""
+    import torch
+    out = {}
+    for name in dtypes:
+        dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+        a = torch.randn(m, k).to(dt)
+        b = torch.randn(k, n).to(dt)
+        torch.mm(a, b)                                      # first call: oneDNN's primitive creation
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        out[name] = round(2 * m * k * n / best / 1e9, 1)
+    return {"gemm_gflops": out, "gemm_shape": [m, k, n], "threads": torch.get_num_threads()}
 
 
 def measure_gpu_bandwidth(mib: int = 1024, repeats: int = 10) -> dict | None:
@@ -160,14 +186,51 @@ def decode_read_bytes(llm: dict, llm_params: int, embed_params: int, dtype: str,
     llm_params: every language-model weight element (embedding included); the embedding is
     replaced by the `batch` rows a step looks up. Steps 1..N-1 attend over input + i tokens,
     so the mean context is input + N/2. quant="int8": the weights (less the embedding) at one
-    byte each (their per-row scales and the norms are a rounding error), the K/V in `dtype`.
+    byte each (their per-row scales and the norms are a rounding error), the K/V in `dtype`; "int4": half
+    a byte and an fp32 scale per 128 (compile/passes/int4_weights.py).
     """
     b = DTYPE_BYTES[dtype]
     hidden = llm["hidden_size"]
-    weights = (llm_params - embed_params) * (1 if quant == "int8" else b) + batch * hidden * b
+    per_weight = {"int8": 1, "int4": 0.5 + 4 / 128}.get(quant, b)
+    weights = int((llm_params - embed_params) * per_weight) + batch * hidden * b
     kv_per_token = 2 * llm["num_layers"] * llm["num_kv_heads"] * llm["head_dim"] * b
     mean_ctx = input_tokens + output_tokens / 2
     return int(weights + batch * mean_ctx * kv_per_token)
+
+
+def prefill_flop_parts(cfg, tiles: int, tokens: int) -> dict:
+    """Floating-point operations (2 per multiply-add) to the first token of one request, by part:
+    `tiles` ViT tiles (the layers the projector reads; the patch embedding as the matmul it is), the
+    projector on their 256 tokens each, and `tokens` prompt tokens through the LLM (every weight
+    matrix but the embedding; the output head for one position), attention apart: all heads' QK^T and
+    PV over the tile (vision) and over the causal half of the prompt (LLM). cfg: graphs.config.ModelConfig."""
+    import math
+
+    from ..compile.checkpoint import canonical_shapes
+    from ..graphs.vit import used_vision_layers
+    v, l = cfg.vision, cfg.llm
+    shapes = canonical_shapes(cfg)
+    used = used_vision_layers(v.num_layers, cfg.select_layer)
+
+    def matrices(prefix: str, skip: str = "\0") -> int:
+        return sum(math.prod(s) for k, s in shapes.items()
+                   if k.startswith(prefix) and k.endswith(".weight") and len(s) >= 2 and skip not in k)
+
+    patches = (v.image_size // v.patch_size) ** 2
+    vt = patches + 1                                                 # + CLS
+    layers = sum(matrices(f"vision_model.encoder.layers.{i}.") for i in range(used))
+    head_dim = l.head_dim or l.hidden_size // l.num_heads
+    per_tile = int(round(patches * cfg.downsample_ratio ** 2))
+    return {"vision_matmul": tiles * 2 * (vt * layers + patches * matrices("vision_model.embeddings.")),
+            "vision_attention": tiles * used * 4 * vt * vt * v.hidden_size,
+            "projector": 2 * tiles * per_tile * matrices("mlp1."),
+            "llm_matmul": 2 * tokens * matrices("language_model.layers.") + 2 * l.vocab_size * l.hidden_size,
+            "llm_attention": l.num_layers * 2 * tokens * tokens * l.num_heads * head_dim}
+
+
+def prefill_flops(cfg, tiles: int, tokens: int) -> int:
+    """prefill_flop_parts summed: the compute bound's numerator for the time to first token."""
+    return int(sum(prefill_flop_parts(cfg, tiles, tokens).values()))
 
 
 def kv_bytes(llm: dict, dtype: str, tokens: int) -> int:

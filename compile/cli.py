@@ -113,7 +113,7 @@ def kernel_options(choice: str) -> dict | None:
     if choice == "auto":
         return None
     on = choice == "on"
-    return {"small_m_linear": {"kernel": on}, "int8_weights": {"kernel": on}}
+    return {"small_m_linear": {"kernel": on}, "int8_weights": {"kernel": on}, "int4_weights": {"kernel": on}}
 
 
 def main(argv=None) -> int:
@@ -137,9 +137,10 @@ def main(argv=None) -> int:
                     help="CPU the artifact is for: native (this box, -march=native) or an x86-64 level "
                          "(x86-64-v3: AVX2+FMA+F16C; x86-64-v4: AVX-512; x86-64-v4-bf16: + AVX512-BF16)")
     ap.add_argument("--passes", default=None, help="comma-separated pass names (default: all); 'none' for none")
-    ap.add_argument("--quant", default="none", choices=["none", "int8"],
+    ap.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
                     help="int8: the LLM's linear weights stored as int8 with per-output-channel scales "
-                         "(weight-only; activations in DTYPE; compile/passes/int8_weights.py)")
+                         "(weight-only; activations in DTYPE; compile/passes/int8_weights.py); int4: as 4-bit "
+                         "integers with an fp32 scale per 128 weights of a row (compile/passes/int4_weights.py)")
     ap.add_argument("--kernels", default="auto", choices=["auto", "off", "on"],
                     help="the decode steps' hand-written kernels (kernels/: linears, attention): auto = where the target "
                          "has them (kernels.min_rows, kernels.attention_kernel), off = never (PyTorch's lowerings "

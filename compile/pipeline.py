@@ -37,7 +37,8 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
     passes, compile (rank 0's packages reused by the other ranks when their programs agree), then
     write the artifact. target: the CPU the artifact is for (runtime/isa.py: native, x86-64-v3,
     x86-64-v4, ...); compile/targets.py applies it to Inductor, and `targets.current()` tells passes
-    about it. quant: "none" or "int8" (weight-only, compile/passes/int8_weights.py). pass_options:
+    about it. quant: "none", "int8" or "int4" (weight-only, compile/passes/int8_weights.py,
+    int4_weights.py). pass_options:
     pass name -> keyword arguments for its `apply` (e.g. {"small_m_linear": {"kernel": True}}).
     attention_kernel: decode attention through kernels/' internvl::paged_decode_attention (None: where
     kernels.attention_kernel(target) says so; True: any CPU target; False: never; the CPU backend only)."""

@@ -33,10 +33,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-SOURCES = [Path(__file__).with_name(n) for n in ("small_m_gemm.cpp", "paged_attention.cpp")]
+SOURCES = [Path(__file__).with_name(n) for n in ("small_m_gemm.cpp", "int4_gemm.cpp", "paged_attention.cpp")]
+HEADERS = [Path(__file__).with_name("blocks.h")]
 KERNELS_LIBRARY = "kernels/internvl_kernels.so"   # inside an artifact directory
-KERNELS_VERSION = 3                                 # = kVersion in small_m_gemm.cpp
-OPS = ["internvl::small_m_linear", "internvl::small_m_linear_int8", "internvl::paged_decode_attention"]
+KERNELS_VERSION = 4                                 # = kVersion in small_m_gemm.cpp
+OPS = ["internvl::small_m_linear", "internvl::small_m_linear_int8", "internvl::small_m_linear_int4",
+       "internvl::paged_decode_attention"]
 MAX_ROWS = 8
 
 _loaded: dict = {}      # {"path": the library loaded in this process, "version": its KERNELS_VERSION}
@@ -127,7 +129,7 @@ def cached_build(flags: list[str]) -> Path:
     from ..runtime.bundle import CACHE_ENV, default_cache_base
 
     base = os.environ.get(CACHE_ENV) or default_cache_base()
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + repr((flags, torch.__version__, sys.platform)).encode()).hexdigest()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + repr((flags, torch.__version__, sys.platform)).encode()).hexdigest()
     path = Path(base) / "kernels" / key[:32] / "internvl_kernels.so"
     if not path.is_file():      # built beside its place, then renamed: a concurrent build never sees half a file
         os.replace(build(path.with_name(f".{os.getpid()}.tmp.so"), flags), path)

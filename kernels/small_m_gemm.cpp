@@ -19,7 +19,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,35 +26,11 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
+#include "blocks.h"
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;
-constexpr int64_t kVersion = 3;     // kernels/__init__.py KERNELS_VERSION: bumped when the ops change
-
-using bf16 = c10::BFloat16;
-
-#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
-// Software prefetch of the weights kPrefetchBytes ahead of the row being read, into L2. The hardware
-// prefetchers alone left the loads waiting on DRAM (perf: the cycles on the first use of each weight load):
-// 24 layers of 2B int8 matrices, 2 threads, Zen 4, ms at M = 1 / 4 / 8, no prefetch 89-96 / 142-150 / 238-242,
-// 4 KB ahead to L1 93 / 144 / 182, 8 KB to L2 73-87 / 77-85 / 173-196, 32 KB to L2 63 / 73 / 172. Rows of a
-// block and blocks of a thread's range are contiguous, so a distance past the row's end fetches the rows read
-// next. A prefetch never faults, past the matrix's end included. bf16 weights: from 3 rows of x on AVX512-BF16
-// (rows_block); always in the AVX2 loop (emulated on the Zen 4, 24 layers of 2B bf16 matrices, ms at M = 3 / 4 / 8:
-// 185-210 / 132-140 / 249-280 with, 296-299 / 245-261 / 385-386 without).
-#ifndef INTERNVL_PREFETCH_BYTES
-#define INTERNVL_PREFETCH_BYTES 32768
-#endif
-constexpr int64_t kPrefetchBytes = INTERNVL_PREFETCH_BYTES;
-template <bool PF>
-inline void prefetch(const void* p) {
-  if constexpr (PF && kPrefetchBytes > 0) _mm_prefetch((const char*)p + kPrefetchBytes, _MM_HINT_T1);
-}
-#endif
+constexpr int64_t kVersion = 4;     // kernels/__init__.py KERNELS_VERSION: bumped when the ops change
 
 #if defined(__AVX512BF16__)
 // 32 weights from p as bf16 pairs (the last `n` < 32 masked: zeros beyond K add nothing). int8: sign-extended
@@ -124,12 +99,6 @@ struct Bf16Table {
 };
 const Bf16Table kTable;
 
-// position in the permuted chunk of element j of a 64-element chunk
-inline int64_t permute64(int64_t j) {
-  const int64_t lane = j / 16, in = j % 16;
-  return (in < 8 ? 0 : 32) + lane * 8 + in % 8;
-}
-
 inline void widen64(__m512i q, const __m512i* t, __m512bh& wa, __m512bh& wb) {
   const __m512i a = _mm512_abs_epi8(q);
   __m512i hi = _mm512_permutex2var_epi8(t[0], a, t[1]);
@@ -193,12 +162,6 @@ inline void weight_block(const bf16* x, int64_t M, int64_t K, const bf16* w, int
   }
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-inline float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
-
 // out[m][r] = sum_k x[m, k] * w[n0 + r, k]; xe / xo: x's even / odd elements in fp32, K2 = K / 2 per row.
 template <int MC, int R>
 inline void dot_block(const bf16* x, const float* xe, const float* xo, int64_t K, int64_t K2, const bf16* w,
@@ -262,33 +225,6 @@ inline void dot_block_q(const float* xf, int64_t K, const int8_t* q, int64_t n0,
 }
 #endif
 
-// y[m, n0 + r] = acc[m * count + r] (* s[n0 + r]) (+ b[n0 + r]) for the M rows and `count` weight rows from n0.
-inline void store(bf16* y, const bf16* b, const float* s, int64_t M, int64_t N, int64_t n0, int64_t count,
-                  const float* acc) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t r = 0; r < count; ++r)
-      y[m * N + n0 + r] = bf16(acc[m * count + r] * (s ? s[n0 + r] : 1.f) + (b ? float(b[n0 + r]) : 0.f));
-}
-
-// Every block of R (<= 8) weight rows in parallel, then the last N % R rows one at a time;
-// dot(n0, count, acc) fills acc [M][count] with the rows of x times weight rows n0 .. n0 + count.
-template <typename Dot>
-void for_weight_blocks(int64_t M, int64_t N, int64_t R, const bf16* b, const float* s, bf16* y, const Dot& dot) {
-  const int64_t blocks = N / R;
-  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
-    float acc[kMaxRows * 8];
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      dot(blk * R, R, acc);
-      store(y, b, s, M, N, blk * R, R, acc);
-    }
-  });
-  float acc[kMaxRows];
-  for (int64_t n = blocks * R; n < N; ++n) {
-    dot(n, 1, acc);
-    store(y, b, s, M, N, n, 1, acc);
-  }
-}
-
 // Built for neither ISA: one weight row at a time, plainly (tests only).
 template <typename W>
 void plain(const bf16* x, int64_t M, int64_t K, const W* w, int64_t N, const bf16* b, const float* s, bf16* y) {
@@ -316,7 +252,7 @@ void compute(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, cons
 #elif defined(__AVX2__) && defined(__FMA__)
   // 16 ymm registers: R = 4 weight rows for one row of x, R = 2 for x taken 4 rows at a time.
   const int64_t K2 = K / 2;
-  std::vector<float> xe(M * K2), xo(M * K2);
+  scratch<float> xe(M * K2), xo(M * K2);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t i = 0; i < K2; ++i) {
       xe[m * K2 + i] = float(x[m * K + 2 * i]);
@@ -347,42 +283,6 @@ void compute(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t N, cons
 #endif
 }
 
-// Rows of x for the int8 path, padded with zero rows to 1, 2, 4 or 8, so that the rows are computed in one pass
-// over the weights (two at 8 rows) and each int8 weight is widened once per pass.
-inline int64_t padded_rows(int64_t M) { return M <= 2 ? M : (M <= 4 ? 4 : 8); }
-
-// The int8 blocks of both ISAs: R1 weight rows per block for 1-2 rows of x, R2 for 4 and 8, where the block is
-// read twice, 4 rows of x at a time (from L1/L2, widened again: 24 layers of 2B int8 matrices, 2 threads, AVX512-BF16,
-// 138-160 ms against 172-177 for one pass over 2 weight rows with all 8 rows of x, whose 16 loads of x per 4 dot
-// products were the limit). x0: x padded to padded_rows(M) rows of `stride` elements; dot(mc, r, x rows, n0, out)
-// is the ISA's dot block for MC rows of x and R weight rows.
-template <int R1, int R2, typename X, typename Dot>
-void int8_blocks(int64_t M, int64_t N, const X* x0, int64_t stride, const bf16* b, const float* s, bf16* y,
-                 const Dot& dot) {
-  using one = std::integral_constant<int, 1>;
-  using two = std::integral_constant<int, 2>;
-  using four = std::integral_constant<int, 4>;
-  using r1 = std::integral_constant<int, R1>;
-  using r2 = std::integral_constant<int, R2>;
-  const int64_t MP = padded_rows(M), R = MP <= 2 ? R1 : R2;
-  for_weight_blocks(M, N, R, b, s, y, [&](int64_t n0, int64_t count, float* acc) {
-    float full[8 * 8];
-    if (count == 1) {
-      for (int64_t m = 0; m < M; ++m) dot(one{}, one{}, x0 + m * stride, n0, acc + m);
-      return;
-    }
-    if (MP == 1) {
-      dot(one{}, r1{}, x0, n0, full);
-    } else if (MP == 2) {
-      dot(two{}, r1{}, x0, n0, full);
-    } else {
-      dot(four{}, r2{}, x0, n0, full);
-      if (MP == 8) dot(four{}, r2{}, x0 + 4 * stride, n0, full + 4 * R2);
-    }
-    std::copy(full, full + M * R, acc);     // the padding rows dropped
-  });
-}
-
 void compute_int8(const bf16* x, int64_t M, int64_t K, const int8_t* q, const float* s, int64_t N, const bf16* b,
                   bf16* y) {
 #if defined(__AVX512BF16__)
@@ -390,24 +290,24 @@ void compute_int8(const bf16* x, int64_t M, int64_t K, const int8_t* q, const fl
   const int64_t MP = padded_rows(M);
 #if defined(__AVX512VBMI__)
   const int64_t Kp = (K + 63) / 64 * 64;
-  std::vector<bf16> xp(MP * Kp, bf16(0.f));      // x permuted like widen64's weights, zero rows up to MP
+  scratch<bf16> xp(MP * Kp, bf16(0.f));      // x permuted like widen64's weights, zero rows up to MP
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xp[m * Kp + k / 64 * 64 + permute64(k % 64)] = x[m * K + k];
-  int8_blocks<8, 4>(M, N, xp.data(), Kp, b, s, y, [&](auto mc, auto r, const bf16* xr, int64_t n0, float* out) {
+  row_blocks<8, 4>(M, N, xp.data(), Kp, b, s, y, [&](auto mc, auto r, const bf16* xr, int64_t n0, float* out) {
     dot_block_q<decltype(mc)::value, decltype(r)::value>(xr, Kp, K, q, n0, out);
   });
 #else
-  std::vector<bf16> xp(MP * K, bf16(0.f));
+  scratch<bf16> xp(MP * K, bf16(0.f));
   std::copy(x, x + M * K, xp.begin());
-  int8_blocks<8, 4>(M, N, xp.data(), K, b, s, y, [&](auto mc, auto r, const bf16* xr, int64_t n0, float* out) {
+  row_blocks<8, 4>(M, N, xp.data(), K, b, s, y, [&](auto mc, auto r, const bf16* xr, int64_t n0, float* out) {
     dot_block<decltype(mc)::value, decltype(r)::value>(xr, K, q, n0, out);
   });
 #endif
 #elif defined(__AVX2__) && defined(__FMA__)
   // x once in fp32 (zero rows up to MP); 16 ymm registers: 4 weight rows per block for 1-2 rows of x, 2 for 4 and 8
-  std::vector<float> xf(padded_rows(M) * K, 0.f);
+  scratch<float> xf(padded_rows(M) * K, 0.f);
   for (int64_t i = 0; i < M * K; ++i) xf[i] = float(x[i]);
-  int8_blocks<4, 2>(M, N, xf.data(), K, b, s, y, [&](auto mc, auto r, const float* xr, int64_t n0, float* out) {
+  row_blocks<4, 2>(M, N, xf.data(), K, b, s, y, [&](auto mc, auto r, const float* xr, int64_t n0, float* out) {
     dot_block_q<decltype(mc)::value, decltype(r)::value>(xr, K, q, n0, out);
   });
 #else

@@ -62,7 +62,8 @@ def test_bench_against_transformers(tiny_artifact, tmp_path):
         assert int(r["output_tokens"]) == 8
         assert int(r["num_tiles"]) == 1 and int(r["input_tokens"]) > 256
         for col in ("ttft_s", "decode_ms_mean", "decode_ms_p99", "decode_tok_s", "e2e_tok_s", "peak_rss_mb",
-                    "roofline_ms", "roofline_frac", "copy_gbs", "rss_over_weights_kv"):
+                    "roofline_ms", "roofline_frac", "copy_gbs", "rss_over_weights_kv",
+                    "ttft_tflop", "gemm_gflops", "ttft_compute_frac"):
             assert float(r[col]) > 0, col
         assert float(r["decode_ms_p99"]) >= float(r["decode_ms_mean"]) * 0.5
     ours = {int(r["batch_size"]): r for r in rows if r["engine"] == "ours"}
@@ -79,6 +80,7 @@ def test_bench_against_transformers(tiny_artifact, tmp_path):
             assert r["ratio_decode_tok_s"] == "" and r["match_tokens"] == ""
     meta = json.loads((tmp_path / "benchmark.json").read_text())
     assert meta["bandwidth"]["copy_gbs"] > 0 and meta["machine"]["torch"] == torch.__version__
+    assert meta["gemm"]["gemm_gflops"]["bf16"] > 0 and meta["gemm"]["gemm_gflops"]["fp32"] > 0
     assert meta["settings"]["batch_sizes"] == [1, 2]
 
 
@@ -116,3 +118,29 @@ def test_openmp_wait_default_and_background_load():
             time.sleep(0.05)
         assert all(int(open(f"/proc/{p}/stat").read().split()[18]) == 19 for p in pids)
     assert not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z" for p in pids)
+
+
+@pytest.mark.parametrize("spec", ["llama_vit300m", "qwen2_vit6b"])   # select_layer -1: transformers runs every ViT layer
+def test_prefill_flops_match_torch_flop_counter_on_transformers(spec, tiny_checkpoints, tiny_hf_model):
+    """The TTFT compute bound's FLOP count (bench.measure.prefill_flop_parts) against PyTorch's own
+    FlopCounterMode over transformers' InternVL forward (eager attention: QK^T and PV are bmm, every
+    weight matrix an mm/addmm/convolution), one tile and the prompt, logits for the last position."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from internvl_aot.bench.measure import prefill_flop_parts, prefill_flops
+
+    ck = tiny_checkpoints[spec]
+    cfg, _ = load_checkpoint(ck.hf_dir)
+    model = tiny_hf_model(spec)
+    v = cfg.vision
+    per_tile = (v.image_size // v.patch_size) ** 2 // 4
+    ids = torch.tensor([[5, 6, 7] + [ck.image_token_id] * per_tile + [8, 9, 10, 11]])
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(input_ids=ids, pixel_values=torch.randn(1, 3, v.image_size, v.image_size), logits_to_keep=1)
+    ops = {str(op).split(".")[1]: n for op, n in fc.get_flop_counts()["Global"].items()}
+    assert set(ops) <= {"mm", "addmm", "convolution", "bmm"}, ops
+    parts = prefill_flop_parts(cfg, 1, ids.shape[1])
+    assert parts["vision_matmul"] + parts["projector"] + parts["llm_matmul"] == \
+        ops["mm"] + ops.get("addmm", 0) + ops["convolution"]
+    # eager attention multiplies the whole square and masks it; our count takes the causal half
+    assert parts["vision_attention"] + 2 * parts["llm_attention"] == ops["bmm"]
+    assert prefill_flops(cfg, 1, ids.shape[1]) == sum(parts.values())

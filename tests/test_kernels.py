@@ -57,6 +57,31 @@ def check_int8_every_shape(op):
                 torch.testing.assert_close(got, want, atol=0.02 + 0.01 * want.abs().max().item(), rtol=0.01)
 
 
+def check_int4_every_shape(op):
+    """The int4 op against F.linear over the dequantised weights (int4_weights.quantize / dequantize: the layout
+    of docs/CONTRACTS.md): 1-8 rows, groups of 64, 128 and 256, K of 1-32 chunks, the last N % R rows, bias or not;
+    shapes it cannot take are refused with a message."""
+    from internvl_aot.compile.passes.int4_weights import dequantize, quantize
+    g = torch.Generator().manual_seed(2)
+    for rows in range(1, 9):
+        for k, group in ((64, 64), (192, 64), (512, 256), (2048, 128)):
+            for n in (5, 37, 64):
+                x = torch.randn(rows, k, generator=g).bfloat16()
+                q, s = quantize(torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g), group)
+                b = torch.randn(n, generator=g).bfloat16() if n != 64 else None
+                want = F.linear(x.float(), dequantize(q, s, group), None if b is None else b.float())
+                got = op(x, q, s, group, b).float()
+                torch.testing.assert_close(got, want, atol=0.02 + 0.01 * want.abs().max().item(), rtol=0.01)
+    q, s = quantize(torch.randn(8, 256))
+    assert op(torch.randn(3, 1, 256).bfloat16(), q, s, 128).shape == (3, 1, 8)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        op(torch.randn(1, 256).bfloat16(), q, s, 32)
+    with pytest.raises(RuntimeError, match=r"s \[N, K / group\]"):
+        op(torch.randn(1, 256).bfloat16(), q, s[:, :1], 128)
+    with pytest.raises(RuntimeError, match="uint8 q"):
+        op(torch.randn(1, 256).bfloat16(), q.to(torch.int8), s, 128)
+
+
 def check_attention(op):
     """internvl::paged_decode_attention against dense attention written from the definition (test_attention.py)
     over keys 0..position scattered in the pool: GQA groups of 1, 2, 7 and 20 (more than the 8 of one pass),
@@ -82,6 +107,7 @@ def test_kernel_matches_the_gemm_at_every_shape():
     op = torch.ops.internvl.small_m_linear
     check_every_shape(op)
     check_int8_every_shape(torch.ops.internvl.small_m_linear_int8)
+    check_int4_every_shape(torch.ops.internvl.small_m_linear_int4)
     assert op(torch.randn(2, 1, 64).bfloat16(), torch.randn(8, 64).bfloat16()).shape == (2, 1, 8)
     q8 = torch.ops.internvl.small_m_linear_int8
     assert q8(torch.randn(3, 1, 64).bfloat16(), torch.ones(8, 64, dtype=torch.int8), torch.ones(8)).shape == (3, 1, 8)
@@ -116,21 +142,23 @@ def test_decode_attention_kernel_matches_dense_attention():
 
 
 def test_the_other_targets_builds_match_the_gemm():
-    """The library built for x86-64-v3 (its AVX2 + FMA loops, what an AVX2 box's artifact ships) and for
-    x86-64-v4-bf16 (AVX512-BF16 without VBMI: the int8 op's sign-extend + convert path), each in a process of its
-    own (one library per process)."""
+    """The library built for x86-64-v3 (its AVX2 + FMA loops, what an AVX2 box's artifact ships), for
+    x86-64-v4-bf16 (AVX512-BF16 without VBMI: the int8 op's sign-extend + convert path) and for plain x86-64 (the
+    scalar loops), each in a process of its own (one library per process)."""
     import subprocess
     import sys
     from internvl_aot.runtime.isa import cpu_flags, get_target
     if not {"avx2", "fma"} <= cpu_flags():
         pytest.skip("this CPU cannot run x86-64-v3 code")
-    names = ["x86-64-v3"] + (["x86-64-v4-bf16"] if {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags()
+    names = ["x86-64", "x86-64-v3"] + (["x86-64-v4-bf16"] if {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags()
                              else [])
     for name in names:
-        lib = kernels.library_for(get_target(name))
+        lib = kernels.cached_build(["-march=x86-64", "-mtune=generic"]) if name == "x86-64" else \
+            kernels.library_for(get_target(name))
         code = (f"import torch, test_kernels as t; torch.ops.load_library({str(lib)!r}); "
                 "t.check_every_shape(torch.ops.internvl.small_m_linear); "
                 "t.check_int8_every_shape(torch.ops.internvl.small_m_linear_int8); "
+                "t.check_int4_every_shape(torch.ops.internvl.small_m_linear_int4); "
                 "t.check_attention(torch.ops.internvl.paged_decode_attention); print('ok')")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               cwd=str(Path(__file__).parent))
@@ -149,6 +177,13 @@ def int8_kernel_artifact(tiny_checkpoints, tmp_path_factory):
     return compile_tiny(tiny_checkpoints[SPEC], FMT, tmp_path_factory.mktemp("kernels") / "bf16-int8", BUCKETS,
                         dtype="bf16", quant="int8", pass_options={"int8_weights": {"kernel": True}},
                         attention_kernel=False)
+
+
+@pytest.fixture(scope="module")
+def int4_kernel_artifact(tiny_checkpoints, tmp_path_factory):
+    # groups of 64: the tiny LLM's K is 64 (96 for the down projection, which stays bf16)
+    return compile_tiny(tiny_checkpoints[SPEC], FMT, tmp_path_factory.mktemp("kernels") / "bf16-int4", BUCKETS,
+                        dtype="bf16", quant="int4", pass_options={"int4_weights": {"kernel": True, "group": 64}})
 
 
 def _hf_bf16_logits(hf, prompt_ids, out_ids, tiles):
@@ -226,6 +261,31 @@ def test_int8_bf16_artifact_with_the_int8_kernel_follows_transformers(int8_kerne
     assert reports["prefill_t128_c2048"]["passes"]["int8_weights"]["kernel"] == 1
     hf, _ = _int8_rounded_hf(tiny_checkpoints)
     _follows_transformers(int8_kernel_artifact, hf.to(torch.bfloat16).eval())
+
+
+def test_int4_bf16_artifact_with_the_int4_kernel_follows_transformers(int4_kernel_artifact, tiny_checkpoints):
+    """QUANT=int4 in bf16: the decode steps' linears read the packed int4 matrices through
+    internvl::small_m_linear_int4, the prefill chunks dequantise slices; against transformers in bf16 whose LLM
+    linear weights are the same int4 rounding (int4_weights.quantize of the bf16 weights, groups of 64)."""
+    from internvl_aot.compile.passes.int4_weights import dequantize, quantize
+    manifest = json.loads((int4_kernel_artifact / "manifest.json").read_text())
+    assert manifest["compile"]["lowering"]["quant"] == "int4"
+    reports = manifest["compile"]["passes"]
+    n_layers = _n_layers(tiny_checkpoints)
+    for name in ("decode_b1_c2048", "decode_b4_c2048"):
+        r = reports[name]["passes"]["int4_weights"]
+        assert r["kernel"] == 3 * n_layers + 1 and r["kept"] == n_layers and r["group"] == 64
+    assert reports["prefill_t128_c2048"]["passes"]["int4_weights"]["gemm_sliced"] == 3 * n_layers
+    hf = tiny_checkpoints[SPEC].load_hf_model().to(torch.bfloat16).eval()
+    linears = [m for m in hf.model.language_model.modules() if isinstance(m, torch.nn.Linear)] + [hf.lm_head]
+    rounded = 0
+    with torch.no_grad():
+        for m in linears:
+            if m.weight.shape[1] % 64 == 0:
+                m.weight.copy_(dequantize(*quantize(m.weight, 64), 64))
+                rounded += 1
+    assert rounded == 6 * n_layers + 1              # q, k, v, o, gate, up per layer + the head; down stays
+    _follows_transformers(int4_kernel_artifact, hf)
 
 
 def test_a_bundle_runs_the_kernel_in_a_fresh_process(kernel_artifact, tmp_path):

@@ -393,21 +393,29 @@ def test_fp32_gemm_widens_gemms_for_targets_without_native_bf16(arch):
 
 # ---------------------------------------------------------------- weight-only int8
 
-def _dequantized_programs(arch: str) -> dict:
-    """The fp32 programs of a model whose LLM linear weights are already int8-rounded (q * scale):
-    what an int8 program must compute, up to fp32 summation order."""
+def _dequantized_programs(arch: str, group: int | None = None, dtype=torch.float32) -> dict:
+    """The fp32 programs of a model whose LLM linear weights are already int8-rounded (q * scale), or, with
+    `group`, int4-rounded in groups of `group` where K allows (int4_weights' quantize / dequantize): what a
+    quantised program must compute, up to fp32 summation order (in `dtype`: the rounded weights cast to it)."""
+    from internvl_aot.compile.passes import int4_weights
     from internvl_aot.compile.passes.int8_weights import quantize
-    key = (arch, "dequantized")
+    key = (arch, "dequantized", group, dtype)
     if key not in _CACHE:
         cfg = tiny_config(arch)
-        weights = random_weights(cfg, torch.float32, seed=3)
+        # from the weights the quantised programs start from (programs(arch, dtype)): at 7 levels a group, one
+        # value rounded the other way moves a weight by 1/7 of its group's largest
+        weights = random_weights(cfg, dtype, seed=3)
         for name, w in weights.items():
             if name.startswith("language_model.") and name.endswith(".weight") and w.dim() == 2 \
                     and "embed_tokens" not in name:
-                q, s = quantize(w)
-                weights[name] = q.float() * s[:, None]
+                if group is None:
+                    q, s = quantize(w)
+                    weights[name] = q.float() * s[:, None]
+                elif w.shape[1] % group == 0:
+                    weights[name] = int4_weights.dequantize(*int4_weights.quantize(w, group), group)
+        weights = {k: t.to(dtype) for k, t in weights.items()}
         model = build_model(cfg, weights, max_seq_len=BUCKETS.max_context)
-        _CACHE[key] = {name: export_graph(model, BUCKETS, name, torch.float32, "cpu") for name in GRAPHS}
+        _CACHE[key] = {name: export_graph(model, BUCKETS, name, dtype, "cpu") for name in GRAPHS}
     return _CACHE[key]
 
 
@@ -525,3 +533,69 @@ def test_int8_weights_call_the_int8_kernel_up_to_8_rows():
     # fp32 activations keep the reduction / sliced GEMMs (the kernel takes bf16 x)
     assert run_passes(programs("qwen2", torch.float32)["decode_b1_c32"], names,
                       {"int8_weights": {"kernel": True}})[1]["int8_weights"]["kernel"] == 0
+
+
+# ---------------------------------------------------------------- weight-only int4
+
+def test_int4_quantize_packs_two_weights_a_byte_in_groups():
+    """Symmetric round-to-nearest per group of a row, values -7..7 stored + 8; chunk c's byte j holds weight
+    c*64 + j in its low nibble and c*64 + 32 + j in its high nibble (docs/CONTRACTS.md)."""
+    from internvl_aot.compile.passes.int4_weights import dequantize, quantize
+    w = torch.randn(6, 256) * torch.tensor([1e-3, 0.1, 1, 10, 100, 0.0])[:, None]
+    w[2, 128:] *= 50                                          # a group of its own scale
+    q, s = quantize(w, 128)
+    assert q.dtype == torch.uint8 and q.shape == (6, 128) and s.dtype == torch.float32 and s.shape == (6, 2)
+    assert float(s[2, 1] / s[2, 0]) > 10
+    v = torch.round(w / s.repeat_interleave(128, dim=1)).clamp(-7, 7)
+    assert int(v.abs().max()) == 7
+    nib = (v + 8).to(torch.uint8).reshape(6, 4, 64)
+    assert torch.equal(q.reshape(6, 4, 32) & 0x0F, nib[..., :32]) and torch.equal(q.reshape(6, 4, 32) >> 4, nib[..., 32:])
+    err = (dequantize(q, s, 128) - w).abs()
+    assert bool((err <= s.repeat_interleave(128, dim=1) / 2 + 1e-12).all())
+    assert torch.equal(dequantize(q, s, 128)[5], torch.zeros(256))                    # an all-zero row stays zero
+    with pytest.raises(ValueError, match="multiple of 128"):
+        quantize(torch.randn(4, 96), 128)
+
+
+@pytest.mark.parametrize("arch,dtype", [("qwen2", torch.bfloat16), ("llama", torch.float32)],
+                         ids=["qwen2-bf16", "llama-fp32"])
+def test_int4_weights_match_dequantized_weights(arch, dtype):
+    """QUANT=int4 in groups of 64 (the tiny model's K: 64, and 96 for the down projection, which stays in the
+    program's dtype): bf16 linears of <= 8 rows call internvl::small_m_linear_int4 (kernel=True), everything else
+    GEMMs over dequantised slices; the results are the int4-rounded weights' programs."""
+    from internvl_aot.compile import targets
+    from internvl_aot.compile.passes import pass_list
+    from internvl_aot.runtime.isa import get_target, native_target
+    names = pass_list(None, "int4")
+    assert names.index("int4_weights") == names.index("small_m_linear") - 1
+    # the reference: the same int4-rounded weights in the same dtype through the unquantised graphs
+    progs, ref = programs(arch, dtype), _dequantized_programs(arch, group=64, dtype=dtype)
+    bf16 = dtype == torch.bfloat16
+    tol = dict(atol=0.05, rtol=0.02) if bf16 else dict(atol=1e-4, rtol=1e-4)
+    passed = {}
+    for name in GRAPHS:
+        rows = 16 if name.startswith("prefill") else int(name.split("_")[1][1:])
+        for kernel in (True, False):
+            new, reports = run_passes(progs[name], names, {"int4_weights": {"kernel": kernel, "group": 64}})
+            r = reports["int4_weights"]
+            assert r["quantized"] == 3 * LAYERS + 1 and r["kept"] == LAYERS       # qkv, o, gate_up + head; down kept
+            q = {k: t for k, t in new.state_dict.items() if k.endswith(".weight_int4")}
+            assert len(q) == 3 * LAYERS + 1 and all(t.dtype == torch.uint8 for t in q.values())
+            op = torch.ops.internvl.small_m_linear_int4.default if kernel and bf16 else None
+            n_kernel = 0 if op is None else (3 * LAYERS + 1 if rows <= 8 else 1)    # prefill: its one-row head
+            assert r["kernel"] == n_kernel == (count_targets(new, op) if op else 0)
+            assert r["gemm_sliced"] == 3 * LAYERS + 1 - n_kernel
+            expect, _, _ = run(ref[name], graph_inputs(name, dtype))
+            got, _, _ = run(new, graph_inputs(name, dtype))
+            torch.testing.assert_close(got.float(), expect.float(), **tol, msg=lambda m: f"{name} kernel={kernel}: {m}")
+            passed[name] = new
+    key = next(k for k in passed["decode_b1_c32"].state_dict if k.endswith("qkv_proj.weight_int4"))
+    assert passed["decode_b1_c32"].state_dict[key] is passed["prefill_t16_c64"].state_dict[key]   # stored once
+    # The target decides by default: the kernel with AVX512-BF16 or AVX2 + FMA, never with AMX or without AVX2.
+    if bf16:
+        for target, used in ((get_target("x86-64-v3"), True), (get_target("x86-64-v4-bf16"), True),
+                             (native_target(["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"]), False),
+                             (native_target(["sse2", "avx"]), False)):
+            with targets.activate(target):
+                got = run_passes(progs["decode_b2_c64"], names, {"int4_weights": {"group": 64}})[1]
+                assert (got["int4_weights"]["kernel"] > 0) == used, target.name

@@ -25,7 +25,9 @@ Order, and why:
    reductions as linears.
 (QUANT=int8: int8_weights between 4 and 5: the LLM's linear weights -> int8 + per-row scales; where the
    target has the kernel library, linears of <= 8 rows call its internvl::small_m_linear_int8 directly,
-   elsewhere small_m_linear then reads the int8 bytes in the one-row decode graphs.)
+   elsewhere small_m_linear then reads the int8 bytes in the one-row decode graphs.
+ QUANT=int4: int4_weights in the same place: group-wise int4 (128 weights a scale); linears of <= 8 rows call
+   internvl::small_m_linear_int4 where the target has the kernel library, the rest dequantise row slices.)
 6. fp32_gemm: on a CPU target without native bf16 only, the GEMM-bound ops left (linears over
    several rows, the patch-embedding conv, SDPA) of bf16/fp16 graphs compute in fp32 from
    bf16 storage; after small_m_linear, so the one-row linears keep their in-register
@@ -41,7 +43,7 @@ from torch.export import ExportedProgram
 PASS_ORDER: list[str] = ["qkv_fusion", "gate_up_fusion", "add_rmsnorm", "rope_table", "small_m_linear", "fp32_gemm"]
 # QUANT=<kind> adds its pass right before small_m_linear: after the fusions (one scale set per fused
 # matrix), before the lowering that reads the quantised bytes.
-QUANT_PASSES: dict[str, str] = {"int8": "int8_weights"}
+QUANT_PASSES: dict[str, str] = {"int8": "int8_weights", "int4": "int4_weights"}
 
 
 def pass_list(names: list[str] | None = None, quant: str = "none") -> list[str]:

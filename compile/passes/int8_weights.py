@@ -183,20 +183,22 @@ def _int8pack(ed: ProgramEditor, node, q, s_x):
     return ed.call(aten.reshape.default, (y, lead + [val(q).shape[0]]), like=node)
 
 
-def _sliced_gemm(ed: ProgramEditor, node, q, s, chunk_mb: float, wide: bool):
+def _sliced_gemm(ed: ProgramEditor, node, q, s, chunk_mb: float, wide: bool, dequant=None):
     """linear(x, dequant(q, s), b) in slices of output rows, each dequantised right before its GEMM
-    (in fp32 if `wide` and x is bf16/fp16; the result cast back to x's dtype)."""
+    (in fp32 if `wide` and x is bf16/fp16; the result cast back to x's dtype). dequant(ed, node, q rows,
+    s rows, dtype): the weight slice as graph ops (default: this pass's int8 `_dequant`; int4_weights' own)."""
+    dequant = dequant or _dequant
     x = node.args[0]
     b = node.args[2] if len(node.args) > 2 else None
     out_dtype = val(x).dtype
     dtype = torch.float32 if wide else out_dtype
     if dtype != out_dtype:
         x = ed.call(aten._to_copy.default, (x,), {"dtype": dtype}, like=node)
-    n_out, k_in = val(q).shape
+    n_out, k_in = val(q).shape[0], val(x).shape[-1]
 
     def weight_rows(start, end):
-        return _dequant(ed, node, row_slice(ed, node, q, start, end, n_out), row_slice(ed, node, s, start, end, n_out),
-                        dtype)
+        return dequant(ed, node, row_slice(ed, node, q, start, end, n_out), row_slice(ed, node, s, start, end, n_out),
+                       dtype)
 
     def bias_rows(start, end):
         cut = row_slice(ed, node, b, start, end, n_out)

@@ -1,0 +1,140 @@
+// Shared by the kernels' matrix ops (small_m_gemm.cpp: bf16 and int8 weights; int4_gemm.cpp: int4 weights): the
+// weight prefetch, the parallel loop over blocks of weight rows with its store, and the row padding of the
+// quantised paths. Everything here is inline, in an anonymous namespace: each source gets its own copy.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kMaxRows = 8;
+using bf16 = c10::BFloat16;
+
+// Scratch copies of x (permuted, widened, padded) start on a cache line: with rows a multiple of 64 bytes long every
+// vector load of them is then within one line (std::vector aligns to 16 bytes; no speed change was measurable on
+// Zen 4 in tools/gemm_m_sweep.py, whose noise is +-15%).
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  bool operator==(const Aligned64&) const { return true; }
+  bool operator!=(const Aligned64&) const { return false; }
+};
+template <typename T>
+using scratch = std::vector<T, Aligned64<T>>;
+
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
+// Software prefetch of the weights kPrefetchBytes ahead of the row being read, into L2. The hardware
+// prefetchers alone left the loads waiting on DRAM (perf: the cycles on the first use of each weight load):
+// 24 layers of 2B int8 matrices, 2 threads, Zen 4, ms at M = 1 / 4 / 8, no prefetch 89-96 / 142-150 / 238-242,
+// 4 KB ahead to L1 93 / 144 / 182, 8 KB to L2 73-87 / 77-85 / 173-196, 32 KB to L2 63 / 73 / 172. Rows of a
+// block and blocks of a thread's range are contiguous, so a distance past the row's end fetches the rows read
+// next. A prefetch never faults, past the matrix's end included. bf16 weights: from 3 rows of x on AVX512-BF16
+// (rows_block); always in the AVX2 loop (emulated on the Zen 4, 24 layers of 2B bf16 matrices, ms at M = 3 / 4 / 8:
+// 185-210 / 132-140 / 249-280 with, 296-299 / 245-261 / 385-386 without).
+#ifndef INTERNVL_PREFETCH_BYTES
+#define INTERNVL_PREFETCH_BYTES 32768
+#endif
+constexpr int64_t kPrefetchBytes = INTERNVL_PREFETCH_BYTES;
+template <bool PF>
+inline void prefetch(const void* p) {
+  if constexpr (PF && kPrefetchBytes > 0) _mm_prefetch((const char*)p + kPrefetchBytes, _MM_HINT_T1);
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// position in the permuted chunk of element j of a 64-element chunk
+inline int64_t permute64(int64_t j) {
+  const int64_t lane = j / 16, in = j % 16;
+  return (in < 8 ? 0 : 32) + lane * 8 + in % 8;
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+#endif
+
+// y[m, n0 + r] = acc[m * count + r] (* s[n0 + r]) (+ b[n0 + r]) for the M rows and `count` weight rows from n0.
+inline void store(bf16* y, const bf16* b, const float* s, int64_t M, int64_t N, int64_t n0, int64_t count,
+                  const float* acc) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t r = 0; r < count; ++r)
+      y[m * N + n0 + r] = bf16(acc[m * count + r] * (s ? s[n0 + r] : 1.f) + (b ? float(b[n0 + r]) : 0.f));
+}
+
+// Every block of R (<= 8) weight rows in parallel, then the last N % R rows one at a time;
+// dot(n0, count, acc) fills acc [M][count] with the rows of x times weight rows n0 .. n0 + count.
+template <typename Dot>
+void for_weight_blocks(int64_t M, int64_t N, int64_t R, const bf16* b, const float* s, bf16* y, const Dot& dot) {
+  const int64_t blocks = N / R;
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    float acc[kMaxRows * 8];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      dot(blk * R, R, acc);
+      store(y, b, s, M, N, blk * R, R, acc);
+    }
+  });
+  float acc[kMaxRows];
+  for (int64_t n = blocks * R; n < N; ++n) {
+    dot(n, 1, acc);
+    store(y, b, s, M, N, n, 1, acc);
+  }
+}
+
+// Rows of x for the quantised paths, padded with zero rows to 1, 2, 4 or 8, so that the rows are computed in one
+// pass over the weights (two at 8 rows) and each quantised weight is widened once per pass.
+inline int64_t padded_rows(int64_t M) { return M <= 2 ? M : (M <= 4 ? 4 : 8); }
+
+// The quantised (int8, int4) blocks of both ISAs: R1 weight rows per block for 1-2 rows of x, R2 for 4 and 8, where
+// the block is read twice, 4 rows of x at a time (from L1/L2, widened again: 24 layers of 2B int8 matrices, 2 threads, AVX512-BF16,
+// 138-160 ms against 172-177 for one pass over 2 weight rows with all 8 rows of x, whose 16 loads of x per 4 dot
+// products were the limit). x0: x padded to padded_rows(M) rows of `stride` elements; dot(mc, r, x rows, n0, out)
+// is the ISA's dot block for MC rows of x and R weight rows. (int4 at 8 rows in one pass over single weight rows,
+// MC = 8: 113-131 against 119-120 ms for 24 layers of 2B matrices, Zen 4; not kept.)
+template <int R1, int R2, typename X, typename Dot>
+void row_blocks(int64_t M, int64_t N, const X* x0, int64_t stride, const bf16* b, const float* s, bf16* y,
+                const Dot& dot) {
+  using one = std::integral_constant<int, 1>;
+  using two = std::integral_constant<int, 2>;
+  using four = std::integral_constant<int, 4>;
+  using r1 = std::integral_constant<int, R1>;
+  using r2 = std::integral_constant<int, R2>;
+  const int64_t MP = padded_rows(M), R = MP <= 2 ? R1 : R2;
+  for_weight_blocks(M, N, R, b, s, y, [&](int64_t n0, int64_t count, float* acc) {
+    float full[8 * 8];
+    if (count != R) {       // one of the last N % R weight rows
+      for (int64_t m = 0; m < M; ++m) dot(one{}, one{}, x0 + m * stride, n0, acc + m);
+      return;
+    }
+    if (MP == 1) {
+      dot(one{}, r1{}, x0, n0, full);
+    } else if (MP == 2) {
+      dot(two{}, r1{}, x0, n0, full);
+    } else {
+      dot(four{}, r2{}, x0, n0, full);
+      if (MP == 8) dot(four{}, r2{}, x0 + 4 * stride, n0, full + 4 * R2);
+    }
+    std::copy(full, full + M * R, acc);     // the padding rows dropped
+  });
+}
+
+}  // namespace

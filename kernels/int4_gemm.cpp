@@ -1,0 +1,220 @@
+// internvl::small_m_linear_int4(x, q, s, group, b?): y[..., N] = x[..., K] @ dequant(q, s)^T (+ b) for at most 8 rows
+// of bf16 x, with group-wise int4 weights (compile/passes/int4_weights.py, QUANT=int4): fp32 accumulation, bf16 out.
+//
+// Layout (docs/CONTRACTS.md): q is uint8 [N, K / 2]; each chunk of 64 weights of a row is 32 bytes, byte j holding
+// weight j of the chunk in its low nibble and weight 32 + j in its high nibble, each nibble the weight's value + 8
+// (values -8..7). s is fp32 [N, K / group], group a multiple of 64 dividing K: w[n, k] = (nibble - 8) * s[n, k / group].
+//
+// Each weight row is read once for all rows of x (kernels/blocks.h: row_blocks), its nibbles widened to bf16 in
+// registers (exactly: |value| <= 8) and multiplied in with AVX512-BF16's vdpbf16ps into a per-group partial sum,
+// which is scaled into the row's accumulator at the group's end. AVX512-BF16: a chunk's 64 nibbles become bf16 by
+// two in-lane byte-table lookups (vpshufb: the bf16's high and low byte) and an interleave (vpunpck{l,h}bw, within
+// 128-bit lanes: x is permuted alike once per call, kernels/blocks.h permute64). AVX2 + FMA: 16 nibbles at a time
+// looked up as int8, converted to fp32 and multiplied into x in fp32. Neither: a plain loop (tests only).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "blocks.h"
+
+namespace {
+
+constexpr int64_t kChunk = 64;       // weights per 32-byte chunk of q
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+struct Nibbles {                       // bf16 of (i - 8), i = 0..15: high and low bytes, in each 128-bit lane
+  __m512i hi, lo;
+  Nibbles() {
+    alignas(16) uint8_t h[16], l[16];
+    for (int i = 0; i < 16; ++i) {
+      const uint16_t v = bf16(float(i - 8)).x;
+      h[i] = uint8_t(v >> 8);
+      l[i] = uint8_t(v & 0xFF);
+    }
+    hi = _mm512_broadcast_i32x4(_mm_load_si128((const __m128i*)h));
+    lo = _mm512_broadcast_i32x4(_mm_load_si128((const __m128i*)l));
+  }
+};
+
+// 64 nibbles (one per byte of idx) -> 64 bf16 in permute64 order
+inline void widen(__m512i idx, const Nibbles& t, __m512bh& wa, __m512bh& wb) {
+  const __m512i h = _mm512_shuffle_epi8(t.hi, idx), l = _mm512_shuffle_epi8(t.lo, idx);
+  wa = (__m512bh)_mm512_unpacklo_epi8(l, h);
+  wb = (__m512bh)_mm512_unpackhi_epi8(l, h);
+}
+
+// out[m][r] = sum_k x[m, k] * w[n0 + r, k]; xp: MC rows of x permuted per 64 elements (K per row).
+template <int MC, int R>
+inline void dot_block(const bf16* xp, int64_t K, const uint8_t* q, const float* s, int64_t group, int64_t n0,
+                      float* out) {
+  const Nibbles t;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const int64_t groups = K / group;
+  __m512 acc[MC][R];
+  for (int m = 0; m < MC; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  const uint8_t* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = q + (n0 + r) * (K / 2);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 part[MC][R];
+    for (int m = 0; m < MC; ++m)
+      for (int r = 0; r < R; ++r) part[m][r] = _mm512_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; k += kChunk) {
+      for (int r = 0; r < R; ++r) {
+        prefetch<true>(wr[r] + k / 2);
+        // the chunk's 32 bytes in both halves; the upper half shifted: low nibbles = weights k .. k + 31, then the
+        // high nibbles = k + 32 .. k + 63, one per byte
+        const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(wr[r] + k / 2)));
+        __m512bh wa, wb;
+        widen(_mm512_and_si512(_mm512_mask_srli_epi16(v, (__mmask32)0xFFFF0000u, v, 4), low4), t, wa, wb);
+        for (int m = 0; m < MC; ++m) {
+          const bf16* xm = xp + m * K + k;
+          part[m][r] = _mm512_dpbf16_ps(part[m][r], (__m512bh)_mm512_loadu_si512((const void*)xm), wa);
+          part[m][r] = _mm512_dpbf16_ps(part[m][r], (__m512bh)_mm512_loadu_si512((const void*)(xm + 32)), wb);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 sc = _mm512_set1_ps(s[(n0 + r) * groups + g]);
+      for (int m = 0; m < MC; ++m) acc[m][r] = _mm512_fmadd_ps(part[m][r], sc, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MC; ++m)
+    for (int r = 0; r < R; ++r) out[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+// out[m][r] = sum_k xf[m, k] * w[n0 + r, k]; xf: MC rows of x in fp32 (K per row).
+template <int MC, int R>
+inline void dot_block(const float* xf, int64_t K, const uint8_t* q, const float* s, int64_t group, int64_t n0,
+                      float* out) {
+  const __m128i table = _mm_setr_epi8(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const int64_t groups = K / group;
+  __m256 acc[MC][R];
+  for (int m = 0; m < MC; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const uint8_t* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = q + (n0 + r) * (K / 2);
+  // 8 int8 values from the low or high half of v -> 8 fp32
+  auto f32 = [](__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); };
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 part[MC][R];
+    for (int m = 0; m < MC; ++m)
+      for (int r = 0; r < R; ++r) part[m][r] = _mm256_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; k += kChunk) {
+      for (int r = 0; r < R; ++r) prefetch<true>(wr[r] + k / 2);
+      for (int64_t j = 0; j < 32; j += 16) {            // bytes j .. j + 15: weights k + j .. and k + 32 + j ..
+        for (int r = 0; r < R; ++r) {
+          const __m128i v = _mm_loadu_si128((const __m128i*)(wr[r] + k / 2 + j));
+          const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(v, low4));
+          const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(v, 4), low4));
+          const __m256 w[4] = {f32(lo), f32(_mm_unpackhi_epi64(lo, lo)), f32(hi), f32(_mm_unpackhi_epi64(hi, hi))};
+          for (int m = 0; m < MC; ++m) {
+            const float* xm = xf + m * K + k + j;
+            part[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xm), w[0], part[m][r]);
+            part[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 8), w[1], part[m][r]);
+            part[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 32), w[2], part[m][r]);
+            part[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 40), w[3], part[m][r]);
+          }
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 sc = _mm256_set1_ps(s[(n0 + r) * groups + g]);
+      for (int m = 0; m < MC; ++m) acc[m][r] = _mm256_fmadd_ps(part[m][r], sc, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MC; ++m)
+    for (int r = 0; r < R; ++r) out[m * R + r] = hsum(acc[m][r]);
+}
+#endif
+
+// weight k of row n, dequantised
+inline float weight(const uint8_t* q, const float* s, int64_t K, int64_t group, int64_t n, int64_t k) {
+  const int64_t c = k / kChunk * kChunk, j = k - c;
+  const uint8_t byte = q[n * (K / 2) + c / 2 + j % 32];
+  return float(int((j < 32 ? byte : byte >> 4) & 0x0F) - 8) * s[n * (K / group) + k / group];
+}
+
+void compute_int4(const bf16* x, int64_t M, int64_t K, const uint8_t* q, const float* s, int64_t group, int64_t N,
+                  const bf16* b, bf16* y) {
+  const int64_t MP = padded_rows(M);
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  scratch<bf16> xp(MP * K, bf16(0.f));       // x permuted like widen's weights, zero rows up to MP
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xp[m * K + k / 64 * 64 + permute64(k % 64)] = x[m * K + k];
+  // 4 weight rows per block for 1-2 rows of x, 2 for 4 and 8 (MC x R accumulators and partial sums in 32 registers)
+  row_blocks<4, 2>(M, N, xp.data(), K, b, nullptr, y, [&](auto mc, auto r, const bf16* xr, int64_t n0, float* out) {
+    dot_block<decltype(mc)::value, decltype(r)::value>(xr, K, q, s, group, n0, out);
+  });
+#elif defined(__AVX2__) && defined(__FMA__)
+  scratch<float> xf(MP * K, 0.f);
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = float(x[i]);
+  // 16 ymm registers: 2 weight rows per block for 1-2 rows of x, 1 for 4 and 8
+  row_blocks<2, 1>(M, N, xf.data(), K, b, nullptr, y, [&](auto mc, auto r, const float* xr, int64_t n0, float* out) {
+    dot_block<decltype(mc)::value, decltype(r)::value>(xr, K, q, s, group, n0, out);
+  });
+#else
+  (void)MP;
+  for_weight_blocks(M, N, 1, b, nullptr, y, [&](int64_t n, int64_t, float* acc) {
+    for (int64_t m = 0; m < M; ++m) {
+      float t = 0.f;
+      for (int64_t k = 0; k < K; ++k) t += float(x[m * K + k]) * weight(q, s, K, group, n, k);
+      acc[m] = t;
+    }
+  });
+#endif
+}
+
+void check_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, int64_t group,
+                const std::optional<at::Tensor>& b) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kByte && s.scalar_type() == at::kFloat,
+              "internvl::small_m_linear_int4 takes bf16 x, uint8 q (two int4 a byte) and fp32 scales, got ",
+              x.scalar_type(), ", ", q.scalar_type(), " and ", s.scalar_type());
+  TORCH_CHECK(group > 0 && group % kChunk == 0, "internvl::small_m_linear_int4: group must be a multiple of ", kChunk,
+              ", got ", group);
+  TORCH_CHECK(q.dim() == 2 && x.dim() >= 1 && x.size(-1) == 2 * q.size(1) && x.size(-1) % group == 0 &&
+                  s.dim() == 2 && s.size(0) == q.size(0) && s.size(1) == x.size(-1) / group,
+              "internvl::small_m_linear_int4: x [..., K], q [N, K / 2] and s [N, K / group] with K a multiple of group (",
+              group, "), got ", x.sizes(), ", ", q.sizes(), " and ", s.sizes());
+  TORCH_CHECK(x.numel() / std::max<int64_t>(x.size(-1), 1) <= kMaxRows,
+              "internvl::small_m_linear_int4 takes at most ", kMaxRows, " rows, got x ", x.sizes());
+  TORCH_CHECK(!b || (b->scalar_type() == at::kBFloat16 && b->dim() == 1 && b->size(0) == q.size(0)),
+              "internvl::small_m_linear_int4: bias must be bf16 [N]");
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return shape;
+}
+
+at::Tensor small_m_linear_int4_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, int64_t group,
+                                   const std::optional<at::Tensor>& b) {
+  check_int4(x, q, s, group, b);
+  const at::Tensor xc = x.contiguous(), qc = q.contiguous(), sc = s.contiguous();
+  const std::optional<at::Tensor> bc = b ? std::optional<at::Tensor>(b->contiguous()) : std::nullopt;
+  at::Tensor y = at::empty(out_shape(x, q.size(0)), x.options());
+  const int64_t K = x.size(-1), N = q.size(0), M = K ? xc.numel() / K : 0;
+  if (M == 0 || N == 0) return y;
+  compute_int4(xc.const_data_ptr<bf16>(), M, K, qc.const_data_ptr<uint8_t>(), sc.const_data_ptr<float>(), group, N,
+               bc ? bc->const_data_ptr<bf16>() : nullptr, y.mutable_data_ptr<bf16>());
+  return y;
+}
+
+at::Tensor small_m_linear_int4_meta(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, int64_t group,
+                                    const std::optional<at::Tensor>& b) {
+  check_int4(x, q, s, group, b);
+  return at::empty(out_shape(x, q.size(0)), x.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(internvl, m) {
+  m.def("small_m_linear_int4(Tensor x, Tensor q, Tensor s, int group, Tensor? b=None) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(internvl, CPU, m) { m.impl("small_m_linear_int4", &small_m_linear_int4_cpu); }
+TORCH_LIBRARY_IMPL(internvl, Meta, m) { m.impl("small_m_linear_int4", &small_m_linear_int4_meta); }
