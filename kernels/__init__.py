@@ -1,6 +1,6 @@
 """Hand-written CPU kernels compiled into an artifact: `internvl::small_m_linear` and
-`internvl::small_m_linear_int8` (small_m_gemm.cpp), `internvl::paged_decode_attention`
-(paged_attention.cpp).
+`internvl::small_m_linear_int8` (small_m_gemm.cpp), `internvl::small_m_linear_int4` (int4_gemm.cpp; the block
+loops both share: blocks.h), `internvl::paged_decode_attention` (paged_attention.cpp).
 
 Why: a decode step multiplies every weight matrix by 1-8 token rows and is bound by reading the
 weights. On an AVX512-BF16 CPU without AMX (AMD Zen 4) oneDNN's bf16 GEMM reads them at 14-17 GB/s at
@@ -8,7 +8,8 @@ M = 1-8 and Inductor's multiply+sum reduction (compile/passes/small_m_linear.py)
 M = 1 only; this kernel streams each weight row once for all rows with vdpbf16ps, prefetching ahead
 (docs/performance.md, fourth and fifth rounds). compile/passes/small_m_linear.py lowers a bf16 linear of
 <= 8 rows to it where the compile target has it (`min_rows`: AVX512-BF16 from 1 row, AVX2 + FMA from 3);
-compile/passes/int8_weights.py an int8 one (QUANT=int8) to the int8 op (from 1 row on both). The decode
+compile/passes/int8_weights.py an int8 one (QUANT=int8) to the int8 op (from 1 row on both), int4_weights.py
+an int4 one (QUANT=int4) to the int4 op (where the int8 op would be used). The decode
 graphs' attention over the paged cache (graphs/attention.py, the same multiply + sum read the K/V at ~7 GB/s
 inside Inductor) calls paged_decode_attention where `attention_kernel(target)`: the pipeline traces them
 inside graphs.attention.decode_kernel (one key's row of all heads read once, scores and softmax as vector

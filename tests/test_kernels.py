@@ -274,7 +274,7 @@ def test_int4_bf16_artifact_with_the_int4_kernel_follows_transformers(int4_kerne
     n_layers = _n_layers(tiny_checkpoints)
     for name in ("decode_b1_c2048", "decode_b4_c2048"):
         r = reports[name]["passes"]["int4_weights"]
-        assert r["kernel"] == 3 * n_layers + 1 and r["kept"] == n_layers and r["group"] == 64
+        assert r["kernel"] == 3 * n_layers + 1 and r["kept"] == n_layers and r["groups"] == {"64": 3 * n_layers + 1}
     assert reports["prefill_t128_c2048"]["passes"]["int4_weights"]["gemm_sliced"] == 3 * n_layers
     hf = tiny_checkpoints[SPEC].load_hf_model().to(torch.bfloat16).eval()
     linears = [m for m in hf.model.language_model.modules() if isinstance(m, torch.nn.Linear)] + [hf.lm_head]

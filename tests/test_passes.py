@@ -579,6 +579,7 @@ def test_int4_weights_match_dequantized_weights(arch, dtype):
             new, reports = run_passes(progs[name], names, {"int4_weights": {"kernel": kernel, "group": 64}})
             r = reports["int4_weights"]
             assert r["quantized"] == 3 * LAYERS + 1 and r["kept"] == LAYERS       # qkv, o, gate_up + head; down kept
+            assert r["groups"] == {"64": 3 * LAYERS + 1}
             q = {k: t for k, t in new.state_dict.items() if k.endswith(".weight_int4")}
             assert len(q) == 3 * LAYERS + 1 and all(t.dtype == torch.uint8 for t in q.values())
             op = torch.ops.internvl.small_m_linear_int4.default if kernel and bf16 else None
@@ -589,6 +590,8 @@ def test_int4_weights_match_dequantized_weights(arch, dtype):
             got, _, _ = run(new, graph_inputs(name, dtype))
             torch.testing.assert_close(got.float(), expect.float(), **tol, msg=lambda m: f"{name} kernel={kernel}: {m}")
             passed[name] = new
+    # The default group (128) falls back to 64 where 128 does not divide K (here every K).
+    assert run_passes(progs["decode_b1_c32"], names)[1]["int4_weights"]["groups"] == {"64": 3 * LAYERS + 1}
     key = next(k for k in passed["decode_b1_c32"].state_dict if k.endswith("qkv_proj.weight_int4"))
     assert passed["decode_b1_c32"].state_dict[key] is passed["prefill_t16_c64"].state_dict[key]   # stored once
     # The target decides by default: the kernel with AVX512-BF16 or AVX2 + FMA, never with AMX or without AVX2.

@@ -4,7 +4,9 @@
     CTX=4096 .venv/bin/python tools/decode_ab.py ARTIFACT 1,8   # decode through the context bucket >= 4096
     LONG=150 .venv/bin/python tools/decode_ab.py ARTIFACT 8       # a longer prompt (150: 2,017 tokens)
 """
-import sys, torch, os, json
+import sys, os, json
+import internvl_aot  # noqa: F401  (before torch: its OpenMP wait setting, internvl_aot/__init__.py)
+import torch
 torch.set_num_threads(int(os.environ.get("T", "2")))
 from internvl_aot.runtime.buckets import BucketPolicy
 from internvl_aot.runtime.engine import Engine, Request

@@ -2,17 +2,18 @@
 group of GROUP (128) weights of a row.
 
 Decode reads every weight once per step: int4 is a quarter of the bf16 bytes (plus 4 bytes of scale per 128
-weights: 0.53 bytes a weight against int8's 1.0). For each linear of the language model (int8_weights' scope;
-a matrix whose K is not a multiple of GROUP stays in the artifact's dtype) the weight `W [N, K]` becomes
+weights: 0.53 bytes a weight against int8's 1.0). For each linear of the language model (int8_weights' scope) the
+weight `W [N, K]` becomes
 
     s[n, g] = max |W[n, g*GROUP : (g+1)*GROUP]| / 7 (fp32),   v = round(W / s) in [-7, 7] (symmetric, round to nearest)
 
 packed two to a byte (uint8 [N, K / 2]): each 64-weight chunk of a row is 32 bytes, byte j holding v + 8 of
 weight j in its low nibble and of weight 32 + j in its high nibble (docs/CONTRACTS.md; the layout lets a vector
-unit turn 32 bytes into 64 weights in order with one shift, one mask and table lookups). `group` (the `group`
-option) is a multiple of 64 dividing K. Lowered by rows:
+unit turn 32 bytes into 64 weights in order with one shift, one mask and table lookups). The group is the `group`
+option (128) where it divides K, else 64 where that does (the demo model's 192-wide LLM); other matrices stay in the
+artifact's dtype. Lowered by rows:
 - bf16 CPU linears of up to kernels.MAX_ROWS (8) rows where the target has the kernel library (kernels.min_rows(
-  target, int8=True): AVX512-BF16 or AVX2 + FMA, no AMX): `internvl::small_m_linear_int4(x, q, s, GROUP, b)`,
+  target, int8=True): AVX512-BF16 or AVX2 + FMA, no AMX): `internvl::small_m_linear_int4(x, q, s, group, b)`,
   which widens the nibbles in registers once for all rows and scales each group's partial sum.
 - Everything else (prefill chunks, larger batches, other targets, fp32 activations) dequantises slices of output
   rows right before their GEMM (int8_weights' sliced GEMM, in fp32 on a target without native bf16).
@@ -26,12 +27,11 @@ import math
 
 import torch
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind
 
 from ... import kernels
 from ..targets import current
-from .int8_weights import SCOPE, _sliced_gemm, GEMM_SMALL_ROWS
-from .program_edit import ProgramEditor, TensorCache, aten, is_op, val
+from .int8_weights import GEMM_SMALL_ROWS, SCOPE, _sliced_gemm, scoped_linears
+from .program_edit import ProgramEditor, TensorCache, aten, val
 
 GROUP = 128
 CHUNK = 64           # weights per 32 bytes of the packed layout
@@ -70,43 +70,37 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, group: int = GROUP, chunk_mb:
         native_bf16 = current().native_bf16
     least = kernels.least_rows(kernel, current(), int8=True)
     ed = ProgramEditor(ep)
-    done, kept, q_bytes, src_bytes, sliced, by_kernel = [], [], 0, 0, 0, 0
-    for node in list(ed.graph.nodes):
-        if not is_op(node, aten.linear.default):
-            continue
-        w_node = node.args[1]
-        fqn = ed.fqn(w_node, InputKind.PARAMETER)
-        w = ed.tensor(w_node)
-        if fqn is None or not fqn.startswith(scope) or not fqn.endswith(".weight") or w.dim() != 2 \
-                or not w.is_floating_point():
-            continue
-        if w.shape[1] % group:
+    done, kept, q_bytes, src_bytes, sliced, by_kernel, groups = [], [], 0, 0, 0, 0, {}
+    for node, w_node, fqn, w in scoped_linears(ed, scope):
+        g = next((c for c in (group, CHUNK) if w.shape[1] % c == 0), None)
+        if g is None:
             kept.append(fqn)
             continue
         base = fqn[: -len(".weight")]
         q, scale = _QUANTIZED.get(base, [w], lambda w=w: tuple(
-            torch.nn.Parameter(t, requires_grad=False) for t in quantize(w, group)), extra_key=(group,))
+            torch.nn.Parameter(t, requires_grad=False) for t in quantize(w, g)), extra_key=(g,))
         x = node.args[0]
         q_in = ed.add_parameter(f"{base}.weight_int4", q, before=w_node)
-        s_in = ed.add_parameter(f"{base}.weight_scale_g{group}", scale, before=w_node)
+        s_in = ed.add_parameter(f"{base}.weight_scale_g{g}", scale, before=w_node)
         rows = math.prod(val(x).shape[:-1])
         b = node.args[2] if len(node.args) > 2 else None
         with ed.graph.inserting_before(node):
             if kernels.takes(least, val(x), rows, None if b is None else val(b)):
-                y = ed.call(kernels.op("small_m_linear_int4", current()), (x, q_in, s_in, group, b), like=node)
+                y = ed.call(kernels.op("small_m_linear_int4", current()), (x, q_in, s_in, g, b), like=node)
                 by_kernel += 1
             else:
                 y = _sliced_gemm(ed, node, q_in, s_in, small_chunk_mb if rows <= GEMM_SMALL_ROWS else chunk_mb,
-                                 wide=not native_bf16, dequant=lambda *a: _dequant(*a, group=group))
+                                 wide=not native_bf16, dequant=lambda *a, g=g: _dequant(*a, group=g))
                 sliced += 1
         node.replace_all_uses_with(y)
         ed.graph.erase_node(node)
         ed.drop_input_if_unused(w_node)
         done.append(fqn)
+        groups[g] = groups.get(g, 0) + 1
         q_bytes += q.numel() + 4 * scale.numel()
         src_bytes += w.numel() * w.element_size()
     report = {"quantized": len(done), "kept": len(kept), "gemm_sliced": sliced, "kernel": by_kernel,
-              "group": group, "scope": scope, "bytes": [src_bytes, q_bytes]}
+              "group": group, "groups": {str(k): n for k, n in sorted(groups.items())}, "scope": scope, "bytes": [src_bytes, q_bytes]}
     if not done:
         return ep, report
     report["example"] = done[0]

@@ -105,15 +105,7 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
     least = kernels.least_rows(kernel, current(), int8=True)
     ed = ProgramEditor(ep)
     done, q_bytes, src_bytes, sliced, packed, by_kernel = [], 0, 0, 0, 0, 0
-    for node in list(ed.graph.nodes):
-        if not is_op(node, aten.linear.default):
-            continue
-        w_node = node.args[1]
-        fqn = ed.fqn(w_node, InputKind.PARAMETER)
-        w = ed.tensor(w_node)
-        if fqn is None or not fqn.startswith(scope) or not fqn.endswith(".weight") or w.dim() != 2 \
-                or not w.is_floating_point():
-            continue
+    for node, w_node, fqn, w in scoped_linears(ed, scope):
         base = fqn[: -len(".weight")]
         q, scale = _QUANTIZED.get(base, [w], lambda w=w: tuple(
             torch.nn.Parameter(t, requires_grad=False) for t in quantize(w)))
@@ -162,6 +154,20 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
         return ep, report
     report["example"] = done[0]
     return ed.finish(), report
+
+
+def scoped_linears(ed: ProgramEditor, scope: str):
+    """(linear node, weight input node, weight fqn, weight tensor) of every linear whose weight is a 2-D
+    floating parameter under `scope`: what a weight-only quantisation pass rewrites (this one, int4_weights)."""
+    for node in list(ed.graph.nodes):
+        if not is_op(node, aten.linear.default):
+            continue
+        w_node = node.args[1]
+        fqn = ed.fqn(w_node, InputKind.PARAMETER)
+        w = ed.tensor(w_node)
+        if fqn is not None and fqn.startswith(scope) and fqn.endswith(".weight") and w.dim() == 2 \
+                and w.is_floating_point():
+            yield node, w_node, fqn, w
 
 
 def _dequant(ed: ProgramEditor, node, q, s, dtype):
