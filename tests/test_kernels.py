@@ -319,13 +319,19 @@ def test_a_missing_kernel_library_is_refused(kernel_artifact, tmp_path):
         Engine.from_artifact(art)
 
 
-def test_the_kernels_flag_reaches_both_passes():
-    """internvl-compile --kernels off|on (make KERNELS=...): the `kernel` option of small_m_linear and
-    int8_weights, and the decode attention kernel; auto leaves the target to decide."""
+def test_the_kernels_flag_reaches_every_pass_with_a_kernel():
+    """internvl-compile --kernels off|on (make KERNELS=...): the `kernel` option of every pass that has one
+    (small_m_linear, int8_weights, int4_weights), and the decode attention kernel; auto leaves the target to decide."""
+    import importlib
+    import inspect
+    from internvl_aot.compile.passes import PASS_ORDER, QUANT_PASSES
     from internvl_aot.compile.cli import ATTENTION_KERNEL, kernel_options
     from internvl_aot.runtime.isa import get_target
     assert ATTENTION_KERNEL == {"auto": None, "on": True, "off": False}
     assert kernels.attention_kernel(get_target("x86-64-v3")) and kernels.attention_kernel(get_target("x86-64-v4"))
     assert kernel_options("auto") is None
+    with_kernel = [n for n in PASS_ORDER + list(QUANT_PASSES.values()) if "kernel" in inspect.signature(
+        importlib.import_module(f"internvl_aot.compile.passes.{n}").apply).parameters]
+    assert sorted(with_kernel) == ["int4_weights", "int8_weights", "small_m_linear"]
     for choice, on in (("off", False), ("on", True)):
-        assert kernel_options(choice) == {"small_m_linear": {"kernel": on}, "int8_weights": {"kernel": on}}
+        assert kernel_options(choice) == {n: {"kernel": on} for n in with_kernel}
