@@ -39,7 +39,7 @@ HEADERS = [Path(__file__).with_name("blocks.h")]
 KERNELS_LIBRARY = "kernels/internvl_kernels.so"   # inside an artifact directory
 KERNELS_VERSION = 4                                 # = kVersion in small_m_gemm.cpp
 OPS = ["internvl::small_m_linear", "internvl::small_m_linear_int8", "internvl::small_m_linear_int4",
-       "internvl::paged_decode_attention"]
+       "internvl::dequant_int4", "internvl::paged_decode_attention"]
 MAX_ROWS = 8
 
 _loaded: dict = {}      # {"path": the library loaded in this process, "version": its KERNELS_VERSION}

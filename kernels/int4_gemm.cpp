@@ -15,7 +15,9 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "blocks.h"
@@ -132,6 +134,13 @@ inline void dot_block(const float* xf, int64_t K, const uint8_t* q, const float*
 }
 #endif
 
+// fp32 -> bf16, round to nearest even (finite values: the scales are), as integer ops the vectoriser takes
+inline bf16 to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return bf16(uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16), bf16::from_bits());
+}
+
 // weight k of row n, dequantised
 inline float weight(const uint8_t* q, const float* s, int64_t K, int64_t group, int64_t n, int64_t k) {
   const int64_t c = k / kChunk * kChunk, j = k - c;
@@ -167,6 +176,37 @@ void compute_int4(const bf16* x, int64_t M, int64_t K, const uint8_t* q, const f
     }
   });
 #endif
+}
+
+// w[n, k] = (nibble - 8) * s[n, k / group] for every weight of q's rows, as bf16 (round to nearest even, as
+// c10::BFloat16) or fp32: what a prefill chunk's GEMM multiplies by, a slice of output rows at a time
+// (compile/passes/int4_weights.py). Plain loops over a chunk's 32 bytes, written for the compiler's vectoriser.
+template <typename T>
+void dequant_rows(const uint8_t* q, const float* s, int64_t N, int64_t K, int64_t group, T* out) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* qr = q + n * (K / 2);
+      T* o = out + n * K;
+      for (int64_t c = 0; c < K; c += kChunk) {
+        const float sc = s[n * (K / group) + c / group];
+        float lo[kChunk / 2], hi[kChunk / 2];
+        for (int j = 0; j < kChunk / 2; ++j) {
+          const uint8_t b = qr[c / 2 + j];
+          lo[j] = float(int(b & 0x0F) - 8) * sc;
+          hi[j] = float(int(b >> 4) - 8) * sc;
+        }
+        if constexpr (std::is_same_v<T, float>) {
+          std::copy(lo, lo + kChunk / 2, o + c);
+          std::copy(hi, hi + kChunk / 2, o + c + kChunk / 2);
+        } else {
+          for (int j = 0; j < kChunk / 2; ++j) {
+            o[c + j] = to_bf16(lo[j]);
+            o[c + kChunk / 2 + j] = to_bf16(hi[j]);
+          }
+        }
+      }
+    }
+  });
 }
 
 void check_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, int64_t group,
@@ -211,10 +251,44 @@ at::Tensor small_m_linear_int4_meta(const at::Tensor& x, const at::Tensor& q, co
   return at::empty(out_shape(x, q.size(0)), x.options());
 }
 
+void check_dequant(const at::Tensor& q, const at::Tensor& s, int64_t group) {
+  TORCH_CHECK(q.scalar_type() == at::kByte && s.scalar_type() == at::kFloat && q.dim() == 2 && s.dim() == 2 &&
+                  group > 0 && group % kChunk == 0 && (2 * q.size(1)) % group == 0 && s.size(0) == q.size(0) &&
+                  s.size(1) == 2 * q.size(1) / group,
+              "internvl::dequant_int4: uint8 q [N, K / 2], fp32 s [N, K / group], group a multiple of ", kChunk,
+              " dividing K; got ", q.scalar_type(), " ", q.sizes(), ", ", s.scalar_type(), " ", s.sizes(), ", group ",
+              group);
+}
+
+at::Tensor dequant_int4_cpu(const at::Tensor& q, const at::Tensor& s, int64_t group, bool fp32) {
+  check_dequant(q, s, group);
+  const at::Tensor qc = q.contiguous(), sc = s.contiguous();
+  const int64_t N = q.size(0), K = 2 * q.size(1);
+  at::Tensor w = at::empty({N, K}, q.options().dtype(fp32 ? at::kFloat : at::kBFloat16));
+  if (fp32) {
+    dequant_rows(qc.const_data_ptr<uint8_t>(), sc.const_data_ptr<float>(), N, K, group, w.mutable_data_ptr<float>());
+  } else {
+    dequant_rows(qc.const_data_ptr<uint8_t>(), sc.const_data_ptr<float>(), N, K, group, w.mutable_data_ptr<bf16>());
+  }
+  return w;
+}
+
+at::Tensor dequant_int4_meta(const at::Tensor& q, const at::Tensor& s, int64_t group, bool fp32) {
+  check_dequant(q, s, group);
+  return at::empty({q.size(0), 2 * q.size(1)}, q.options().dtype(fp32 ? at::kFloat : at::kBFloat16));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(internvl, m) {
   m.def("small_m_linear_int4(Tensor x, Tensor q, Tensor s, int group, Tensor? b=None) -> Tensor");
+  m.def("dequant_int4(Tensor q, Tensor s, int group, bool fp32=False) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(internvl, CPU, m) { m.impl("small_m_linear_int4", &small_m_linear_int4_cpu); }
-TORCH_LIBRARY_IMPL(internvl, Meta, m) { m.impl("small_m_linear_int4", &small_m_linear_int4_meta); }
+TORCH_LIBRARY_IMPL(internvl, CPU, m) {
+  m.impl("small_m_linear_int4", &small_m_linear_int4_cpu);
+  m.impl("dequant_int4", &dequant_int4_cpu);
+}
+TORCH_LIBRARY_IMPL(internvl, Meta, m) {
+  m.impl("small_m_linear_int4", &small_m_linear_int4_meta);
+  m.impl("dequant_int4", &dequant_int4_meta);
+}

@@ -60,7 +60,7 @@ def check_int8_every_shape(op):
 def check_int4_every_shape(op):
     """The int4 op against F.linear over the dequantised weights (int4_weights.quantize / dequantize: the layout
     of docs/CONTRACTS.md): 1-8 rows, groups of 64, 128 and 256, K of 1-32 chunks, the last N % R rows, bias or not;
-    shapes it cannot take are refused with a message."""
+    internvl::dequant_int4 against dequantize; shapes they cannot take are refused with a message."""
     from internvl_aot.compile.passes.int4_weights import dequantize, quantize
     g = torch.Generator().manual_seed(2)
     for rows in range(1, 9):
@@ -72,8 +72,14 @@ def check_int4_every_shape(op):
                 want = F.linear(x.float(), dequantize(q, s, group), None if b is None else b.float())
                 got = op(x, q, s, group, b).float()
                 torch.testing.assert_close(got, want, atol=0.02 + 0.01 * want.abs().max().item(), rtol=0.01)
+            # internvl::dequant_int4 (prefill's slices): the same weights, fp32 exactly, bf16 rounded to nearest
+            w = dequantize(q, s, group)
+            assert torch.equal(torch.ops.internvl.dequant_int4(q, s, group, True), w)
+            assert torch.equal(torch.ops.internvl.dequant_int4(q, s, group), w.bfloat16())
     q, s = quantize(torch.randn(8, 256))
     assert op(torch.randn(3, 1, 256).bfloat16(), q, s, 128).shape == (3, 1, 8)
+    with pytest.raises(RuntimeError, match="dequant_int4"):
+        torch.ops.internvl.dequant_int4(q, s[:, :1], 128)
     with pytest.raises(RuntimeError, match="multiple of 64"):
         op(torch.randn(1, 256).bfloat16(), q, s, 32)
     with pytest.raises(RuntimeError, match=r"s \[N, K / group\]"):

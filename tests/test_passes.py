@@ -586,6 +586,10 @@ def test_int4_weights_match_dequantized_weights(arch, dtype):
             n_kernel = 0 if op is None else (3 * LAYERS + 1 if rows <= 8 else 1)    # prefill: its one-row head
             assert r["kernel"] == n_kernel == (count_targets(new, op) if op else 0)
             assert r["gemm_sliced"] == 3 * LAYERS + 1 - n_kernel
+            # the slices dequantised by internvl::dequant_int4 where the kernel library may be used, else graph ops
+            deq = torch.ops.internvl.dequant_int4.default
+            assert r["dequant_op"] == (r["gemm_sliced"] if kernel else 0)
+            assert (count_targets(new, deq) > 0) == (kernel and r["gemm_sliced"] > 0)
             expect, _, _ = run(ref[name], graph_inputs(name, dtype))
             got, _, _ = run(new, graph_inputs(name, dtype))
             torch.testing.assert_close(got.float(), expect.float(), **tol, msg=lambda m: f"{name} kernel={kernel}: {m}")
