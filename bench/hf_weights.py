@@ -39,6 +39,7 @@ def dequantized(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not any(k.endswith((".weight_int8", ".weight_int4")) for k in weights):
         return weights
     from ..compile.passes.int4_weights import dequantize as dequantize_int4
+    int4_scales = {m[1]: (k, int(m[2])) for k in weights if (m := re.fullmatch(r"(.*)_scale_g(\d+)", k))}
     out = {}
     for key, t in weights.items():
         if key.endswith(".weight_int8"):
@@ -46,8 +47,8 @@ def dequantized(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[base] = t.float() * weights[base + "_scale"].float()[:, None]
         elif key.endswith(".weight_int4"):
             base = key[: -len("_int4")]
-            scale = next(k for k in weights if re.fullmatch(re.escape(base) + r"_scale_g\d+", k))
-            out[base] = dequantize_int4(t, weights[scale].float(), int(scale.rsplit("_g", 1)[1]))
+            scale, group = int4_scales[base]
+            out[base] = dequantize_int4(t, weights[scale].float(), group)
         elif not re.search(r"\.weight_scale(_\w+)?$", key):
             out[key] = t
     return out

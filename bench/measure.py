@@ -177,6 +177,8 @@ def step_stats(step_s: list[float], tokens_per_step: list[int]) -> dict:
 # ---------------------------------------------------------------- roofline
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# Weight-only formats: int8 (per-row scales, a rounding error), int4 (half a byte + an fp32 scale per 128)
+QUANT_BYTES_PER_WEIGHT = {"int8": 1, "int4": 0.5 + 4 / 128}
 
 
 def decode_read_bytes(llm: dict, llm_params: int, embed_params: int, dtype: str, batch: int,
@@ -191,7 +193,7 @@ def decode_read_bytes(llm: dict, llm_params: int, embed_params: int, dtype: str,
     """
     b = DTYPE_BYTES[dtype]
     hidden = llm["hidden_size"]
-    per_weight = {"int8": 1, "int4": 0.5 + 4 / 128}.get(quant, b)
+    per_weight = QUANT_BYTES_PER_WEIGHT.get(quant, b)
     weights = int((llm_params - embed_params) * per_weight) + batch * hidden * b
     kv_per_token = 2 * llm["num_layers"] * llm["num_kv_heads"] * llm["head_dim"] * b
     mean_ctx = input_tokens + output_tokens / 2
@@ -212,9 +214,9 @@ def prefill_flop_parts(cfg, tiles: int, tokens: int) -> dict:
     shapes = canonical_shapes(cfg)
     used = used_vision_layers(v.num_layers, cfg.select_layer)
 
-    def matrices(prefix: str, skip: str = "\0") -> int:
+    def matrices(prefix: str) -> int:
         return sum(math.prod(s) for k, s in shapes.items()
-                   if k.startswith(prefix) and k.endswith(".weight") and len(s) >= 2 and skip not in k)
+                   if k.startswith(prefix) and k.endswith(".weight") and len(s) >= 2)
 
     patches = (v.image_size // v.patch_size) ** 2
     vt = patches + 1                                                 # + CLS

@@ -141,11 +141,29 @@ inline bf16 to_bf16(float f) {
   return bf16(uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16), bf16::from_bits());
 }
 
-// weight k of row n, dequantised
-inline float weight(const uint8_t* q, const float* s, int64_t K, int64_t group, int64_t n, int64_t k) {
-  const int64_t c = k / kChunk * kChunk, j = k - c;
-  const uint8_t byte = q[n * (K / 2) + c / 2 + j % 32];
-  return float(int((j < 32 ? byte : byte >> 4) & 0x0F) - 8) * s[n * (K / group) + k / group];
+// One row of weights dequantised, w[k] = (nibble - 8) * s[k / group], as bf16 (round to nearest even, as
+// c10::BFloat16) or fp32: the plain loop's weights and internvl::dequant_int4's output. Plain loops over a chunk's 32
+// bytes, written for the compiler's vectoriser.
+template <typename T>
+void dequant_row(const uint8_t* qr, const float* sr, int64_t K, int64_t group, T* o) {
+  for (int64_t c = 0; c < K; c += kChunk) {
+    const float sc = sr[c / group];
+    float lo[kChunk / 2], hi[kChunk / 2];
+    for (int j = 0; j < kChunk / 2; ++j) {
+      const uint8_t b = qr[c / 2 + j];
+      lo[j] = float(int(b & 0x0F) - 8) * sc;
+      hi[j] = float(int(b >> 4) - 8) * sc;
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      std::copy(lo, lo + kChunk / 2, o + c);
+      std::copy(hi, hi + kChunk / 2, o + c + kChunk / 2);
+    } else {
+      for (int j = 0; j < kChunk / 2; ++j) {
+        o[c + j] = to_bf16(lo[j]);
+        o[c + kChunk / 2 + j] = to_bf16(hi[j]);
+      }
+    }
+  }
 }
 
 void compute_int4(const bf16* x, int64_t M, int64_t K, const uint8_t* q, const float* s, int64_t group, int64_t N,
@@ -169,43 +187,23 @@ void compute_int4(const bf16* x, int64_t M, int64_t K, const uint8_t* q, const f
 #else
   (void)MP;
   for_weight_blocks(M, N, 1, b, nullptr, y, [&](int64_t n, int64_t, float* acc) {
+    std::vector<float> w(K);
+    dequant_row(q + n * (K / 2), s + n * (K / group), K, group, w.data());
     for (int64_t m = 0; m < M; ++m) {
       float t = 0.f;
-      for (int64_t k = 0; k < K; ++k) t += float(x[m * K + k]) * weight(q, s, K, group, n, k);
+      for (int64_t k = 0; k < K; ++k) t += float(x[m * K + k]) * w[k];
       acc[m] = t;
     }
   });
 #endif
 }
 
-// w[n, k] = (nibble - 8) * s[n, k / group] for every weight of q's rows, as bf16 (round to nearest even, as
-// c10::BFloat16) or fp32: what a prefill chunk's GEMM multiplies by, a slice of output rows at a time
-// (compile/passes/int4_weights.py). Plain loops over a chunk's 32 bytes, written for the compiler's vectoriser.
+// Every row of q dequantised (dequant_row), in parallel: what a prefill chunk's GEMM multiplies by, a slice of output
+// rows at a time (compile/passes/int4_weights.py).
 template <typename T>
 void dequant_rows(const uint8_t* q, const float* s, int64_t N, int64_t K, int64_t group, T* out) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* qr = q + n * (K / 2);
-      T* o = out + n * K;
-      for (int64_t c = 0; c < K; c += kChunk) {
-        const float sc = s[n * (K / group) + c / group];
-        float lo[kChunk / 2], hi[kChunk / 2];
-        for (int j = 0; j < kChunk / 2; ++j) {
-          const uint8_t b = qr[c / 2 + j];
-          lo[j] = float(int(b & 0x0F) - 8) * sc;
-          hi[j] = float(int(b >> 4) - 8) * sc;
-        }
-        if constexpr (std::is_same_v<T, float>) {
-          std::copy(lo, lo + kChunk / 2, o + c);
-          std::copy(hi, hi + kChunk / 2, o + c + kChunk / 2);
-        } else {
-          for (int j = 0; j < kChunk / 2; ++j) {
-            o[c + j] = to_bf16(lo[j]);
-            o[c + kChunk / 2 + j] = to_bf16(hi[j]);
-          }
-        }
-      }
-    }
+    for (int64_t n = n0; n < n1; ++n) dequant_row(q + n * (K / 2), s + n * (K / group), K, group, out + n * K);
   });
 }
 

@@ -10,6 +10,7 @@ import os, time, torch, torch.nn.functional as F
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 from internvl_aot import kernels
 from internvl_aot.compile import targets
+from internvl_aot.bench.measure import QUANT_BYTES_PER_WEIGHT
 shapes=[(4096,2048),(2048,2048),(16384,2048),(2048,8192)]
 L=24
 variants=os.environ.get("VARIANTS", "bf16,int8pack,kernel,kernel_int8,kernel_int4").split(",")
@@ -40,6 +41,6 @@ for M in (1,2,4,8):
         def all_layers():
             for l in range(L):
                 for i in range(4): f(l, i)
-        ms=t(all_layers); size=nb*{"int8": 1, "int4": 0.5 + 4 / 128}.get(v[-4:], 2)
+        ms=t(all_layers); size=nb*QUANT_BYTES_PER_WEIGHT.get(v[-4:], 2)
         out.append(f"{v} {ms:.1f} ms ({size/ms/1e6:.1f} GB/s)")
     print(f"M={M}  " + "  ".join(out), flush=True)
