@@ -1,6 +1,6 @@
 """An artifact's LLM weights as a GGUF file that llama.cpp loads (for `internvl-bench --compare llama.cpp`).
 
-    python -m internvl_aot.bench.gguf_export --artifact DIR --out FILE.gguf --type f16|bf16|q8_0|f32
+    python -m internvl_aot.bench.gguf_export --artifact DIR --out FILE.gguf --type f16|bf16|q8_0|q4_0|f32
 
 What is written, and why:
 - The weights are the artifact's own (rank0/weights.safetensors), un-fused back to the canonical
@@ -10,9 +10,11 @@ What is written, and why:
   llama.cpp's "normal" RoPE (adjacent pairs), so the q and k rows are permuted from the rotate-half
   layout the way the converter does it (`permute` below); Qwen2 uses the NeoX (rotate-half) RoPE
   and needs none. The vision tower and projector are not written: llama.cpp runs the LLM only.
-- 2-D weights in the requested type (q8_0 through gguf.quants, as the converter's `--outtype q8_0`
-  does, token embedding and output head included); 1-D tensors (norms, biases) in f32, as llama.cpp
-  expects them.
+- 2-D weights in the requested type (q8_0 and q4_0 through gguf.quants, as the converter's
+  `--outtype q8_0` does, token embedding and output head included: `llama-quantize` would keep the
+  output head of a q4_0 file in q6_K, here every matrix is q4_0, the peer of our int4 that
+  quantises the output head too); rows whose length is not a multiple of 32 in f16; 1-D tensors
+  (norms, biases) in f32, as llama.cpp expects them.
 - RoPE scaling: `linear` is written as such; `dynamic` NTK (InternVL2-2B's InternLM2) only changes
   the frequencies past max_position_embeddings (32k), which the benchmark never reaches, so it is
   left out (llama.cpp has no dynamic NTK); anything else is refused.
@@ -34,7 +36,8 @@ import numpy as np
 
 ARCHS = {"internlm2": "internlm2", "llama": "llama", "qwen2": "qwen2"}   # ours -> llama.cpp's
 PERMUTED_ROPE = {"internlm2", "llama"}                                    # "normal" RoPE in llama.cpp
-TYPES = ("f32", "f16", "bf16", "q8_0")
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+BLOCKED = {"q8_0", "q4_0"}   # 32 weights a block: rows of another length are written in f16
 _LAYER = {  # canonical suffix under language_model.layers.N. -> GGUF name under blk.N.
     "input_layernorm.weight": "attn_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
@@ -113,10 +116,11 @@ def _encode(t, qtype: str):
         return a32.astype(np.float16), Q.F16
     if qtype == "bf16":
         return gguf.quants.quantize(a32, Q.BF16), Q.BF16
-    if qtype == "q8_0":
+    if qtype in BLOCKED:
         if a32.shape[-1] % 32:
-            return a32.astype(np.float16), Q.F16   # as the converter does for rows q8_0 cannot block
-        return gguf.quants.quantize(a32, Q.Q8_0), Q.Q8_0
+            return a32.astype(np.float16), Q.F16   # as the converter does for rows it cannot block
+        gt = Q.Q8_0 if qtype == "q8_0" else Q.Q4_0
+        return gguf.quants.quantize(a32, gt), gt
     raise GGUFExportError(f"GGUF type {qtype!r}: choose from {TYPES}")
 
 
@@ -183,7 +187,8 @@ def export(artifact: Path, out: Path, qtype: str, log=print) -> dict:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(scaling["factor"]))
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
+                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                     "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokens, scores, types = stand_in_vocab(llm["vocab_size"])
     w.add_tokenizer_model("llama")
@@ -206,10 +211,10 @@ def export(artifact: Path, out: Path, qtype: str, log=print) -> dict:
         shape = tuple(t.shape)
         if t.dim() == 1 or qtype == "f32":
             gt = Q.F32
-        elif qtype == "q8_0" and shape[-1] % 32:
+        elif qtype in BLOCKED and shape[-1] % 32:
             gt = Q.F16
         else:
-            gt = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[qtype]
+            gt = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[qtype]
         plan.append(gt)
         w.add_tensor_info(name, shape, np.dtype(np.float32 if gt == Q.F32 else np.float16), _nbytes(shape, gt),
                           raw_dtype=gt)

@@ -81,11 +81,18 @@ def _check(path, cfg, canonical, qtype):
             np.testing.assert_array_equal(got, w, err_msg=name)
         elif qtype == "f16":
             np.testing.assert_array_equal(got, w.astype(np.float16).astype(np.float32), err_msg=name)
-        else:  # q8_0: one f16 scale d = amax / 127 per 32 values: error <= d / 2 + 127 x d's rounding
+        elif qtype == "q8_0":  # one f16 scale d = amax / 127 per 32 values: error <= d / 2 + 127 x d's rounding
             assert gtype == gguf.GGMLQuantizationType.Q8_0, name
             amax = np.abs(w.reshape(-1, 32)).max(axis=1, keepdims=True)
             err = np.abs((got - w).reshape(-1, 32))
             assert (err <= amax * (0.5 / 127 + 2.0 ** -10)).all(), name
+        else:  # q4_0: d = (signed max) / -8 per 32 values, levels -8..7: error <= d / 2 inside the levels,
+            # up to d for a value of the other sign beyond 7 d (-amax lands on 7 d), plus 8 x d's f16 rounding
+            assert qtype == "q4_0" and gtype == gguf.GGMLQuantizationType.Q4_0, name
+            amax = np.abs(w.reshape(-1, 32)).max(axis=1, keepdims=True)
+            err = np.abs((got - w).reshape(-1, 32))
+            assert (err <= amax * (1 / 8 + 2.0 ** -9)).all(), name
+            assert (err > amax * (0.5 / 127 + 2.0 ** -10)).any(), name   # 4 bits, not 8
 
 
 def test_permute_inverts():
@@ -97,7 +104,7 @@ def test_permute_inverts():
 def test_internlm2_gguf_equals_the_artifacts_weights(tmp_path):
     cfg, weights = load_checkpoint(DEMO)
     art = fake_artifact(tmp_path / "art", cfg, weights)
-    for qtype in ("f32", "f16", "q8_0"):
+    for qtype in ("f32", "f16", "q8_0", "q4_0"):
         info = gguf_export.export(art, tmp_path / f"m-{qtype}.gguf", qtype, log=lambda m: None)
         assert info["arch"] == "internlm2" and info["tensors"] == 3 + 9 * cfg.llm.num_layers
         _check(tmp_path / f"m-{qtype}.gguf", cfg, weights, qtype)
