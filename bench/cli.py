@@ -34,8 +34,8 @@ COLUMNS = ["engine", "dtype", "quant", "batch_size", "input_tokens", "output_tok
            "threads", "load_s", "warmup_s", "rss_mode", "error"]
 ENGINES = ("transformers", "transformers-compile", "llama.cpp")
 LLAMACPP_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # bench/gguf_export.TYPES (not imported: it needs gguf)
-# Bytes per weight of each GGUF type, for the roofline (q8_0: 32 int8 + one f16 scale per block).
-GGUF_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+# Bytes per weight of each GGUF type, for the roofline (q8_0: 32 int8 + one f16 scale per block; q4_0: 16 bytes of nibbles + one f16 scale).
+GGUF_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 DEFAULT_PROMPT = "Please describe the image in detail."
 
 
