@@ -36,13 +36,18 @@ def stage_module(model: InternVL, name: str) -> torch.nn.Module:
     return {"vision": VisionStage, "prefill": PrefillStage, "decode": DecodeStage}[stage](model)
 
 
+TOKEN_INPUTS = ("input_ids", "positions", "image_embeds", "image_mask", "slot_mapping")   # prefill dim 0
+
+
 def export_graph(model: InternVL, buckets: Buckets, name: str, dtype, device,
-                 dynamic_tables: bool = False) -> ExportedProgram:
+                 dynamic_tables: bool = False, dynamic_tokens: bool = False) -> ExportedProgram:
     """dynamic_tables: the block table's width (blocks per sequence) is a dynamic dimension, at most
     the context bucket's blocks, so the runtime passes only the blocks in use and attention reads
     those (a static table makes every decode step attend over the whole context bucket: 2B, AMX box,
     a 40-token chat decoded 1.5x (batch 1) to 2x (batch 8) slower through the 4,096 graphs than
-    through the 1,024 ones)."""
+    through the 1,024 ones).
+    dynamic_tokens: a prefill graph's chunk length is a dynamic dimension (2 .. its bucket's T), so a
+    chunk of n tokens is computed as n rows, not padded to T (a 480-token prompt paid a 512-token chunk)."""
     args = example_inputs(model, buckets, name, dtype, device)
     key = GraphKey.parse(name)
     dynamic = None
@@ -54,5 +59,10 @@ def export_graph(model: InternVL, buckets: Buckets, name: str, dtype, device,
         if dynamic_tables and width >= 2:
             names = [n for n, _, _ in _input_specs(model, buckets, key, dtype)]
             dynamic[names.index(BLOCK_TABLE_INPUT[key.stage])] = {1: Dim("table_blocks", min=1, max=width)}
+        if dynamic_tokens and key.stage == "prefill" and key.size > 2:
+            names = [n for n, _, _ in _input_specs(model, buckets, key, dtype)]
+            tokens = Dim("chunk_tokens", min=2, max=key.size)
+            for n in TOKEN_INPUTS:
+                dynamic[names.index(n)] = {0: tokens}
     with torch.no_grad():
         return torch.export.export(stage_module(model, name), args, dynamic_shapes=dynamic, strict=False)

@@ -32,7 +32,8 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
                   dtype: str = "bf16", backend: str = "cpu", tp: int = 1, source: dict | None = None,
                   passes: list[str] | None = None, log: Callable[[str], None] = print,
                   target: str = "native", opset: int = 18, quant: str = "none",
-                  pass_options: dict[str, dict] | None = None, attention_kernel: bool | None = None) -> dict:
+                  pass_options: dict[str, dict] | None = None, attention_kernel: bool | None = None,
+                  exact_prefill: bool = True) -> dict:
     """Checkpoint weights -> artifact directory `out`: per rank, export every bucket graph, run the
     passes, compile (rank 0's packages reused by the other ranks when their programs agree), then
     write the artifact. target: the CPU the artifact is for (runtime/isa.py: native, x86-64-v3,
@@ -41,7 +42,9 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
     int4_weights.py). pass_options:
     pass name -> keyword arguments for its `apply` (e.g. {"small_m_linear": {"kernel": True}}).
     attention_kernel: decode attention through kernels/' internvl::paged_decode_attention (None: where
-    kernels.attention_kernel(target) says so; True: any CPU target; False: never; the CPU backend only)."""
+    kernels.attention_kernel(target) says so; True: any CPU target; False: never; the CPU backend only).
+    exact_prefill: prefill graphs take chunks of any length up to their bucket (compile/export.py
+    `dynamic_tokens`; the CPU backend at TP = 1 only), so no chunk is padded to its bucket."""
     if quant != "none" and backend != "cpu":
         raise ValueError(f"QUANT={quant} is implemented for BACKEND=cpu only (got BACKEND={backend})")
     if backend == "onnx":     # ONNX graphs for onnxruntime / ATC: compile/backends/onnx.py
@@ -79,11 +82,13 @@ def compile_model(cfg: ModelConfig, weights: dict, tokenizer_dir: Path, out: Pat
             tpi = TPInfo(r, tp, group_name) if tp > 1 else SINGLE
             rank_weights = weights if tp == 1 else rank_shard(cfg, weights, r, tp)
             model = build_model(cfg, rank_weights, tpi, max_seq_len=buckets.max_context)
-            # Dynamic block-table widths on the AOTInductor CPU backend alone: the TP step channel sends
-            # fixed shapes, and the other backends' graphs are not proven with them.
+            # Dynamic block-table widths and prefill chunk lengths on the AOTInductor CPU backend alone:
+            # the TP step channel sends fixed shapes, and the other backends' graphs are not proven with them.
             programs, reports = _export_rank(model, buckets, names, tdtype, device, pass_list(passes, quant),
                                              f" rank {r}" if tp > 1 else "", log, t_start,
-                                             dynamic_tables=backend == "cpu" and tp == 1, pass_options=pass_options)
+                                             dynamic_tables=backend == "cpu" and tp == 1,
+                                             dynamic_tokens=backend == "cpu" and tp == 1 and exact_prefill,
+                                             pass_options=pass_options)
             if r == 0:
                 pass_reports = reports
             uses_kernels = uses_kernels or kernels.uses_kernels(programs.values())
@@ -154,12 +159,14 @@ def _fresh_staging(out: Path) -> Path:
 
 
 def _export_rank(model, buckets: Buckets, names: list[str], tdtype, device, passes, where: str, log,
-                 t_start: float, dynamic_tables: bool = False, pass_options: dict | None = None) -> tuple[dict, dict]:
+                 t_start: float, dynamic_tables: bool = False, dynamic_tokens: bool = False,
+                 pass_options: dict | None = None) -> tuple[dict, dict]:
     """Every bucket graph of one rank's model, exported and passed: -> (programs, pass reports)."""
     programs, reports = {}, {}
     for i, name in enumerate(names, 1):
         t0 = time.perf_counter()
-        ep = export_graph(model, buckets, name, tdtype, device, dynamic_tables=dynamic_tables)
+        ep = export_graph(model, buckets, name, tdtype, device, dynamic_tables=dynamic_tables,
+                          dynamic_tokens=dynamic_tokens)
         nodes_before = _count_calls(ep)
         # One RoPE table sized for the largest context, shared by every graph of the artifact.
         options = {**(pass_options or {})}

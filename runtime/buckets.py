@@ -121,6 +121,9 @@ class BucketPolicy:
         self.batch = sorted(buckets.batch)
         self.context = sorted(buckets.context)
         self.block_size = int(buckets.block_size)
+        # Every prefill graph takes chunks of any length up to its T (set by the model runner from the
+        # graphs' signatures): a chunk then costs its own tokens, not its bucket's.
+        self.exact_chunks = False
 
     @property
     def max_context(self) -> int:
@@ -142,7 +145,12 @@ class BucketPolicy:
         largest = self.prefill[-1]
         if left >= largest:
             return largest
+        if self.exact_chunks:
+            return smallest_at_least(self.prefill, left)
         return min(self.prefill, key=lambda b: (-(-left // b) * (b + self.CALL_COST), -b))
+
+    def prefill_keys(self) -> list[GraphKey]:
+        return [k for k in all_keys(self.vision, self.prefill, self.batch, self.context) if k.stage == "prefill"]
 
     def prefill_key(self, t: int, end: int) -> GraphKey:
         """The graph for a chunk of t tokens ending at sequence length `end`: the smallest context

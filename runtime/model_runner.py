@@ -20,6 +20,7 @@ from .sequence import Sequence
 from .spec import BucketSpec
 
 Graph = Callable[..., "torch.Tensor"]
+MIN_EXACT_CHUNK = 2      # compile/export.py: Dim("chunk_tokens", min=2)
 
 
 def _first(out):
@@ -35,6 +36,13 @@ def table_width_is_dynamic(graph) -> bool:
     return any(name in BLOCK_TABLE_INPUT.values() and shape[1] is None for name, _, shape in sig)
 
 
+def chunk_length_is_dynamic(graph) -> bool:
+    """Whether a prefill graph takes chunks of any length up to its bucket's T (compile/export.py
+    `dynamic_tokens`), as its recorded input signature says: input_ids' length None."""
+    sig = getattr(graph, "input_signature", None)
+    return bool(sig) and any(name == "input_ids" and shape[0] is None for name, _, shape in sig)
+
+
 class ModelRunner:
     def __init__(self, graphs: dict[str, Graph], buckets: BucketSpec, pool: KVPool, allocator: BlockAllocator,
                  hidden_size: int, image_token_id: int, dtype: torch.dtype, device: torch.device):
@@ -45,6 +53,10 @@ class ModelRunner:
         self.dtype, self.device = dtype, device
         # Graphs that take only the blocks in use (attention then reads no padded context).
         self._trim = {name for name, g in graphs.items() if table_width_is_dynamic(g)}
+        # Prefill graphs that take a chunk of n <= T tokens as n rows (no padding to the bucket).
+        self._exact = {name for name, g in graphs.items() if name.startswith("prefill") and chunk_length_is_dynamic(g)}
+        self.policy.exact_chunks = bool(self._exact) and all(
+            k.name() in self._exact for k in self.policy.prefill_keys())
 
     @property
     def max_context(self) -> int:
@@ -88,6 +100,9 @@ class ModelRunner:
         t-token chunk graph; returns the logits [1, V] of the chunk's last real token."""
         ids = seq.all_ids
         n = min(t, len(ids) - start)
+        key = self.policy.prefill_key(t, start + n)
+        if key.name() in self._exact:
+            t = max(n, MIN_EXACT_CHUNK)             # n rows (the graph's chunk dimension starts at 2)
         pos = list(range(start, start + n))
         chunk_ids = ids[start:start + n] + [0] * (t - n)
         slots = self.allocator.slot_mapping(seq.seq_id, pos) + [0] * (t - n)
@@ -98,7 +113,6 @@ class ModelRunner:
             hit = rows >= 0
             mask[:n] = hit
             embeds[:n][hit] = seq.image_embeds[rows[hit]].to(self.dtype)
-        key = self.policy.prefill_key(t, start + n)
         width = key.context // self.block_size      # the chunk's keys all lie in the first `width` blocks
         if key.name() in self._trim:
             width = -(-(start + n) // self.block_size)

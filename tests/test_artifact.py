@@ -225,3 +225,32 @@ def test_compile_cli_refuses_bad_tp_and_unknown_weights(tmp_path):
     p = subprocess.run(cli + ["--model", "internvl2-2b", "--out", str(tmp_path / "a")], capture_output=True,
                        text=True, env=env)
     assert p.returncode == 2 and "looked in" in p.stderr and str(tmp_path / "internvl2-2b") in p.stderr
+
+
+def test_cpu_prefill_graphs_take_chunks_of_any_length(tiny_artifact):
+    """CPU artifacts' prefill graphs take a chunk of n <= T tokens as n rows (compile/export.py
+    dynamic_tokens): the runner passes the prompt's own lengths, not its buckets', and the tokens are
+    those of the chunks padded to their buckets, through the same graphs (the artifact-against-
+    transformers tests run the exact chunks)."""
+    from internvl_aot.runtime.model_runner import chunk_length_is_dynamic
+    engine = Engine.from_artifact(tiny_artifact("internlm2_vit300m"))
+    runner = engine.runner
+    prefill = {n: g for n, g in runner.graphs.items() if n.startswith("prefill")}
+    assert prefill and all(chunk_length_is_dynamic(g) for g in prefill.values()) and runner._exact == set(prefill)
+    assert runner.policy.exact_chunks
+    lengths = []
+    for name, g in prefill.items():
+        def spy(*inputs, _g=g):
+            lengths.append(inputs[0].shape[0])
+            return _g(*inputs)
+        runner.graphs[name] = spy
+    reqs = _requests(12) + [Request(prompt="word " * 150, params=SamplingParams(max_new_tokens=6, ignore_eos=True))]
+    exact = engine.generate(reqs)
+    buckets = set(runner.policy.prefill)
+    assert any(n not in buckets for n in lengths) and max(lengths) == max(buckets)   # 150 words: a full chunk, then the rest
+    runner._exact = set()                                  # pad every chunk to its bucket
+    runner.policy.exact_chunks = False
+    lengths.clear()
+    padded = engine.generate(reqs)
+    assert set(lengths) <= buckets
+    assert [r.output_token_ids for r in exact] == [r.output_token_ids for r in padded]
