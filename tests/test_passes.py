@@ -606,3 +606,41 @@ def test_int4_weights_match_dequantized_weights(arch, dtype):
             with targets.activate(target):
                 got = run_passes(progs["decode_b2_c64"], names, {"int4_weights": {"group": 64}})[1]
                 assert (got["int4_weights"]["kernel"] > 0) == used, target.name
+
+
+# ---------------------------------------------------------------- prefill chunks of any length
+
+@pytest.mark.parametrize("quant,target", [("none", "native"), ("none", "x86-64-v3"), ("int8", "x86-64-v3"),
+                                          ("int4", "native")])
+def test_passes_lower_a_dynamic_chunk_as_its_bucket(quant, target):
+    """A prefill graph exported with a dynamic chunk length (compile/export.py dynamic_tokens) is lowered by
+    every pass as the static bucket is (a dynamic dimension counts at the bucket's T, program_edit.rows), and
+    the passed program, called with the 12 real tokens alone, gives the padded static program's logits and
+    cache writes."""
+    from internvl_aot.compile import targets
+    from internvl_aot.compile.passes import pass_list
+    cfg = tiny_config("internlm2")
+    model = build_model(cfg, random_weights(cfg, torch.bfloat16, seed=3), max_seq_len=BUCKETS.max_context)
+    name = "prefill_t16_c64"
+    static = export_graph(model, BUCKETS, name, torch.bfloat16, "cpu")
+    dynamic = export_graph(model, BUCKETS, name, torch.bfloat16, "cpu", dynamic_tables=True, dynamic_tokens=True)
+    assert {str(n.meta["val"].shape[0]) for n in dynamic.graph.nodes
+            if n.op == "placeholder" and n.name == "input_ids"} != {"16"}
+    opts = {"small_m_linear": {"kernel": False}, "int8_weights": {"kernel": False},
+            "int4_weights": {"kernel": False, "group": 64}, "rope_table": {"max_context": 64}}
+    with targets.activate(targets.resolve(target)):
+        passes = pass_list(quant=quant)
+        s_ep, s_rep = run_passes(static, passes, opts)
+        d_ep, d_rep = run_passes(dynamic, passes, opts)
+    def decisions(report):   # the op counts differ (a dynamic graph holds its size ops), the decisions must not
+        return {p: {k: v for k, v in r.items() if k != "ops"} for p, r in report.items()}
+    assert decisions(s_rep) == decisions(d_rep)
+    inputs = graph_inputs(name, torch.bfloat16)        # 12 real tokens, 4 padded
+    real = int(inputs[6]) + 1
+    ref_logits, ref_k, ref_v = run(s_ep, inputs)
+    short = [x[:real] for x in inputs[:5]] + inputs[5:]
+    logits, k, v = run(d_ep, short)
+    torch.testing.assert_close(logits.float(), ref_logits.float(), atol=2e-2, rtol=1e-2)
+    # The real tokens' K/V are written alike; the padded rows of the static call wrote only the sink block 0.
+    torch.testing.assert_close(k[:, 1:].float(), ref_k[:, 1:].float(), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(v[:, 1:].float(), ref_v[:, 1:].float(), atol=2e-2, rtol=1e-2)

@@ -26,12 +26,11 @@ report says so either way, and the pipeline records it in the manifest.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch.export import ExportedProgram
 
-from .program_edit import ProgramEditor, aten, is_op, val
+from .program_edit import ProgramEditor, aten, is_op, rows, val
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 GEMM_OPS = (aten.linear.default, aten.conv2d.default, aten.scaled_dot_product_attention.default)
@@ -40,7 +39,7 @@ GEMM_OPS = (aten.linear.default, aten.conv2d.default, aten.scaled_dot_product_at
 def _rows(node) -> int:
     """The GEMM's M: rows of a linear's input; for other ops, anything over the threshold."""
     if node.target is aten.linear.default:
-        return math.prod(val(node.args[0]).shape[:-1])
+        return rows(val(node.args[0]))
     return 1 << 30
 
 

@@ -25,7 +25,6 @@ calibration (GPTQ/AWQ-style error compensation would change the scales, not the 
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch.export import ExportedProgram
@@ -34,6 +33,7 @@ from ... import kernels
 from ..targets import current
 from .int8_weights import GEMM_SMALL_ROWS, SCOPE, _sliced_gemm, scoped_linears
 from .program_edit import ProgramEditor, TensorCache, aten, val
+from .program_edit import rows as _rows
 
 GROUP = 128
 CHUNK = 64           # weights per 32 bytes of the packed layout
@@ -84,7 +84,7 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, group: int = GROUP, chunk_mb:
         x = node.args[0]
         q_in = ed.add_parameter(f"{base}.weight_int4", q, before=w_node)
         s_in = ed.add_parameter(f"{base}.weight_scale_g{g}", scale, before=w_node)
-        rows = math.prod(val(x).shape[:-1])
+        rows = _rows(val(x))
         b = node.args[2] if len(node.args) > 2 else None
         with ed.graph.inserting_before(node):
             if kernels.takes(least, val(x), rows, None if b is None else val(b)):

@@ -41,6 +41,7 @@ from ... import kernels
 from ..targets import current
 from .fp32_gemm import row_slice, sliced_linear
 from .program_edit import ProgramEditor, TensorCache, aten, cast_dtype, is_op, val
+from .program_edit import rows as _rows
 
 SCOPE = "language_model."
 QMAX = 127
@@ -112,7 +113,7 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
         x = node.args[0]
         q_in = ed.add_parameter(f"{base}.weight_int8", q, before=w_node)
         s_in = ed.add_parameter(f"{base}.weight_scale", scale, before=w_node)
-        rows = math.prod(val(x).shape[:-1])
+        rows = _rows(val(x))
         x_dtype = val(x).dtype
         b = node.args[2] if len(node.args) > 2 else None
         if kernels.takes(least, val(x), rows, None if b is None else val(b)):

@@ -47,6 +47,17 @@ def val(node: Any):
     return node.meta.get("val") if isinstance(node, Node) else node
 
 
+def rows(v) -> int:
+    """The rows of tensor value v (the product of all but its last dimension) as the passes choose lowerings
+    by: a dynamic dimension (the chunk length of a prefill graph, compile/export.py `dynamic_tokens`) counts
+    at its example value, the bucket's largest, so a pass decides without adding guards on it."""
+    from torch.fx.experimental.symbolic_shapes import optimization_hint   # no guard added
+    n = 1
+    for d in v.shape[:-1]:
+        n *= optimization_hint(d)
+    return n
+
+
 def input_fqn(specs: dict[str, InputSpec], node: Any, *kinds: InputKind) -> str | None:
     """`specs`: placeholder name -> InputSpec. The FQN of a non-user-input placeholder of `kinds`."""
     if not isinstance(node, Node) or node.op != "placeholder" or node.name not in specs:

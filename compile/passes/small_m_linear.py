@@ -38,6 +38,7 @@ from ... import kernels
 from ..targets import current
 from .int8_weights import DECODE_ROWS, dequantized
 from .program_edit import ProgramEditor, aten, is_op, val
+from .program_edit import rows as _rows
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 FORCE_STRIDES = torch.ops.prims.inductor_force_stride_order.default   # realize with this layout
@@ -73,7 +74,7 @@ def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096,
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else None
         xv, wv = val(x), val(w)
-        rows = math.prod(xv.shape[:-1])
+        rows = _rows(xv)
         deq = dequantized(w)
         if deq is None and wv.dtype == torch.bfloat16 and kernels.takes(least, xv, rows, None if b is None else val(b)):
             with ed.graph.inserting_before(node):
