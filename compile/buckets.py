@@ -8,7 +8,8 @@ Defaults keep the graph count small (2 vision + 4 prefill + 8 decode = 14 graphs
   most 511 tokens; 64 keeps short text prompts cheap. Each chunk size comes once per context
   bucket that can hold it (prefill_t{T}_c{C}): a chunk attends over C keys, so the first chunks
   of a prompt do not pay for the largest context (measured, 2B, 512-token chunk: attention over
-  4,096 keys ~250 ms per layer against ~60 ms over 1,024).
+  4,096 keys ~250 ms per layer against ~60 ms over 1,024). CPU artifacts at TP = 1 take any chunk
+  length up to the bucket's T (compile/export.py `dynamic_tokens`): no chunk computes padding there.
 - decode batch (1, 2, 4, 8) x context (1024, 4096): decode reads all weights every step,
   so padding the batch costs little; the context bucket bounds the K/V gathered per step.
 """
