@@ -368,7 +368,9 @@ def main(argv=None) -> int:
           + (f", read {bw['read_gbs']} GB/s" if "read_gbs" in bw else ""), file=sys.stderr, flush=True)
     gemm = None if "device" in bw else measure_gemm_flops()
     if gemm:
-        print(f"[bench] GEMM {gemm['gemm_shape']}: " + ", ".join(f"{k} {v} GFLOP/s" for k, v in gemm["gemm_gflops"].items()),
+        slow = [k for k, r in gemm.get("gemm_rows", {}).items() if r != gemm["gemm_shape"][0]]
+        print(f"[bench] GEMM {gemm['gemm_shape']}: " + ", ".join(f"{k} {v} GFLOP/s" for k, v in gemm["gemm_gflops"].items())
+              + (f" ({', '.join(slow)}: no fast GEMM here, an 8-row probe's rate)" if slow else ""),
               file=sys.stderr, flush=True)
 
     from .background import background_load, omp_env

@@ -59,24 +59,35 @@ def measure_bandwidth(mib: int = 256, repeats: int = 7) -> dict:
 
 
 def measure_gemm_flops(dtypes=("bf16", "fp32"), m: int = 1024, k: int = 2048, n: int = 8192,
-                       repeats: int = 5) -> dict:
+                       repeats: int = 5, slow_call_s: float = 2.0) -> dict:
     """{'gemm_gflops': {dtype: GFLOP/s}} of an [m, k] x [k, n] matmul on the CPU with torch's current
     thread count (2 m k n FLOP a call, best of `repeats`): the rate a large, well-shaped GEMM reaches
-    here, which bounds vision and prefill (an LLM MLP-sized matrix; 34 GFLOP a call)."""
+    here, which bounds vision and prefill (an LLM MLP-sized matrix; 34 GFLOP a call). A dtype whose 8-row
+    probe says a full call would exceed `slow_call_s` is reported at the probe's 8 rows (gemm_rows)."""
     import torch
-    out = {}
+    out, used = {}, {}
     for name in dtypes:
         dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-        a = torch.randn(m, k).to(dt)
         b = torch.randn(k, n).to(dt)
-        torch.mm(a, b)                                      # first call: oneDNN's primitive creation
+        # An 8-row probe first: where the dtype has no fast GEMM (bf16 with oneDNN limited to AVX2 falls to ATen's
+        # scalar loop, under 0.1 GFLOP/s) the full shape would take minutes a call; the probe's rate is reported
+        # then, and `gemm_rows` says so.
+        probe = torch.randn(8, k).to(dt)
+        t0 = time.perf_counter()
+        torch.mm(probe, b)                                  # also oneDNN's primitive creation (ms)
+        probe_s = time.perf_counter() - t0
+        rows, calls = (m, repeats) if probe_s * m / 8 < slow_call_s else (8, 1)
+        a = torch.randn(rows, k).to(dt)
+        if rows == m:
+            torch.mm(a, b)                                  # first call at this shape
         best = float("inf")
-        for _ in range(repeats):
+        for _ in range(calls):
             t0 = time.perf_counter()
             torch.mm(a, b)
             best = min(best, time.perf_counter() - t0)
-        out[name] = round(2 * m * k * n / best / 1e9, 1)
-    return {"gemm_gflops": out, "gemm_shape": [m, k, n], "threads": torch.get_num_threads()}
+        used[name] = rows
+        out[name] = round(2 * rows * k * n / best / 1e9, 1)
+    return {"gemm_gflops": out, "gemm_shape": [m, k, n], "gemm_rows": used, "threads": torch.get_num_threads()}
 
 
 def measure_gpu_bandwidth(mib: int = 1024, repeats: int = 10) -> dict | None:

@@ -28,6 +28,16 @@ def test_step_statistics():
     assert s["decode_ms_mean"] == 150 and s["decode_tok_s"] == pytest.approx(16 / 0.6, rel=1e-3)
 
 
+def test_gemm_rate_falls_back_to_a_probe_where_a_call_would_be_slow():
+    """measure_gemm_flops times the full shape where an 8-row probe says a call is quick, and reports the
+    probe's rate where it is not (bf16 without a fast GEMM: minutes a call at the full shape)."""
+    from internvl_aot.bench.measure import measure_gemm_flops
+    full = measure_gemm_flops(("fp32",), m=64, k=128, n=256, repeats=2)
+    assert full["gemm_rows"] == {"fp32": 64} and full["gemm_gflops"]["fp32"] > 0
+    slow = measure_gemm_flops(("fp32", "bf16"), m=64, k=128, n=256, slow_call_s=0.0)
+    assert slow["gemm_rows"] == {"fp32": 8, "bf16": 8} and min(slow["gemm_gflops"].values()) > 0
+
+
 def test_unfused_artifact_weights_equal_the_checkpoint(tiny_artifact, tiny_checkpoints):
     """The artifact holds fused q/k/v and gate/up weights; un-fusing gives back the checkpoint's."""
     from safetensors.torch import load_file
