@@ -53,10 +53,11 @@ def min_rows(target, int8: bool = False) -> int | None:
     """The fewest rows a linear calls the kernel at on `target` (compile/targets.py Target), or None.
 
     bf16 weights (internvl::small_m_linear): AVX512-BF16 without AMX from 1 row; AVX2 + FMA without AVX512-BF16
-    (x86-64-v3) from 3 rows, where PyTorch's bf16 GEMM has no fast path (emulated on a Zen 4 with oneDNN limited
-    to AVX2, 24 layers of 2B matrices, ms at M = 1 / 2 / 4 / 8: oneDNN 126 / 183 / 418 / 792, the kernel's AVX2
-    loop 149-156 / 226-244 / 260 / 390-399; at 1 row Inductor's reduction is faster still: 132 against the
-    kernel's 153 inside AOTInductor). int8 weights (internvl::small_m_linear_int8): from 1 row on both, where
+    (x86-64-v3) from 1 row too, where PyTorch's bf16 GEMM has no fast path (emulated on a Zen 4 with oneDNN
+    limited to AVX2, 24 layers of 2B matrices, ms at M = 1 / 2 / 4 / 8: oneDNN 126 / 183 / 418 / 792; the kernel's
+    AVX2 loop with the software prefetch of the fifth round 99-106 / 111-120 / 95-98 / 178-196. Whole 2B artifacts,
+    batch-1 decode, emulated AVX2, four alternating pairs: the kernel 97-128 ms a step, Inductor's one-row
+    reduction, which the kernel lost to before its prefetch, 125-156; docs/performance.md, eighth round). int8 weights (internvl::small_m_linear_int8): from 1 row on both, where
     it beats every other int8 lowering at every row count (docs/performance.md, fifth round). AMX: never (not
     measured there)."""
     if "amx_bf16" in target.flags:
@@ -66,7 +67,7 @@ def min_rows(target, int8: bool = False) -> int | None:
     if "avx512_bf16" in target.flags:
         return 1
     if "avx2" in target.flags and "fma" in target.flags:
-        return 1 if int8 else 3
+        return 1
     return None
 
 

@@ -325,18 +325,20 @@ def test_small_m_linear_calls_the_kernel_library_up_to_8_rows(arch):
         assert report["small_m_linear"]["kernel"] == (n_lin if lowered_all else 1) == count_targets(low, op) > 0
         assert count_targets(low, aten.linear.default) == (0 if lowered_all else n_lin - 1)
         assert_same_results(ep, low, name, torch.bfloat16, atol=0.05, rtol=0.02)
-    # The target decides by default: x86-64-v3 (AVX2, no AVX512-BF16) keeps Inductor's reduction at one row
-    # and the GEMM at two (the kernel from 3 rows there); with AVX512-BF16 the kernel takes both.
+    # The target decides by default: x86-64-v3 (AVX2 + FMA, no AVX512-BF16: its fp32 FMA loop) and AVX512-BF16
+    # targets call the kernel from one row; a target with neither keeps Inductor's reduction and the GEMM.
     from internvl_aot.compile import targets
     from internvl_aot.runtime.isa import get_target
     one, _ = run_passes(progs["decode_b1_c32"], BEFORE_GEMV)
     two, _ = run_passes(progs["decode_b2_c64"], BEFORE_GEMV)
-    with targets.activate(get_target("x86-64-v3")):
+    for name in ("x86-64-v3", "x86-64-v4-bf16"):
+        with targets.activate(get_target(name)):
+            assert run_passes(one, ["small_m_linear"])[1]["small_m_linear"]["kernel"] > 0
+            assert run_passes(two, ["small_m_linear"])[1]["small_m_linear"]["kernel"] > 0
+    from internvl_aot.runtime.isa import native_target
+    with targets.activate(native_target(["sse4_2", "avx"])):
         assert run_passes(one, ["small_m_linear"])[1]["small_m_linear"]["kernel"] == 0
         assert run_passes(two, ["small_m_linear"])[1]["small_m_linear"]["kernel"] == 0
-    with targets.activate(get_target("x86-64-v4-bf16")):
-        assert run_passes(one, ["small_m_linear"])[1]["small_m_linear"]["kernel"] > 0
-        assert run_passes(two, ["small_m_linear"])[1]["small_m_linear"]["kernel"] > 0
     # An AMX box keeps the lowerings measured there (oneDNN at the bandwidth): no kernel.
     from internvl_aot.runtime.isa import native_target
     with targets.activate(native_target(["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"])):

@@ -5,6 +5,7 @@ small_m_linear_int4 (groups of 128: 0.53 bytes a weight); docs/performance.md th
 
     .venv/bin/python tools/gemm_m_sweep.py                      # all five
     VARIANTS=kernel,kernel_int8 TARGET=x86-64-v3 .venv/bin/python tools/gemm_m_sweep.py   # another target's kernels
+    CFLAGS=-DINTERNVL_PREFETCH_BYTES=0 VARIANTS=kernel .venv/bin/python tools/gemm_m_sweep.py   # a build variant
 """
 import os, time, torch, torch.nn.functional as F
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
@@ -15,7 +16,10 @@ shapes=[(4096,2048),(2048,2048),(16384,2048),(2048,8192)]
 L=24
 variants=os.environ.get("VARIANTS", "bf16,int8pack,kernel,kernel_int8,kernel_int4").split(",")
 if any(v.startswith("kernel") for v in variants):
-    kernels.load(kernels.library_for(targets.resolve(os.environ.get("TARGET", "native"))))
+    target = targets.resolve(os.environ.get("TARGET", "native"))
+    # CFLAGS: a build with extra flags (e.g. -DINTERNVL_PREFETCH_BYTES=0) instead of the target's library
+    extra = os.environ.get("CFLAGS", "").split()
+    kernels.load(kernels.cached_build(kernels.build_flags(target) + extra) if extra else kernels.library_for(target))
 W=[[torch.randn(N,K).to(torch.bfloat16) for N,K in shapes] for _ in range(L)]
 Q=[[torch.randint(-127,127,(N,K),dtype=torch.int8) for N,K in shapes] for _ in range(L)]
 S=[[torch.rand(N).bfloat16() for N,K in shapes] for _ in range(L)]

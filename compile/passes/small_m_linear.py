@@ -21,7 +21,7 @@ The weights stay where they are (no re-layout), so every graph still binds the s
 On a target with AVX512-BF16 and no AMX (`kernel=None`: the compile target decides) bf16 linears of up to 8 rows
 (batch-1..8 decode, the prefill head) call `internvl::small_m_linear` instead, a hand-written kernel
 compiled into the artifact (kernels/: vdpbf16ps, each weight row read once for all rows); on an AVX2
-target those of 3-8 rows (kernels.min_rows). Measured on a
+target too (its fp32 FMA loop; kernels.min_rows). Measured on a
 2-core Zen 4 (AVX512-BF16, no AMX), eager, 24 layers of InternLM2-1.8B matrices, GB/s of weights read at
 M = 1 / 2 / 4 / 8: oneDNN 16.9 / 17.7 / 14.6 / 15.5, the kernel 27.0 / 25.3 / 19.7 / 17.5, Inductor's
 reduction about 24 at M = 1 (docs/performance.md, fourth round).
@@ -63,7 +63,7 @@ def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096,
     same for int8 weights (int8_weights' dequantisation), at any activation dtype: without the
     lowering they would write a dequantised copy of the matrix every step. kernel: bf16 linears of
     up to kernels.MAX_ROWS rows call internvl::small_m_linear (None: the target decides,
-    kernels.min_rows: AVX512-BF16 from 1 row, AVX2 + FMA from 3; True: from 1 row on any target,
+    kernels.min_rows: AVX512-BF16 and AVX2 + FMA from 1 row; True: from 1 row on any target,
     for tests; False: never)."""
     least = kernels.least_rows(kernel, current())      # fewest rows at the kernel, None: never
     ed = ProgramEditor(ep)
