@@ -141,7 +141,8 @@ class BucketPolicy:
 
     def prefill_chunk(self, left: int) -> int:
         """Chunk size for the next prefill call: full largest chunks first, then the bucket that
-        pads the rest least, counting each extra call as CALL_COST tokens of work."""
+        pads the rest least, counting each extra call as CALL_COST tokens of work (with exact chunks,
+        the smallest bucket that holds the rest: no padding is computed)."""
         largest = self.prefill[-1]
         if left >= largest:
             return largest
