@@ -49,7 +49,7 @@ class KernelError(RuntimeError):
     """The kernel library cannot be built or loaded; the message says what to do."""
 
 
-def min_rows(target, int8: bool = False) -> int | None:
+def min_rows(target) -> int | None:
     """The fewest rows a linear calls the kernel at on `target` (compile/targets.py Target), or None.
 
     bf16 weights (internvl::small_m_linear): AVX512-BF16 without AMX from 1 row; AVX2 + FMA without AVX512-BF16
@@ -57,16 +57,15 @@ def min_rows(target, int8: bool = False) -> int | None:
     limited to AVX2, 24 layers of 2B matrices, ms at M = 1 / 2 / 4 / 8: oneDNN 126 / 183 / 418 / 792; the kernel's
     AVX2 loop with the software prefetch of the fifth round 99-106 / 111-120 / 95-98 / 178-196. Whole 2B artifacts,
     batch-1 decode, emulated AVX2, four alternating pairs: the kernel 97-128 ms a step, Inductor's one-row
-    reduction, which the kernel lost to before its prefetch, 125-156; docs/performance.md, eighth round). int8 weights (internvl::small_m_linear_int8): from 1 row on both, where
-    it beats every other int8 lowering at every row count (docs/performance.md, fifth round). AMX: never (not
-    measured there)."""
+    reduction, which the kernel lost to before its prefetch, 125-156; docs/performance.md, eighth round).
+    int8 and int4 weights (small_m_linear_int8 / _int4): from 1 row on both (int8: it beats every other int8
+    lowering at every row count, docs/performance.md fifth round; int4's graph-op dequantisation is ~30x slower
+    than the kernel's, seventh round). AMX: never (not measured there)."""
     if "amx_bf16" in target.flags:
         # AMX: oneDNN's bf16 GEMM already read at the bandwidth at M = 1-8 on the Emerald Rapids box (round 3);
         # the kernel is unmeasured there, so those targets keep the lowerings measured on them.
         return None
-    if "avx512_bf16" in target.flags:
-        return 1
-    if "avx2" in target.flags and "fma" in target.flags:
+    if "avx512_bf16" in target.flags or ("avx2" in target.flags and "fma" in target.flags):
         return 1
     return None
 
@@ -79,10 +78,10 @@ def attention_kernel(target) -> bool:
     return "amx_bf16" not in target.flags and "avx2" in target.flags and "fma" in target.flags
 
 
-def least_rows(kernel: bool | None, target, int8: bool = False) -> int | None:
+def least_rows(kernel: bool | None, target) -> int | None:
     """A pass's `kernel` option as the fewest rows a linear calls the kernel at: None -> the target's
     min_rows, True -> 1 (any target: tests), False -> None (never)."""
-    return min_rows(target, int8) if kernel is None else (1 if kernel else None)
+    return min_rows(target) if kernel is None else (1 if kernel else None)
 
 
 def takes(least: int | None, x, rows: int, bias) -> bool:

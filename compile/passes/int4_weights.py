@@ -13,7 +13,7 @@ unit turn 32 bytes into 64 weights in order with one shift, one mask and table l
 option (128) where it divides K, else 64 where that does (the demo model's 192-wide LLM); other matrices stay in the
 artifact's dtype. Lowered by rows:
 - bf16 CPU linears of up to kernels.MAX_ROWS (8) rows where the target has the kernel library (kernels.min_rows(
-  target, int8=True): AVX512-BF16 or AVX2 + FMA, no AMX): `internvl::small_m_linear_int4(x, q, s, group, b)`,
+  target): AVX512-BF16 or AVX2 + FMA, no AMX): `internvl::small_m_linear_int4(x, q, s, group, b)`,
   which widens the nibbles in registers once for all rows and scales each group's partial sum.
 - Everything else (prefill chunks, larger batches, other targets, fp32 activations) dequantises slices of output
   rows right before their GEMM (int8_weights' sliced GEMM, in fp32 on a target without native bf16): through the
@@ -70,7 +70,7 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, group: int = GROUP, chunk_mb:
     (None: the target decides; True: from 1 row on any target, for tests; False: never)."""
     if native_bf16 is None:
         native_bf16 = current().native_bf16
-    least = kernels.least_rows(kernel, current(), int8=True)
+    least = kernels.least_rows(kernel, current())
     ed = ProgramEditor(ep)
     done, kept, q_bytes, src_bytes, sliced, by_kernel, groups, by_op = [], [], 0, 0, 0, 0, {}, 0
     for node, w_node, fqn, w in scoped_linears(ed, scope):

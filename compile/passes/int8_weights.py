@@ -8,8 +8,8 @@ projections, the output head) the weight `W [N, K]` becomes
     q = round(W / s) in [-127, 127] (int8),   s[n] = max_k |W[n, k]| / 127   (fp32, symmetric, per row)
 
 and the linear's weight input becomes the dequantisation `(q.float() * s[:, None]).to(x.dtype)`, lowered by rows:
-- bf16 CPU linears of up to kernels.MAX_ROWS (8) rows where the target has the kernel (kernels.min_rows(target,
-  int8=True): AVX512-BF16 or AVX2 + FMA, no AMX; the `kernel` option): `internvl::small_m_linear_int8(x, q, s, b)`
+- bf16 CPU linears of up to kernels.MAX_ROWS (8) rows where the target has the kernel (kernels.min_rows(target):
+  AVX512-BF16 or AVX2 + FMA, no AMX; the `kernel` option): `internvl::small_m_linear_int8(x, q, s, b)`
   of kernels/, which widens the int8 bytes in registers once for all rows and applies `s` after the sum. 24
   layers of 2B matrices, 2 threads, Zen 4, ms at M = 1 / 2 / 4 / 8: the kernel 53-64 / 46 / 70-95 / 125-160,
   against the reduction below about 118 at M = 1, `_weight_int8pack_mm` 120 / 165 / 140 / 273 (docs/performance.md,
@@ -103,7 +103,7 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
     any target, for tests; False: never)."""
     if native_bf16 is None:
         native_bf16 = current().native_bf16
-    least = kernels.least_rows(kernel, current(), int8=True)
+    least = kernels.least_rows(kernel, current())
     ed = ProgramEditor(ep)
     done, q_bytes, src_bytes, sliced, packed, by_kernel = [], 0, 0, 0, 0, 0
     for node, w_node, fqn, w in scoped_linears(ed, scope):
