@@ -70,22 +70,21 @@ def measure_gemm_flops(dtypes=("bf16", "fp32"), m: int = 1024, k: int = 2048, n:
         dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
         b = torch.randn(k, n).to(dt)
         # An 8-row probe first: where the dtype has no fast GEMM (bf16 with oneDNN limited to AVX2 falls to ATen's
-        # scalar loop, under 0.1 GFLOP/s) the full shape would take minutes a call; the probe's rate is reported
+        # scalar loop, 0.3-0.4 GFLOP/s) the full shape would take minutes a call; the probe's rate is reported
         # then, and `gemm_rows` says so.
         probe = torch.randn(8, k).to(dt)
         for _ in range(2):                                  # the second call: past oneDNN's primitive creation
             t0 = time.perf_counter()
             torch.mm(probe, b)
             probe_s = time.perf_counter() - t0
-        rows, calls = (m, repeats) if probe_s * m / 8 < slow_call_s else (8, 1)
-        a = torch.randn(rows, k).to(dt)
+        rows, best = (m, float("inf")) if probe_s * m / 8 < slow_call_s else (8, probe_s)
         if rows == m:
+            a = torch.randn(m, k).to(dt)
             torch.mm(a, b)                                  # first call at this shape
-        best = float("inf")
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - t0)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                torch.mm(a, b)
+                best = min(best, time.perf_counter() - t0)
         used[name] = rows
         out[name] = round(2 * rows * k * n / best / 1e9, 1)
     return {"gemm_gflops": out, "gemm_shape": [m, k, n], "gemm_rows": used, "threads": torch.get_num_threads()}

@@ -56,11 +56,10 @@ def export_graph(model: InternVL, buckets: Buckets, name: str, dtype, device,
         blocks = Dim("num_blocks", min=2, max=1 << 24)
         dynamic = [None] * (len(args) - 2) + [{1: blocks}, {1: blocks}]
         width = key.context // buckets.block_size
+        names = [n for n, _, _ in _input_specs(model, buckets, key, dtype)]
         if dynamic_tables and width >= 2:
-            names = [n for n, _, _ in _input_specs(model, buckets, key, dtype)]
             dynamic[names.index(BLOCK_TABLE_INPUT[key.stage])] = {1: Dim("table_blocks", min=1, max=width)}
         if dynamic_tokens and key.stage == "prefill" and key.size > 2:
-            names = [n for n, _, _ in _input_specs(model, buckets, key, dtype)]
             tokens = Dim("chunk_tokens", min=2, max=key.size)
             for n in TOKEN_INPUTS:
                 dynamic[names.index(n)] = {0: tokens}

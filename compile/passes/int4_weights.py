@@ -25,15 +25,13 @@ calibration (GPTQ/AWQ-style error compensation would change the scales, not the 
 """
 from __future__ import annotations
 
-
 import torch
 from torch.export import ExportedProgram
 
 from ... import kernels
 from ..targets import current
 from .int8_weights import GEMM_SMALL_ROWS, SCOPE, _sliced_gemm, scoped_linears
-from .program_edit import ProgramEditor, TensorCache, aten, val
-from .program_edit import rows as _rows
+from .program_edit import ProgramEditor, TensorCache, aten, val, rows as _rows
 
 GROUP = 128
 CHUNK = 64           # weights per 32 bytes of the packed layout

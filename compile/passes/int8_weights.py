@@ -40,8 +40,7 @@ from torch.export.graph_signature import InputKind
 from ... import kernels
 from ..targets import current
 from .fp32_gemm import row_slice, sliced_linear
-from .program_edit import ProgramEditor, TensorCache, aten, cast_dtype, is_op, val
-from .program_edit import rows as _rows
+from .program_edit import ProgramEditor, TensorCache, aten, cast_dtype, is_op, val, rows as _rows
 
 SCOPE = "language_model."
 QMAX = 127

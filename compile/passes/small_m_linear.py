@@ -37,8 +37,7 @@ from torch.export import ExportedProgram
 from ... import kernels
 from ..targets import current
 from .int8_weights import DECODE_ROWS, dequantized
-from .program_edit import ProgramEditor, aten, is_op, val
-from .program_edit import rows as _rows
+from .program_edit import ProgramEditor, aten, is_op, val, rows as _rows
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 FORCE_STRIDES = torch.ops.prims.inductor_force_stride_order.default   # realize with this layout
