@@ -7,7 +7,7 @@ weights. On an AVX512-BF16 CPU without AMX (AMD Zen 4) oneDNN's bf16 GEMM reads 
 M = 1-8 and Inductor's multiply+sum reduction (compile/passes/small_m_linear.py) at about 24 GB/s at
 M = 1 only; this kernel streams each weight row once for all rows with vdpbf16ps, prefetching ahead
 (docs/performance.md, fourth and fifth rounds). compile/passes/small_m_linear.py lowers a bf16 linear of
-<= 8 rows to it where the compile target has it (`min_rows`: AVX512-BF16 from 1 row, AVX2 + FMA from 3);
+<= 8 rows to it where the compile target has it (`min_rows`: AVX512-BF16 from 1 row, AVX2 + FMA too);
 compile/passes/int8_weights.py an int8 one (QUANT=int8) to the int8 op (from 1 row on both), int4_weights.py
 an int4 one (QUANT=int4) to the int4 op (where the int8 op would be used). The decode
 graphs' attention over the paged cache (graphs/attention.py, the same multiply + sum read the K/V at ~7 GB/s
@@ -37,7 +37,7 @@ from pathlib import Path
 SOURCES = [Path(__file__).with_name(n) for n in ("small_m_gemm.cpp", "int4_gemm.cpp", "paged_attention.cpp")]
 HEADERS = [Path(__file__).with_name("blocks.h")]
 KERNELS_LIBRARY = "kernels/internvl_kernels.so"   # inside an artifact directory
-KERNELS_VERSION = 4                                 # = kVersion in small_m_gemm.cpp
+KERNELS_VERSION = 5                                 # = kVersion in small_m_gemm.cpp
 OPS = ["internvl::small_m_linear", "internvl::small_m_linear_int8", "internvl::small_m_linear_int4",
        "internvl::dequant_int4", "internvl::paged_decode_attention"]
 MAX_ROWS = 8

@@ -71,6 +71,42 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
+// The AVX2 quantised paths' integer dot products take x rounded to integers per block of a row: q = round(x / step)
+// (to nearest even), step = max |x| / top over the block (0 and q = 0 for a block of zeros), top 127 (int8: the
+// int4 op) or 32767 (int16: the int8 op). n: a multiple of 16 (int16) or 32 (int8).
+inline float block_step(const float* x, int64_t n, float top) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 a = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) a = _mm256_max_ps(a, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  const __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 t = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1))) / top;
+}
+inline __m256i round8(const float* x, __m256 inv) { return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), inv)); }
+// -> sum of the q written
+inline int32_t round_block(const float* x, int64_t n, float step, int8_t* q) {
+  const __m256 inv = _mm256_set1_ps(step > 0.f ? 1.f / step : 0.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);   // undo the packs' 128-bit lane interleave
+  __m256i sum = _mm256_setzero_si256();
+  for (int64_t i = 0; i < n; i += 32) {
+    const __m256i a = round8(x + i, inv), b = round8(x + i + 8, inv), c = round8(x + i + 16, inv),
+                  d = round8(x + i + 24, inv);
+    sum = _mm256_add_epi32(sum, _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d)));
+    const __m256i v = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+    _mm256_storeu_si256((__m256i*)(q + i), _mm256_permutevar8x32_epi32(v, order));
+  }
+  alignas(32) int32_t l[8];
+  _mm256_store_si256((__m256i*)l, sum);
+  return l[0] + l[1] + l[2] + l[3] + l[4] + l[5] + l[6] + l[7];
+}
+inline void round_block(const float* x, int64_t n, float step, int16_t* q) {
+  const __m256 inv = _mm256_set1_ps(step > 0.f ? 1.f / step : 0.f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m256i v = _mm256_packs_epi32(round8(x + i, inv), round8(x + i + 8, inv));
+    _mm256_storeu_si256((__m256i*)(q + i), _mm256_permute4x64_epi64(v, 0xD8));
+  }
+}
+
 #endif
 
 // y[m, n0 + r] = acc[m * count + r] (* s[n0 + r]) (+ b[n0 + r]) for the M rows and `count` weight rows from n0.

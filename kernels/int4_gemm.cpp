@@ -9,12 +9,18 @@
 // registers (exactly: |value| <= 8) and multiplied in with AVX512-BF16's vdpbf16ps into a per-group partial sum,
 // which is scaled into the row's accumulator at the group's end. AVX512-BF16: a chunk's 64 nibbles become bf16 by
 // two in-lane byte-table lookups (vpshufb: the bf16's high and low byte) and an interleave (vpunpck{l,h}bw, within
-// 128-bit lanes: x is permuted alike once per call, kernels/blocks.h permute64). AVX2 + FMA: 16 nibbles at a time
-// looked up as int8, converted to fp32 and multiplied into x in fp32. Neither: a plain loop (tests only).
+// 128-bit lanes: x is permuted alike once per call, kernels/blocks.h permute64). AVX2 + FMA: integer dot products,
+// as llama.cpp's q4_0 x q8_0: x is rounded to int8 per group once per call (a scale max |x| / 127 per row and group:
+// an error of at most half a step per element, against the weights' own of half of s), the nibbles are multiplied
+// into it as unsigned x signed bytes (vpmaddubsw) and summed in int16/int32; per group the sum less 8 * sum(xq) is
+// scaled by s and the row's step into fp32. 24 layers of 2B matrices, emulated AVX2 on Zen 4, ms at M = 1 / 2 / 4 /
+// 8: 57 / 64 / 109 / 255 with the former fp32 loop (nibbles looked up as int8, converted, FMA), 26-28 / 30-33 /
+// 56-61 / 109-118 with this (docs/performance.md, ninth round). Neither ISA: a plain loop (tests only).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -88,49 +94,77 @@ inline void dot_block(const bf16* xp, int64_t K, const uint8_t* q, const float* 
     for (int r = 0; r < R; ++r) out[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-// out[m][r] = sum_k xf[m, k] * w[n0 + r, k]; xf: MC rows of x in fp32 (K per row).
+// x rounded to int8 per group of K (kernels' AVX2 int4 path): xq = round(x / xs), xs = max |x| / 127 over the
+// group (0 for a group of zeros), xsum = the group's sum of xq (for the nibbles' offset of 8).
+struct QuantX {
+  scratch<int8_t> q;
+  std::vector<float> s;
+  std::vector<int32_t> sum;
+  QuantX(const bf16* x, int64_t M, int64_t MP, int64_t K, int64_t group)
+      : q(MP * K, 0), s(MP * (K / group), 0.f), sum(MP * (K / group), 0) {
+    scratch<float> xf(K);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < K; ++k) xf[k] = float(x[m * K + k]);
+      for (int64_t g = 0; g < K / group; ++g) {
+        const float step = block_step(xf.data() + g * group, group, 127.f);
+        s[m * (K / group) + g] = step;
+        sum[m * (K / group) + g] = round_block(xf.data() + g * group, group, step, q.data() + m * K + g * group);
+      }
+    }
+  }
+};
+
+// out[m][r] = sum_k x[m, k] * w[n0 + r, k] with x as int8 per group (QuantX, MC rows from row m0): a chunk's 64
+// nibbles (0..15, the weights + 8) multiplied into xq as unsigned x signed bytes by vpmaddubsw (pairs at most
+// 2 * 15 * 127: no saturation), summed in int32 per group (vpmaddwd); per group the sum less 8 * xsum, times the
+// weight scale and xs, into the fp32 accumulator.
 template <int MC, int R>
-inline void dot_block(const float* xf, int64_t K, const uint8_t* q, const float* s, int64_t group, int64_t n0,
-                      float* out) {
-  const __m128i table = _mm_setr_epi8(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-  const __m128i low4 = _mm_set1_epi8(0x0F);
+inline void dot_block(const QuantX& xq, int64_t m0, int64_t K, const uint8_t* q, const float* s, int64_t group,
+                      int64_t n0, float* out) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const int64_t groups = K / group;
   __m256 acc[MC][R];
+  float offset[MC][R] = {};
   for (int m = 0; m < MC; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
   const uint8_t* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = q + (n0 + r) * (K / 2);
-  // 8 int8 values from the low or high half of v -> 8 fp32
-  auto f32 = [](__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); };
+  const int8_t* xr = xq.q.data() + m0 * K;
   for (int64_t g = 0; g < groups; ++g) {
-    __m256 part[MC][R];
-    for (int m = 0; m < MC; ++m)
-      for (int r = 0; r < R; ++r) part[m][r] = _mm256_setzero_ps();
-    for (int64_t k = g * group; k < (g + 1) * group; k += kChunk) {
-      for (int r = 0; r < R; ++r) prefetch<true>(wr[r] + k / 2);
-      for (int64_t j = 0; j < 32; j += 16) {            // bytes j .. j + 15: weights k + j .. and k + 32 + j ..
+    __m256 sc[MC][R];
+    for (int m = 0; m < MC; ++m) {
+      const float xs = xq.s[(m0 + m) * groups + g];
+      const float x8 = 8.f * float(xq.sum[(m0 + m) * groups + g]);
+      for (int r = 0; r < R; ++r) {
+        const float c = s[(n0 + r) * groups + g] * xs;
+        sc[m][r] = _mm256_set1_ps(c);
+        offset[m][r] += x8 * c;
+      }
+    }
+    // int16 sums over up to 4 chunks (at most 4 * 2 * 2 * 15 * 127 = 30480), then widened to int32 and scaled
+    for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 4 * kChunk) {
+      __m256i p[MC][R];
+      for (int m = 0; m < MC; ++m)
+        for (int r = 0; r < R; ++r) p[m][r] = _mm256_setzero_si256();
+      for (int64_t k = k0; k < std::min(k0 + 4 * kChunk, (g + 1) * group); k += kChunk) {
         for (int r = 0; r < R; ++r) {
-          const __m128i v = _mm_loadu_si128((const __m128i*)(wr[r] + k / 2 + j));
-          const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(v, low4));
-          const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(v, 4), low4));
-          const __m256 w[4] = {f32(lo), f32(_mm_unpackhi_epi64(lo, lo)), f32(hi), f32(_mm_unpackhi_epi64(hi, hi))};
+          prefetch<true>(wr[r] + k / 2);
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(wr[r] + k / 2));
+          const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
           for (int m = 0; m < MC; ++m) {
-            const float* xm = xf + m * K + k + j;
-            part[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xm), w[0], part[m][r]);
-            part[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 8), w[1], part[m][r]);
-            part[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 32), w[2], part[m][r]);
-            part[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 40), w[3], part[m][r]);
+            const int8_t* xm = xr + m * K + k;
+            p[m][r] = _mm256_add_epi16(p[m][r], _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)xm)));
+            p[m][r] = _mm256_add_epi16(p[m][r], _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xm + 32))));
           }
         }
       }
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m256 sc = _mm256_set1_ps(s[(n0 + r) * groups + g]);
-      for (int m = 0; m < MC; ++m) acc[m][r] = _mm256_fmadd_ps(part[m][r], sc, acc[m][r]);
+      for (int m = 0; m < MC; ++m)
+        for (int r = 0; r < R; ++r)
+          acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p[m][r], ones)), sc[m][r], acc[m][r]);
     }
   }
   for (int m = 0; m < MC; ++m)
-    for (int r = 0; r < R; ++r) out[m * R + r] = hsum(acc[m][r]);
+    for (int r = 0; r < R; ++r) out[m * R + r] = hsum(acc[m][r]) - offset[m][r];
 }
 #endif
 
@@ -178,11 +212,11 @@ void compute_int4(const bf16* x, int64_t M, int64_t K, const uint8_t* q, const f
     dot_block<decltype(mc)::value, decltype(r)::value>(xr, K, q, s, group, n0, out);
   });
 #elif defined(__AVX2__) && defined(__FMA__)
-  scratch<float> xf(MP * K, 0.f);
-  for (int64_t i = 0; i < M * K; ++i) xf[i] = float(x[i]);
-  // 16 ymm registers: 2 weight rows per block for 1-2 rows of x, 1 for 4 and 8
-  row_blocks<2, 1>(M, N, xf.data(), K, b, nullptr, y, [&](auto mc, auto r, const float* xr, int64_t n0, float* out) {
-    dot_block<decltype(mc)::value, decltype(r)::value>(xr, K, q, s, group, n0, out);
+  const QuantX xq(x, M, MP, K, group);       // zero rows up to MP
+  // 4 weight rows per block for 1-2 rows of x, 2 for 4 and 8 (1 and 2 rows of x: 26-28 against 27-39 ms, 4 and 8
+  // rows: 56-61 / 109-118 against 63-74 / 123-151 for 2 and 1; 24 layers of 2B matrices, emulated AVX2 on Zen 4)
+  row_blocks<4, 2>(M, N, xq.q.data(), K, b, nullptr, y, [&](auto mc, auto r, const int8_t* xr, int64_t n0, float* out) {
+    dot_block<decltype(mc)::value, decltype(r)::value>(xq, (xr - xq.q.data()) / K, K, q, s, group, n0, out);
   });
 #else
   (void)MP;

@@ -14,8 +14,12 @@
 // Built for AVX2 + FMA without AVX512-BF16 (x86-64-v3: Zen 1-3, Haswell+), the same loop structure in
 // fp32: 16 bf16 weights per 256-bit load become two fp32 vectors with one shift and one mask (the even
 // and the odd elements: a bf16 is the top half of an fp32), multiplied into x split once per call into
-// its even and odd elements in fp32; int8 weights 8 at a time sign-extended and converted to fp32, multiplied
-// into x in fp32. Built for neither, a plain loop: correct, not fast (tests only).
+// its even and odd elements in fp32; int8 weights by integer dot products: x rounded once per call to int16 in
+// blocks of 256 (a step of max |x| / 32767: finer than x's own bf16 rounding), 16 weights at a time sign-extended
+// to int16 and multiplied in by vpmaddwd, summed in int32 per block (24 layers of 2B matrices, emulated AVX2 on
+// Zen 4, ms at M = 1 / 2 / 4 / 8: 51-53 / 57-60 / 88-98 / 174-189 with the former loop that converted 8 weights at
+// a time to fp32 for FMAs, 49 / 47 / 63 / 118 with this; docs/performance.md, ninth round). Built for neither, a
+// plain loop: correct, not fast (tests only).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -30,7 +34,7 @@
 
 namespace {
 
-constexpr int64_t kVersion = 4;     // kernels/__init__.py KERNELS_VERSION: bumped when the ops change
+constexpr int64_t kVersion = 5;     // kernels/__init__.py KERNELS_VERSION: bumped when the ops change
 
 #if defined(__AVX512BF16__)
 // 32 weights from p as bf16 pairs (the last `n` < 32 masked: zeros beyond K add nothing). int8: sign-extended
@@ -197,31 +201,63 @@ inline void dot_block(const bf16* x, const float* xe, const float* xo, int64_t K
     }
 }
 
-// int8 weights: out[m][r] = sum_k xf[m, k] * q[n0 + r, k], xf: x in fp32 (natural order, MC rows), 8 int8
-// weights per step sign-extended to int32 and converted to fp32.
+// int8 weights: x rounded to int16 per block of kBlock16 (blocks.h round_block: a step of max |x| / 32767, below
+// bf16's own rounding), the first K - K % 16 elements of each row; zero rows up to MP.
+constexpr int64_t kBlock16 = 256;   // vpmaddwd sums of 2 * 127 * 32767 per lane, 16 per block: far from 2^31
+struct QuantX16 {
+  int64_t rows, K, body, blocks;   // rows of x (the rest zero padding)
+  scratch<int16_t> q;
+  std::vector<float> s;
+  QuantX16(const bf16* x, int64_t M, int64_t MP, int64_t K_)
+      : rows(M), K(K_), body(K_ - K_ % 16), blocks((body + kBlock16 - 1) / kBlock16), q(MP * K_, 0), s(MP * blocks, 0.f) {
+    scratch<float> xf(K);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < K; ++k) xf[k] = float(x[m * K + k]);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t k0 = b * kBlock16, n = std::min(kBlock16, body - k0);
+        s[m * blocks + b] = block_step(xf.data() + k0, n, 32767.f);
+        round_block(xf.data() + k0, n, s[m * blocks + b], q.data() + m * K + k0);
+      }
+    }
+  }
+};
+
+// out[m][r] = sum_k x[m, k] * q[n0 + r, k] for MC rows of x from row m0: 16 weights at a time sign-extended to int16
+// (once for all rows of x) and multiplied into xq with vpmaddwd, summed in int32 per block and scaled into fp32 by
+// the block's step; the last K % 16 elements in fp32 from x itself.
 template <int MC, int R>
-inline void dot_block_q(const float* xf, int64_t K, const int8_t* q, int64_t n0, float* out) {
+inline void dot_block_q(const QuantX16& xq, const bf16* x, int64_t m0, const int8_t* q, int64_t n0, float* out) {
+  const int64_t K = xq.K;
   __m256 acc[MC][R];
   for (int m = 0; m < MC; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
   const int8_t* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = q + (n0 + r) * K;
-  const int64_t body = K - K % 8;
-  for (int64_t k = 0; k < body; k += 8) {
-    __m256 wv[R];
-    if (k % 64 == 0)
-      for (int r = 0; r < R; ++r) prefetch<true>(wr[r] + k);
-    for (int r = 0; r < R; ++r)
-      wv[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wr[r] + k))));
+  const int16_t* xr = xq.q.data() + m0 * K;
+  for (int64_t b = 0; b < xq.blocks; ++b) {
+    __m256i p[MC][R];
+    for (int m = 0; m < MC; ++m)
+      for (int r = 0; r < R; ++r) p[m][r] = _mm256_setzero_si256();
+    for (int64_t k = b * kBlock16; k < std::min((b + 1) * kBlock16, xq.body); k += 16) {
+      __m256i wv[R];
+      if (k % 64 == 0)
+        for (int r = 0; r < R; ++r) prefetch<true>(wr[r] + k);
+      for (int r = 0; r < R; ++r) wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wr[r] + k)));
+      for (int m = 0; m < MC; ++m) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xr + m * K + k));
+        for (int r = 0; r < R; ++r) p[m][r] = _mm256_add_epi32(p[m][r], _mm256_madd_epi16(xv, wv[r]));
+      }
+    }
     for (int m = 0; m < MC; ++m) {
-      const __m256 xv = _mm256_loadu_ps(xf + m * K + k);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
+      const __m256 step = _mm256_set1_ps(xq.s[(m0 + m) * xq.blocks + b]);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[m][r]), step, acc[m][r]);
     }
   }
   for (int m = 0; m < MC; ++m)
     for (int r = 0; r < R; ++r) {
       float s = hsum(acc[m][r]);
-      for (int64_t k = body; k < K; ++k) s += xf[m * K + k] * float(wr[r][k]);
+      if (m0 + m < xq.rows)
+        for (int64_t k = xq.body; k < K; ++k) s += float(x[(m0 + m) * K + k]) * float(wr[r][k]);
       out[m * R + r] = s;
     }
 }
@@ -306,11 +342,10 @@ void compute_int8(const bf16* x, int64_t M, int64_t K, const int8_t* q, const fl
   });
 #endif
 #elif defined(__AVX2__) && defined(__FMA__)
-  // x once in fp32 (zero rows up to MP); 16 ymm registers: 4 weight rows per block for 1-2 rows of x, 2 for 4 and 8
-  scratch<float> xf(padded_rows(M) * K, 0.f);
-  for (int64_t i = 0; i < M * K; ++i) xf[i] = float(x[i]);
-  row_blocks<4, 2>(M, N, xf.data(), K, b, s, y, [&](auto mc, auto r, const float* xr, int64_t n0, float* out) {
-    dot_block_q<decltype(mc)::value, decltype(r)::value>(xr, K, q, n0, out);
+  // x once as int16 (zero rows up to MP); 4 weight rows per block for 1-2 rows of x, 2 for 4 and 8
+  const QuantX16 xq(x, M, padded_rows(M), K);
+  row_blocks<4, 2>(M, N, xq.q.data(), K, b, s, y, [&](auto mc, auto r, const int16_t* xr, int64_t n0, float* out) {
+    dot_block_q<decltype(mc)::value, decltype(r)::value>(xq, x, (xr - xq.q.data()) / K, q, n0, out);
   });
 #else
   plain(x, M, K, q, N, b, s, y);

@@ -88,6 +88,43 @@ def check_int4_every_shape(op):
         op(torch.randn(1, 256).bfloat16(), q.to(torch.int8), s, 128)
 
 
+def check_rounding_bounds(int8_op, int4_op):
+    """What the quantised ops may do to x (docs/CONTRACTS.md): the AVX2 builds multiply integers, x rounded per row
+    to int16 in blocks of 256 (int8 op) or to int8 per weight group (int4 op), to nearest, step = max |x| / 32767 or
+    / 127 over the block; the AVX512-BF16 builds multiply x as it is. Each result equals one of the two products
+    (x exact, or x rounded so) to within the bf16 output's rounding and fp32 summation, and is within the rounding's
+    bound sum_k |W[n, k]| * step(k) / 2 of the exact one. x with an outlier channel, as LLM activations have (a
+    step per row instead of per block misses the rounded product by far)."""
+    from internvl_aot.compile.passes.int4_weights import dequantize, quantize
+    g = torch.Generator().manual_seed(5)
+
+    def check(got, x, w, block, top):
+        xf = x.float()
+        k = xf.shape[1]
+        xr, bound = xf.clone(), torch.zeros(xf.shape[0], w.shape[0])
+        for a in range(0, k - k % 16, block):
+            b = min(a + block, k - k % 16)
+            step = xf[:, a:b].abs().amax(-1, keepdim=True) / top
+            xr[:, a:b] = torch.where(step > 0, torch.round(xf[:, a:b] * (1 / step)) * step, 0.)
+            bound += 0.5 * step * w[:, a:b].abs().sum(-1)[None, :]
+        exact, rounded = xf @ w.T, xr @ w.T
+        noise = 1e-5 * (xf.abs() @ w.abs().T) + got.abs() * 2 ** -8 + 1e-6
+        assert ((got - exact).abs() <= bound + noise).all()
+        near = [((got - want).abs() <= noise).all().item() for want in (exact, rounded)]
+        assert any(near), (x.shape, block, (got - exact).abs().max().item(), (got - rounded).abs().max().item())
+
+    for rows, k, n, group in ((1, 2048, 64, 128), (8, 512, 37, 64), (3, 1024, 5, 256), (5, 200, 9, None)):
+        x = torch.randn(rows, k, generator=g)
+        x[:, 7] *= 40.
+        x = x.bfloat16()
+        q8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        s8 = torch.rand(n, generator=g) / 100
+        check(int8_op(x, q8, s8).float(), x, q8.float() * s8[:, None], 256, 32767.)
+        if group:
+            q4, s4 = quantize(torch.randn(n, k, generator=g), group)
+            check(int4_op(x, q4, s4, group).float(), x, dequantize(q4, s4, group), group, 127.)
+
+
 def check_attention(op):
     """internvl::paged_decode_attention against dense attention written from the definition (test_attention.py)
     over keys 0..position scattered in the pool: GQA groups of 1, 2, 7 and 20 (more than the 8 of one pass),
@@ -114,6 +151,7 @@ def test_kernel_matches_the_gemm_at_every_shape():
     check_every_shape(op)
     check_int8_every_shape(torch.ops.internvl.small_m_linear_int8)
     check_int4_every_shape(torch.ops.internvl.small_m_linear_int4)
+    check_rounding_bounds(torch.ops.internvl.small_m_linear_int8, torch.ops.internvl.small_m_linear_int4)
     assert op(torch.randn(2, 1, 64).bfloat16(), torch.randn(8, 64).bfloat16()).shape == (2, 1, 8)
     q8 = torch.ops.internvl.small_m_linear_int8
     assert q8(torch.randn(3, 1, 64).bfloat16(), torch.ones(8, 64, dtype=torch.int8), torch.ones(8)).shape == (3, 1, 8)
@@ -165,6 +203,8 @@ def test_the_other_targets_builds_match_the_gemm():
                 "t.check_every_shape(torch.ops.internvl.small_m_linear); "
                 "t.check_int8_every_shape(torch.ops.internvl.small_m_linear_int8); "
                 "t.check_int4_every_shape(torch.ops.internvl.small_m_linear_int4); "
+                "t.check_rounding_bounds(torch.ops.internvl.small_m_linear_int8, "
+                "torch.ops.internvl.small_m_linear_int4); "
                 "t.check_attention(torch.ops.internvl.paged_decode_attention); print('ok')")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               cwd=str(Path(__file__).parent))
