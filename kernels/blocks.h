@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <new>
 #include <type_traits>
 #include <vector>
@@ -74,13 +75,20 @@ inline float hsum(__m256 v) {
 // The AVX2 quantised paths' integer dot products take x rounded to integers per block of a row: q = round(x / step)
 // (to nearest even), step = max |x| / top over the block (0 and q = 0 for a block of zeros), top 127 (int8: the
 // int4 op) or 32767 (int16: the int8 op). n: a multiple of 16 (int16) or 32 (int8).
+// A block holding a NaN or an infinity gets a NaN step, which makes the op's outputs NaN, as an fp32 product's
+// would be (max_ps alone would drop a NaN).
 inline float block_step(const float* x, int64_t n, float top) {
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 a = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8) a = _mm256_max_ps(a, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  const __m256 sign = _mm256_set1_ps(-0.f), zero = _mm256_setzero_ps();
+  __m256 a = zero, bad = zero;      // bad: the sum of x * 0, NaN iff some x is not finite
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    a = _mm256_max_ps(a, _mm256_andnot_ps(sign, v));
+    bad = _mm256_add_ps(bad, _mm256_mul_ps(v, zero));
+  }
   const __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   const __m128 t = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1))) / top;
+  const float step = _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1))) / top;
+  return hsum(bad) == 0.f ? step : std::numeric_limits<float>::quiet_NaN();
 }
 inline __m256i round8(const float* x, __m256 inv) { return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), inv)); }
 // -> sum of the q written

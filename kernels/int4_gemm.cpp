@@ -116,8 +116,8 @@ struct QuantX {
 
 // out[m][r] = sum_k x[m, k] * w[n0 + r, k] with x as int8 per group (QuantX, MC rows from row m0): a chunk's 64
 // nibbles (0..15, the weights + 8) multiplied into xq as unsigned x signed bytes by vpmaddubsw (pairs at most
-// 2 * 15 * 127: no saturation), summed in int32 per group (vpmaddwd); per group the sum less 8 * xsum, times the
-// weight scale and xs, into the fp32 accumulator.
+// 2 * 15 * 127: no saturation), summed in int16 over up to 4 chunks, widened by vpmaddwd and scaled into the fp32
+// accumulator by the group's weight scale times xs; 8 * xsum times the same, summed per row, subtracted at the end.
 template <int MC, int R>
 inline void dot_block(const QuantX& xq, int64_t m0, int64_t K, const uint8_t* q, const float* s, int64_t group,
                       int64_t n0, float* out) {

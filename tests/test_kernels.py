@@ -123,6 +123,15 @@ def check_rounding_bounds(int8_op, int4_op):
         if group:
             q4, s4 = quantize(torch.randn(n, k, generator=g), group)
             check(int4_op(x, q4, s4, group).float(), x, dequantize(q4, s4, group), group, 127.)
+    # a NaN or an infinity in a row of x makes that row's outputs NaN (or infinite), as in an fp32 product; the
+    # rounding must not turn it into a finite number
+    q4, s4 = quantize(torch.randn(9, 256, generator=g), 128)
+    q8 = torch.randint(-127, 128, (9, 256), generator=g, dtype=torch.int8)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(3, 256, generator=g).bfloat16()
+        x[1, 70] = bad
+        for got in (int8_op(x, q8, torch.rand(9, generator=g)), int4_op(x, q4, s4, 128)):
+            assert not got[1].float().isfinite().any() and got[[0, 2]].float().isfinite().all()
 
 
 def check_attention(op):
