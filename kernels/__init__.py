@@ -37,7 +37,7 @@ from pathlib import Path
 SOURCES = [Path(__file__).with_name(n) for n in ("small_m_gemm.cpp", "int4_gemm.cpp", "paged_attention.cpp")]
 HEADERS = [Path(__file__).with_name("blocks.h")]
 KERNELS_LIBRARY = "kernels/internvl_kernels.so"   # inside an artifact directory
-KERNELS_VERSION = 5                                 # = kVersion in small_m_gemm.cpp
+KERNELS_VERSION = 4                                 # = kVersion in small_m_gemm.cpp
 OPS = ["internvl::small_m_linear", "internvl::small_m_linear_int8", "internvl::small_m_linear_int4",
        "internvl::dequant_int4", "internvl::paged_decode_attention"]
 MAX_ROWS = 8

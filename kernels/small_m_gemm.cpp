@@ -34,7 +34,7 @@
 
 namespace {
 
-constexpr int64_t kVersion = 5;     // kernels/__init__.py KERNELS_VERSION: bumped when the ops change
+constexpr int64_t kVersion = 4;     // kernels/__init__.py KERNELS_VERSION: bumped when the ops change
 
 #if defined(__AVX512BF16__)
 // 32 weights from p as bf16 pairs (the last `n` < 32 masked: zeros beyond K add nothing). int8: sign-extended
