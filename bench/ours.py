@@ -3,7 +3,9 @@
 Timing comes from the engine's step records: every `Engine.step()` is one vision chunk, one
 prefill chunk or one decode step (one token for every running sequence), so the duration of each
 decode step is one per-token latency, sampling and Python overhead included. Time to first token is each sequence's first
-token minus the moment the batch was submitted (tiling and tokenization included).
+token minus the moment the batch was submitted (tiling and tokenization included); `vision_s` and `prefill_s` are the
+batch's vision and prefill steps, and `prefill_tok_s` its prompt tokens over the latter (the LLM's prompt rate, the
+number llama.cpp's rows report).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ def run_batch(engine, req, batch: int) -> dict:
     from ..runtime.sequence import Status
 
     steps, tokens = [], []
+    spent = {"vision": 0.0, "prefill": 0.0}     # seconds of the batch's vision and prefill steps
     t0 = time.perf_counter()
     seqs = [engine.make_sequence(req) for _ in range(batch)]
     for s in seqs:
@@ -29,6 +32,8 @@ def run_batch(engine, req, batch: int) -> dict:
         if rec.kind == "decode":
             steps.append(rec.seconds)
             tokens.append(rec.new_tokens)
+        else:
+            spent[rec.kind] += rec.seconds
     t_end = max(s.t_finish for s in seqs)
     n_out = [len(s.output_ids) for s in seqs]
     ttfts = [s.t_first_token - t0 for s in seqs]
@@ -36,6 +41,10 @@ def run_batch(engine, req, batch: int) -> dict:
     return {"batch_size": batch, "input_tokens": len(seqs[0].prompt_ids), "output_tokens": n_out[0],
             "num_tiles": sum(seqs[0].num_tiles),
             "ttft_s": round(sum(ttfts) / batch, 4), "ttft_max_s": round(max(ttfts), 4),
+            "vision_s": round(spent["vision"], 4), "prefill_s": round(spent["prefill"], 4),
+            # the LLM's prompt rate, as llama.cpp's row reports it (bench/llamacpp.py: all prompt tokens of the batch
+            # over its prefill time; image positions included, the vision steps not)
+            "prefill_tok_s": round(batch * len(seqs[0].prompt_ids) / spent["prefill"], 2) if spent["prefill"] else None,
             **step_stats(steps, tokens), "e2e_tok_s": round(sum(n_out) / total, 3), "total_s": round(total, 3),
             "decode_steps": len(steps), "output_ids": seqs[0].output_ids,
             "all_same_length": len(set(n_out)) == 1}

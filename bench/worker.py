@@ -50,7 +50,9 @@ def main(argv=None) -> int:
             from . import hf
             hf.run(spec, emit)
 
-    return run_recorded(rows_path, label, body)
+    detail = (lambda row: f" (vision {row['vision_s']} s, prefill {row['prefill_tok_s']} prompt tok/s)") \
+        if spec["engine"] == "ours" else (lambda row: "")
+    return run_recorded(rows_path, label, body, detail)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,12 @@ def test_bench_against_transformers(tiny_artifact, tmp_path):
             assert float(r[col]) > 0, col
         assert float(r["decode_ms_p99"]) >= float(r["decode_ms_mean"]) * 0.5
     ours = {int(r["batch_size"]): r for r in rows if r["engine"] == "ours"}
+    for b, o in ours.items():
+        # the first token's split: the vision and prefill steps fit in the time to the last first token, and the
+        # prompt rate is all the batch's prompt tokens over the prefill steps
+        vision, prefill = float(o["vision_s"]), float(o["prefill_s"])
+        assert 0 < vision and 0 < prefill and vision + prefill <= float(o["ttft_max_s"])
+        assert float(o["prefill_tok_s"]) == pytest.approx(b * int(o["input_tokens"]) / prefill, rel=1e-2)
     for r in rows:
         if r["engine"] == "transformers":
             assert int(r["match_tokens"]) == 8, "transformers with the un-fused weights gives other tokens"
@@ -86,12 +92,19 @@ def test_bench_against_transformers(tiny_artifact, tmp_path):
                 float(o["decode_tok_s"]) / float(r["decode_tok_s"]), rel=1e-2)
             for col in ("ratio_ttft", "ratio_e2e_tok_s", "ratio_peak_rss"):
                 assert float(r[col]) > 0
+            assert r["ratio_prefill_tok_s"] == ""      # transformers' first token is not split
         else:
             assert r["ratio_decode_tok_s"] == "" and r["match_tokens"] == ""
     meta = json.loads((tmp_path / "benchmark.json").read_text())
     assert meta["bandwidth"]["copy_gbs"] > 0 and meta["machine"]["torch"] == torch.__version__
     assert meta["gemm"]["gemm_gflops"]["bf16"] > 0 and meta["gemm"]["gemm_gflops"]["fp32"] > 0
     assert meta["settings"]["batch_sizes"] == [1, 2]
+    # a llama.cpp row (its worker needs llama-cpp-python: never in CI) gets the prompt-rate ratio against ours
+    from internvl_aot.bench.cli import finish_rows
+    o1 = next(r for r in meta["rows"] if r["engine"] == "ours" and r["batch_size"] == 1)
+    theirs = dict(o1, engine="llama.cpp-f16", dtype="f16", prefill_tok_s=2 * o1["prefill_tok_s"])
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert finish_rows([dict(o1), theirs], manifest, 10.0)[1]["ratio_prefill_tok_s"] == pytest.approx(0.5, rel=1e-2)
 
 
 def test_openmp_wait_default_and_background_load():
