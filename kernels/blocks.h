@@ -64,8 +64,9 @@ inline int64_t permute64(int64_t j) {
   const int64_t lane = j / 16, in = j % 16;
   return (in < 8 ? 0 : 32) + lane * 8 + in % 8;
 }
+#endif
 
-#elif defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__)       // AVX2 + FMA builds and the AVX-512 ones (which have both)
 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));

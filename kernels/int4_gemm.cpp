@@ -9,7 +9,10 @@
 // registers (exactly: |value| <= 8) and multiplied in with AVX512-BF16's vdpbf16ps into a per-group partial sum,
 // which is scaled into the row's accumulator at the group's end. AVX512-BF16: a chunk's 64 nibbles become bf16 by
 // two in-lane byte-table lookups (vpshufb: the bf16's high and low byte) and an interleave (vpunpck{l,h}bw, within
-// 128-bit lanes: x is permuted alike once per call, kernels/blocks.h permute64). AVX2 + FMA: integer dot products,
+// 128-bit lanes: x is permuted alike once per call, kernels/blocks.h permute64); with AVX-512 VNNI as well (Zen 4,
+// Ice Lake+) the integer dot product below, 64 weights a vpdpbusd (24 layers of 2B matrices, Zen 4, ms at M = 1 / 2
+// / 4 / 8: 29-36 / 34-39 / 48-69 / 129-131 with vdpbf16ps, 26-30 / 30-31 / 42-58 / 104-108 with vpdpbusd; `-D
+// INTERNVL_INT4_BF16` builds the former). AVX2 + FMA: integer dot products,
 // as llama.cpp's q4_0 x q8_0: x is rounded to int8 per group once per call (a scale max |x| / 127 per row and group:
 // an error of at most half a step per element, against the weights' own of half of s), the nibbles are multiplied
 // into it as unsigned x signed bytes (vpmaddubsw) and summed in int16/int32; per group the sum less 8 * sum(xq) is
@@ -31,6 +34,29 @@
 namespace {
 
 constexpr int64_t kChunk = 64;       // weights per 32-byte chunk of q
+
+#if defined(__AVX2__) && defined(__FMA__)
+// x rounded to int8 per group of K (the integer paths: AVX2, and AVX-512 with VNNI): xq = round(x / xs), xs = max |x| / 127 over the
+// group (0 for a group of zeros), xsum = the group's sum of xq (for the nibbles' offset of 8).
+struct QuantX {
+  scratch<int8_t> q;
+  std::vector<float> s;
+  std::vector<int32_t> sum;
+  QuantX(const bf16* x, int64_t M, int64_t MP, int64_t K, int64_t group)
+      : q(MP * K, 0), s(MP * (K / group), 0.f), sum(MP * (K / group), 0) {
+    scratch<float> xf(K);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < K; ++k) xf[k] = float(x[m * K + k]);
+      for (int64_t g = 0; g < K / group; ++g) {
+        const float step = block_step(xf.data() + g * group, group, 127.f);
+        s[m * (K / group) + g] = step;
+        sum[m * (K / group) + g] = round_block(xf.data() + g * group, group, step, q.data() + m * K + g * group);
+      }
+    }
+  }
+};
+
+#endif
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 struct Nibbles {                       // bf16 of (i - 8), i = 0..15: high and low bytes, in each 128-bit lane
@@ -93,27 +119,51 @@ inline void dot_block(const bf16* xp, int64_t K, const uint8_t* q, const float* 
   for (int m = 0; m < MC; ++m)
     for (int r = 0; r < R; ++r) out[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
-#elif defined(__AVX2__) && defined(__FMA__)
-// x rounded to int8 per group of K (kernels' AVX2 int4 path): xq = round(x / xs), xs = max |x| / 127 over the
-// group (0 for a group of zeros), xsum = the group's sum of xq (for the nibbles' offset of 8).
-struct QuantX {
-  scratch<int8_t> q;
-  std::vector<float> s;
-  std::vector<int32_t> sum;
-  QuantX(const bf16* x, int64_t M, int64_t MP, int64_t K, int64_t group)
-      : q(MP * K, 0), s(MP * (K / group), 0.f), sum(MP * (K / group), 0) {
-    scratch<float> xf(K);
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t k = 0; k < K; ++k) xf[k] = float(x[m * K + k]);
-      for (int64_t g = 0; g < K / group; ++g) {
-        const float step = block_step(xf.data() + g * group, group, 127.f);
-        s[m * (K / group) + g] = step;
-        sum[m * (K / group) + g] = round_block(xf.data() + g * group, group, step, q.data() + m * K + g * group);
+#if defined(__AVX512VNNI__)
+// AVX-512 VNNI: the AVX2 path's integer dot product 64 weights at a time: a chunk's 32 bytes in both halves of a
+// zmm, the upper half shifted, masked to the nibbles in the chunk's natural order (weights k .. k + 63), multiplied
+// into 64 bytes of xq and summed 4 by 4 into int32 by vpdpbusd (no saturation); per group converted, scaled by the
+// group's weight scale times xs into fp32; 8 * xsum times the same subtracted at the end.
+template <int MC, int R>
+inline void dot_block_vnni(const QuantX& xq, int64_t m0, int64_t K, const uint8_t* q, const float* s, int64_t group,
+                           int64_t n0, float* out) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const int64_t groups = K / group;
+  __m512 acc[MC][R];
+  float offset[MC][R] = {};
+  for (int m = 0; m < MC; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  const uint8_t* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = q + (n0 + r) * (K / 2);
+  const int8_t* xr = xq.q.data() + m0 * K;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i part[MC][R];
+    for (int m = 0; m < MC; ++m)
+      for (int r = 0; r < R; ++r) part[m][r] = _mm512_setzero_si512();
+    for (int64_t k = g * group; k < (g + 1) * group; k += kChunk) {
+      for (int r = 0; r < R; ++r) {
+        prefetch<true>(wr[r] + k / 2);
+        const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(wr[r] + k / 2)));
+        const __m512i w = _mm512_and_si512(_mm512_mask_srli_epi16(v, (__mmask32)0xFFFF0000u, v, 4), low4);
+        for (int m = 0; m < MC; ++m)
+          part[m][r] = _mm512_dpbusd_epi32(part[m][r], w, _mm512_loadu_si512((const void*)(xr + m * K + k)));
+      }
+    }
+    for (int m = 0; m < MC; ++m) {
+      const float xs = xq.s[(m0 + m) * groups + g];
+      const float x8 = 8.f * float(xq.sum[(m0 + m) * groups + g]);
+      for (int r = 0; r < R; ++r) {
+        const float c = s[(n0 + r) * groups + g] * xs;
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[m][r]), _mm512_set1_ps(c), acc[m][r]);
+        offset[m][r] += x8 * c;
       }
     }
   }
-};
-
+  for (int m = 0; m < MC; ++m)
+    for (int r = 0; r < R; ++r) out[m * R + r] = _mm512_reduce_add_ps(acc[m][r]) - offset[m][r];
+}
+#endif
+#elif defined(__AVX2__) && defined(__FMA__)
 // out[m][r] = sum_k x[m, k] * w[n0 + r, k] with x as int8 per group (QuantX, MC rows from row m0): a chunk's 64
 // nibbles (0..15, the weights + 8) multiplied into xq as unsigned x signed bytes by vpmaddubsw (pairs at most
 // 2 * 15 * 127: no saturation), summed in int16 over up to 4 chunks, widened by vpmaddwd and scaled into the fp32
@@ -203,7 +253,13 @@ void dequant_row(const uint8_t* qr, const float* sr, int64_t K, int64_t group, T
 void compute_int4(const bf16* x, int64_t M, int64_t K, const uint8_t* q, const float* s, int64_t group, int64_t N,
                   const bf16* b, bf16* y) {
   const int64_t MP = padded_rows(M);
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(INTERNVL_INT4_BF16)
+  const QuantX xq(x, M, MP, K, group);       // zero rows up to MP
+  // (weight rows per block 4 / 2 for 1-2 / 4-8 rows of x; 4 / 4 and 8 / 4 were within the noise of it)
+  row_blocks<4, 2>(M, N, xq.q.data(), K, b, nullptr, y, [&](auto mc, auto r, const int8_t* xr, int64_t n0, float* out) {
+    dot_block_vnni<decltype(mc)::value, decltype(r)::value>(xq, (xr - xq.q.data()) / K, K, q, s, group, n0, out);
+  });
+#elif defined(__AVX512BF16__) && defined(__AVX512BW__)
   scratch<bf16> xp(MP * K, bf16(0.f));       // x permuted like widen's weights, zero rows up to MP
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xp[m * K + k / 64 * 64 + permute64(k % 64)] = x[m * K + k];

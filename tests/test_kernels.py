@@ -91,7 +91,8 @@ def check_int4_every_shape(op):
 def check_rounding_bounds(int8_op, int4_op):
     """What the quantised ops may do to x (docs/CONTRACTS.md): the AVX2 builds multiply integers, x rounded per row
     to int16 in blocks of 256 (int8 op) or to int8 per weight group (int4 op), to nearest, step = max |x| / 32767 or
-    / 127 over the block; the AVX512-BF16 builds multiply x as it is. Each result equals one of the two products
+    / 127 over the block; the AVX-512 builds with VNNI round x for the int4 op alike; the other AVX512-BF16 paths
+    multiply x as it is. Each result equals one of the two products
     (x exact, or x rounded so) to within the bf16 output's rounding and fp32 summation, and is within the rounding's
     bound sum_k |W[n, k]| * step(k) / 2 of the exact one. x with an outlier channel, as LLM activations have (a
     step per row instead of per block misses the rounded product by far)."""
