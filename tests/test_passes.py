@@ -594,7 +594,11 @@ def test_int4_weights_match_dequantized_weights(arch, dtype):
             assert (count_targets(new, deq) > 0) == (kernel and r["gemm_sliced"] > 0)
             expect, _, _ = run(ref[name], graph_inputs(name, dtype))
             got, _, _ = run(new, graph_inputs(name, dtype))
-            torch.testing.assert_close(got.float(), expect.float(), **tol, msg=lambda m: f"{name} kernel={kernel}: {m}")
+            # the kernel on AVX2 and AVX-512 VNNI builds multiplies x rounded to int8 per group (docs/CONTRACTS.md;
+            # per op: test_kernels.check_rounding_bounds): through the tiny model's layers that moved one logit of
+            # 256 by 0.068 on a Zen 4 (VNNI), where exact x keeps within 0.05
+            t = dict(tol, atol=0.1) if op is not None else tol
+            torch.testing.assert_close(got.float(), expect.float(), **t, msg=lambda m: f"{name} kernel={kernel}: {m}")
             passed[name] = new
     # The default group (128) falls back to 64 where 128 does not divide K (here every K).
     assert run_passes(progs["decode_b1_c32"], names)[1]["int4_weights"]["groups"] == {"64": 3 * LAYERS + 1}
