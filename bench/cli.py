@@ -27,7 +27,8 @@ from pathlib import Path
 from .background import OMP_WAIT_CHOICES
 
 COLUMNS = ["engine", "dtype", "quant", "batch_size", "input_tokens", "output_tokens", "num_tiles",
-           "ttft_s", "ttft_max_s", "vision_s", "prefill_s", "prefill_tok_s", "decode_ms_mean", "decode_ms_p99", "decode_tok_s", "e2e_tok_s", "total_s",
+           "ttft_s", "ttft_max_s", "vision_s", "prefill_s", "prefill_tok_s",
+           "decode_ms_mean", "decode_ms_p99", "decode_tok_s", "e2e_tok_s", "total_s",
            "peak_rss_mb", "peak_gpu_mb", "weights_mb", "kv_mb", "rss_over_weights_kv",
            "step_read_mb", "copy_gbs", "roofline_ms", "roofline_frac", "ttft_tflop", "gemm_gflops", "ttft_compute_frac",
            "match_tokens", "ratio_ttft", "ratio_prefill_tok_s", "ratio_decode_tok_s", "ratio_e2e_tok_s", "ratio_peak_rss",

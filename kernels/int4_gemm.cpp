@@ -36,23 +36,32 @@ namespace {
 constexpr int64_t kChunk = 64;       // weights per 32-byte chunk of q
 
 #if defined(__AVX2__) && defined(__FMA__)
-// x rounded to int8 per group of K (the integer paths: AVX2, and AVX-512 with VNNI): xq = round(x / xs), xs = max |x| / 127 over the
-// group (0 for a group of zeros), xsum = the group's sum of xq (for the nibbles' offset of 8).
+// x rounded to int8 per group of K (the integer paths: AVX2, and AVX-512 with VNNI): q = round(x / s), s = max |x| /
+// 127 over the group (0 for a group of zeros; blocks.h block_step), sum = the group's sum of q (the nibbles' offset).
 struct QuantX {
+  int64_t groups;
   scratch<int8_t> q;
   std::vector<float> s;
   std::vector<int32_t> sum;
   QuantX(const bf16* x, int64_t M, int64_t MP, int64_t K, int64_t group)
-      : q(MP * K, 0), s(MP * (K / group), 0.f), sum(MP * (K / group), 0) {
+      : groups(K / group), q(MP * K, 0), s(MP * groups, 0.f), sum(MP * groups, 0) {
     scratch<float> xf(K);
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t k = 0; k < K; ++k) xf[k] = float(x[m * K + k]);
-      for (int64_t g = 0; g < K / group; ++g) {
+      for (int64_t g = 0; g < groups; ++g) {
         const float step = block_step(xf.data() + g * group, group, 127.f);
-        s[m * (K / group) + g] = step;
-        sum[m * (K / group) + g] = round_block(xf.data() + g * group, group, step, q.data() + m * K + g * group);
+        s[m * groups + g] = step;
+        sum[m * groups + g] = round_block(xf.data() + g * group, group, step, q.data() + m * K + g * group);
       }
     }
+  }
+  // The factor that takes group g's integer sum (nibbles x xq) of row m against a weight row with scale ws into
+  // fp32: ws times the row's step. The nibbles hold the weights + 8, so that sum exceeds the true one by 8 * sum(xq);
+  // its share times the same factor is added to `offset`, which the dot block subtracts at the end.
+  float factor(int64_t m, int64_t g, float ws, float& offset) const {
+    const float c = ws * s[m * groups + g];
+    offset += 8.f * float(sum[m * groups + g]) * c;
+    return c;
   }
 };
 
@@ -149,15 +158,11 @@ inline void dot_block_vnni(const QuantX& xq, int64_t m0, int64_t K, const uint8_
           part[m][r] = _mm512_dpbusd_epi32(part[m][r], w, _mm512_loadu_si512((const void*)(xr + m * K + k)));
       }
     }
-    for (int m = 0; m < MC; ++m) {
-      const float xs = xq.s[(m0 + m) * groups + g];
-      const float x8 = 8.f * float(xq.sum[(m0 + m) * groups + g]);
+    for (int m = 0; m < MC; ++m)
       for (int r = 0; r < R; ++r) {
-        const float c = s[(n0 + r) * groups + g] * xs;
+        const float c = xq.factor(m0 + m, g, s[(n0 + r) * groups + g], offset[m][r]);
         acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[m][r]), _mm512_set1_ps(c), acc[m][r]);
-        offset[m][r] += x8 * c;
       }
-    }
   }
   for (int m = 0; m < MC; ++m)
     for (int r = 0; r < R; ++r) out[m * R + r] = _mm512_reduce_add_ps(acc[m][r]) - offset[m][r];
@@ -182,15 +187,8 @@ inline void dot_block(const QuantX& xq, int64_t m0, int64_t K, const uint8_t* q,
   const int8_t* xr = xq.q.data() + m0 * K;
   for (int64_t g = 0; g < groups; ++g) {
     __m256 sc[MC][R];
-    for (int m = 0; m < MC; ++m) {
-      const float xs = xq.s[(m0 + m) * groups + g];
-      const float x8 = 8.f * float(xq.sum[(m0 + m) * groups + g]);
-      for (int r = 0; r < R; ++r) {
-        const float c = s[(n0 + r) * groups + g] * xs;
-        sc[m][r] = _mm256_set1_ps(c);
-        offset[m][r] += x8 * c;
-      }
-    }
+    for (int m = 0; m < MC; ++m)
+      for (int r = 0; r < R; ++r) sc[m][r] = _mm256_set1_ps(xq.factor(m0 + m, g, s[(n0 + r) * groups + g], offset[m][r]));
     // int16 sums over up to 4 chunks (at most 4 * 2 * 2 * 15 * 127 = 30480), then widened to int32 and scaled
     for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 4 * kChunk) {
       __m256i p[MC][R];
