@@ -10,12 +10,15 @@
 // accumulators stay in registers, and a later chunk re-reads the block from L1/L2, not from DRAM. The weights
 // are prefetched into L2 32 KB ahead (`prefetch`). int8 weights are widened to bf16 in registers (exactly:
 // |q| <= 127 has 7 significant bits), 64 at a time by two byte-table lookups with AVX512-VBMI (`widen64`), else
-// 32 at a time by sign-extension and conversion, once for all rows of x (padded to 2, 4 or 8 rows).
+// 32 at a time by sign-extension and conversion, once for all rows of x (padded to 2, 4 or 8 rows); with AVX-512
+// VNNI as well, x is rounded to int16 once per call and the weights sign-extended to int16 go into vpdpwssd (integer
+// products, 32 an instruction, as the AVX2 loop below does 16 at a time: Zen 4, 24 layers of 2B matrices, M = 8,
+// 95-97 ms the lookup path, 76-78 this one).
 // Built for AVX2 + FMA without AVX512-BF16 (x86-64-v3: Zen 1-3, Haswell+), the same loop structure in
 // fp32: 16 bf16 weights per 256-bit load become two fp32 vectors with one shift and one mask (the even
 // and the odd elements: a bf16 is the top half of an fp32), multiplied into x split once per call into
 // its even and odd elements in fp32; int8 weights by integer dot products: x rounded once per call to int16 in
-// blocks of 256 (a step of max |x| / 32767: finer than x's own bf16 rounding), 16 weights at a time sign-extended
+// blocks of 2048 (a step of max |x| / 32767; QuantX16 says what it costs), 16 weights at a time sign-extended
 // to int16 and multiplied in by vpmaddwd, summed in int32 per block (24 layers of 2B matrices, emulated AVX2 on
 // Zen 4, ms at M = 1 / 2 / 4 / 8: 51-53 / 57-60 / 88-98 / 174-189 with the former loop that converted 8 weights at
 // a time to fp32 for FMAs, 49 / 47 / 63 / 118 with this; docs/performance.md, ninth round). Built for neither, a
@@ -35,6 +38,42 @@
 namespace {
 
 constexpr int64_t kVersion = 4;     // kernels/__init__.py KERNELS_VERSION: bumped when the ops change
+
+#if defined(__AVX2__) && defined(__FMA__)      // the AVX2 builds and the AVX-512 ones (which have both)
+// int8 weights (the AVX2 loop and the AVX-512 VNNI one): x rounded to int16 per block of kBlock16 elements of a row
+// (blocks.h round_block: a step of max |x| / 32767 over the block), the first K - K % 16 elements of each row; zero
+// rows up to MP. The error of an element is at most half a step, max |x| / 65534: below bf16's own rounding of every
+// element larger than 1/128 of the block's largest. The integer sums are scaled into fp32 once per block and row
+// pair, so a block of 2048 (one per row of K = 2048) costs little, 256 a lot where the 16 accumulators of 4 x 4
+// rows spill: 24 layers of 2B matrices, Zen 4 (VNNI), ms at M = 8, blocks of 256 / 512 / 1024 / 2048 / 4096:
+// 106-108 / 88-89 / 79 / 76-78 / 80-81, the VBMI bf16 path (-DINTERNVL_INT8_BF16) 95-97; emulated AVX2 at M = 8, 256
+// against 2048: 113-118 / 108-110 (docs/performance.md, tenth round).
+#ifndef INTERNVL_INT16_BLOCK
+#define INTERNVL_INT16_BLOCK 2048
+#endif
+// vpmaddwd / vpdpwssd: per int32 lane sums of 2 * 127 * 32767 per 16 (ymm) or 32 (zmm) elements; at most 2^31 / (2 *
+// 127 * 32767) = 258 of them: blocks up to 4096 elements are safe on both
+constexpr int64_t kBlock16 = INTERNVL_INT16_BLOCK;
+static_assert(kBlock16 % 32 == 0 && kBlock16 <= 4096, "int16 blocks: a multiple of 32, at most 4096");
+struct QuantX16 {
+  int64_t rows, K, body, blocks;   // rows of x (the rest zero padding)
+  scratch<int16_t> q;
+  std::vector<float> s;
+  QuantX16(const bf16* x, int64_t M, int64_t MP, int64_t K_)
+      : rows(M), K(K_), body(K_ - K_ % 16), blocks((body + kBlock16 - 1) / kBlock16), q(MP * K_, 0), s(MP * blocks, 0.f) {
+    scratch<float> xf(K);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < K; ++k) xf[k] = float(x[m * K + k]);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t k0 = b * kBlock16, n = std::min(kBlock16, body - k0);
+        s[m * blocks + b] = block_step(xf.data() + k0, n, 32767.f);
+        round_block(xf.data() + k0, n, s[m * blocks + b], q.data() + m * K + k0);
+      }
+    }
+  }
+};
+
+#endif
 
 #if defined(__AVX512BF16__)
 // 32 weights from p as bf16 pairs (the last `n` < 32 masked: zeros beyond K add nothing). int8: sign-extended
@@ -84,6 +123,59 @@ inline void dot_block(const bf16* x, int64_t K, const W* w, int64_t n0, float* o
   for (int m = 0; m < MC; ++m)
     for (int r = 0; r < R; ++r) out[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
+
+#if defined(__AVX512VNNI__)
+// int8 weights with AVX-512 VNNI (Zen 4, Ice Lake+): x rounded to int16 (QuantX16, as the AVX2 loop), 32 weights at a
+// time sign-extended to int16 (vpmovsxbw, once for all rows of x) and multiplied in by vpdpwssd, summed in int32 per
+// block and scaled into fp32 by the block's step; the last K % 16 elements in fp32 from x itself. Against the VBMI
+// table lookup into vdpbf16ps (below, -DINTERNVL_INT8_BF16): the same 32 products an instruction, without the 6
+// instructions of widen64 per 64 weights and pass.
+template <int MC, int R>
+inline void dot_block_q16(const QuantX16& xq, const bf16* x, int64_t m0, const int8_t* q, int64_t n0, float* out) {
+  const int64_t K = xq.K;
+  __m512 acc[MC][R];
+  for (int m = 0; m < MC; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  const int8_t* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = q + (n0 + r) * K;
+  const int16_t* xr = xq.q.data() + m0 * K;
+  for (int64_t b = 0; b < xq.blocks; ++b) {
+    __m512i p[MC][R];
+    for (int m = 0; m < MC; ++m)
+      for (int r = 0; r < R; ++r) p[m][r] = _mm512_setzero_si512();
+    auto step = [&](int64_t k, auto loadw, auto loadx) {
+      __m512i wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = _mm512_cvtepi8_epi16(loadw(wr[r] + k));
+      for (int m = 0; m < MC; ++m) {
+        const __m512i xv = loadx(xr + m * K + k);
+        for (int r = 0; r < R; ++r) p[m][r] = _mm512_dpwssd_epi32(p[m][r], xv, wv[r]);
+      }
+    };
+    const int64_t k1 = std::min((b + 1) * kBlock16, xq.body);
+    int64_t k = b * kBlock16;
+    for (; k + 32 <= k1; k += 32) {
+      if (k % 64 == 0)
+        for (int r = 0; r < R; ++r) prefetch<true>(wr[r] + k);
+      step(k, [](const int8_t* p) { return _mm256_loadu_si256((const __m256i*)p); },
+           [](const int16_t* p) { return _mm512_loadu_si512((const void*)p); });
+    }
+    if (k < k1)     // the body's last 16 elements
+      step(k, [](const int8_t* p) { return _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)p)); },
+           [](const int16_t* p) { return _mm512_maskz_loadu_epi16((__mmask32)0xFFFF, (const void*)p); });
+    for (int m = 0; m < MC; ++m) {
+      const __m512 s = _mm512_set1_ps(xq.s[(m0 + m) * xq.blocks + b]);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p[m][r]), s, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MC; ++m)
+    for (int r = 0; r < R; ++r) {
+      float s = _mm512_reduce_add_ps(acc[m][r]);
+      if (m0 + m < xq.rows)
+        for (int64_t k = xq.body; k < K; ++k) s += float(x[(m0 + m) * K + k]) * float(wr[r][k]);
+      out[m * R + r] = s;
+    }
+}
+#endif
 
 #if defined(__AVX512VBMI__)
 // int8 weights with AVX512-VBMI: 64 at a time widened to bf16 by table lookups, 2.3x the rate of the
@@ -201,27 +293,6 @@ inline void dot_block(const bf16* x, const float* xe, const float* xo, int64_t K
     }
 }
 
-// int8 weights: x rounded to int16 per block of kBlock16 (blocks.h round_block: a step of max |x| / 32767, below
-// bf16's own rounding), the first K - K % 16 elements of each row; zero rows up to MP.
-constexpr int64_t kBlock16 = 256;   // vpmaddwd sums of 2 * 127 * 32767 per lane, 16 per block: far from 2^31
-struct QuantX16 {
-  int64_t rows, K, body, blocks;   // rows of x (the rest zero padding)
-  scratch<int16_t> q;
-  std::vector<float> s;
-  QuantX16(const bf16* x, int64_t M, int64_t MP, int64_t K_)
-      : rows(M), K(K_), body(K_ - K_ % 16), blocks((body + kBlock16 - 1) / kBlock16), q(MP * K_, 0), s(MP * blocks, 0.f) {
-    scratch<float> xf(K);
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t k = 0; k < K; ++k) xf[k] = float(x[m * K + k]);
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t k0 = b * kBlock16, n = std::min(kBlock16, body - k0);
-        s[m * blocks + b] = block_step(xf.data() + k0, n, 32767.f);
-        round_block(xf.data() + k0, n, s[m * blocks + b], q.data() + m * K + k0);
-      }
-    }
-  }
-};
-
 // out[m][r] = sum_k x[m, k] * q[n0 + r, k] for MC rows of x from row m0: 16 weights at a time sign-extended to int16
 // (once for all rows of x) and multiplied into xq with vpmaddwd, summed in int32 per block and scaled into fp32 by
 // the block's step; the last K % 16 elements in fp32 from x itself.
@@ -326,7 +397,12 @@ void compute_int8(const bf16* x, int64_t M, int64_t K, const int8_t* q, const fl
 #if defined(__AVX512BF16__)
   // 8 weight rows per block for 1-2 rows of x, 4 for 4 and 8 (MC x R accumulators in 32 zmm registers)
   const int64_t MP = padded_rows(M);
-#if defined(__AVX512VBMI__)
+#if defined(__AVX512VNNI__) && !defined(INTERNVL_INT8_BF16)
+  const QuantX16 xq(x, M, MP, K);
+  row_blocks<8, 4>(M, N, xq.q.data(), K, b, s, y, [&](auto mc, auto r, const int16_t* xr, int64_t n0, float* out) {
+    dot_block_q16<decltype(mc)::value, decltype(r)::value>(xq, x, (xr - xq.q.data()) / K, q, n0, out);
+  });
+#elif defined(__AVX512VBMI__)
   const int64_t Kp = (K + 63) / 64 * 64;
   scratch<bf16> xp(MP * Kp, bf16(0.f));      // x permuted like widen64's weights, zero rows up to MP
   for (int64_t m = 0; m < M; ++m)

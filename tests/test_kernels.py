@@ -90,8 +90,8 @@ def check_int4_every_shape(op):
 
 def check_rounding_bounds(int8_op, int4_op):
     """What the quantised ops may do to x (docs/CONTRACTS.md): the AVX2 builds multiply integers, x rounded per row
-    to int16 in blocks of 256 (int8 op) or to int8 per weight group (int4 op), to nearest, step = max |x| / 32767 or
-    / 127 over the block; the AVX-512 builds with VNNI round x for the int4 op alike; the other AVX512-BF16 paths
+    to int16 in blocks of 2048 (int8 op) or to int8 per weight group (int4 op), to nearest, step = max |x| / 32767 or
+    / 127 over the block; the AVX-512 builds with VNNI round x for both ops alike; the other AVX512-BF16 paths
     multiply x as it is. Each result equals one of the two products
     (x exact, or x rounded so) to within the bf16 output's rounding and fp32 summation, and is within the rounding's
     bound sum_k |W[n, k]| * step(k) / 2 of the exact one. x with an outlier channel, as LLM activations have (a
@@ -114,13 +114,15 @@ def check_rounding_bounds(int8_op, int4_op):
         near = [((got - want).abs() <= noise).all().item() for want in (exact, rounded)]
         assert any(near), (x.shape, block, (got - exact).abs().max().item(), (got - rounded).abs().max().item())
 
-    for rows, k, n, group in ((1, 2048, 64, 128), (8, 512, 37, 64), (3, 1024, 5, 256), (5, 200, 9, None)):
+    # K = 4400: three int16 blocks, the last 304 long (its last 16 elements a half vector of the AVX-512 loop)
+    for rows, k, n, group in ((1, 2048, 64, 128), (8, 512, 37, 64), (3, 1024, 5, 256), (5, 200, 9, None),
+                              (4, 4400, 6, None)):
         x = torch.randn(rows, k, generator=g)
         x[:, 7] *= 40.
         x = x.bfloat16()
         q8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         s8 = torch.rand(n, generator=g) / 100
-        check(int8_op(x, q8, s8).float(), x, q8.float() * s8[:, None], 256, 32767.)
+        check(int8_op(x, q8, s8).float(), x, q8.float() * s8[:, None], 2048, 32767.)
         if group:
             q4, s4 = quantize(torch.randn(n, k, generator=g), group)
             check(int4_op(x, q4, s4, group).float(), x, dequantize(q4, s4, group), group, 127.)
