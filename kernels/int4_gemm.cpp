@@ -11,7 +11,8 @@
 // two in-lane byte-table lookups (vpshufb: the bf16's high and low byte) and an interleave (vpunpck{l,h}bw, within
 // 128-bit lanes: x is permuted alike once per call, kernels/blocks.h permute64); with AVX-512 VNNI as well (Zen 4,
 // Ice Lake+) the integer dot product below, 64 weights a vpdpbusd (24 layers of 2B matrices, Zen 4, ms at M = 1 / 2
-// / 4 / 8: 29-36 / 34-39 / 48-69 / 129-131 with vdpbf16ps, 26-30 / 30-31 / 42-58 / 104-108 with vpdpbusd; `-D
+// / 4 / 8: 29-36 / 34-39 / 48-69 / 129-131 with vdpbf16ps, 26-30 / 30-31 / 42-58 / 104-108 with vpdpbusd, 24-25 /
+// 24-26 / 38 / 71-73 with its factors in vectors (tenth round); `-D
 // INTERNVL_INT4_BF16` builds the former). AVX2 + FMA: integer dot products,
 // as llama.cpp's q4_0 x q8_0: x is rounded to int8 per group once per call (a scale max |x| / 127 per row and group:
 // an error of at most half a step per element, against the weights' own of half of s), the nibbles are multiplied
@@ -43,8 +44,9 @@ struct QuantX {
   scratch<int8_t> q;
   std::vector<float> s;
   std::vector<int32_t> sum;
+  std::vector<float> sum8;    // 8 * sum as fp32 (the VNNI loop's offsets, 16 groups a vector)
   QuantX(const bf16* x, int64_t M, int64_t MP, int64_t K, int64_t group)
-      : groups(K / group), q(MP * K, 0), s(MP * groups, 0.f), sum(MP * groups, 0) {
+      : groups(K / group), q(MP * K, 0), s(MP * groups, 0.f), sum(MP * groups, 0), sum8(MP * groups, 0.f) {
     scratch<float> xf(K);
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t k = 0; k < K; ++k) xf[k] = float(x[m * K + k]);
@@ -52,6 +54,7 @@ struct QuantX {
         const float step = block_step(xf.data() + g * group, group, 127.f);
         s[m * groups + g] = step;
         sum[m * groups + g] = round_block(xf.data() + g * group, group, step, q.data() + m * K + g * group);
+        sum8[m * groups + g] = 8.f * float(sum[m * groups + g]);
       }
     }
   }
@@ -132,7 +135,10 @@ inline void dot_block(const bf16* xp, int64_t K, const uint8_t* q, const float* 
 // AVX-512 VNNI: the AVX2 path's integer dot product 64 weights at a time: a chunk's 32 bytes in both halves of a
 // zmm, the upper half shifted, masked to the nibbles in the chunk's natural order (weights k .. k + 63), multiplied
 // into 64 bytes of xq and summed 4 by 4 into int32 by vpdpbusd (no saturation); per group converted, scaled by the
-// group's weight scale times xs into fp32; 8 * xsum times the same subtracted at the end.
+// group's weight scale times xs into fp32; 8 * xsum times the same subtracted at the end. Those factors are computed
+// 16 groups at a time for all row pairs in vectors, not one by one in scalar code (QuantX::factor) in the group
+// loop: 24 layers of 2B matrices, Zen 4, M = 4 / 8: 43-44 / 86 ms -> 38 / 71-73 (docs/performance.md, tenth round;
+// the same in 8-wide vectors made the AVX2 loop slower, 103-106 -> 123-128 ms at M = 8, and was not kept).
 template <int MC, int R>
 inline void dot_block_vnni(const QuantX& xq, int64_t m0, int64_t K, const uint8_t* q, const float* s, int64_t group,
                            int64_t n0, float* out) {
@@ -145,24 +151,37 @@ inline void dot_block_vnni(const QuantX& xq, int64_t m0, int64_t K, const uint8_
   const uint8_t* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = q + (n0 + r) * (K / 2);
   const int8_t* xr = xq.q.data() + m0 * K;
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512i part[MC][R];
-    for (int m = 0; m < MC; ++m)
-      for (int r = 0; r < R; ++r) part[m][r] = _mm512_setzero_si512();
-    for (int64_t k = g * group; k < (g + 1) * group; k += kChunk) {
+  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+    // the factors of the next 16 groups, ws * xs, for every row pair at once, and their offsets' share
+    const int64_t ng = std::min<int64_t>(16, groups - g0);
+    const __mmask16 mask = (__mmask16)((1u << ng) - 1);
+    alignas(64) float c[MC][R][16];
+    for (int m = 0; m < MC; ++m) {
+      const __m512 xs = _mm512_maskz_loadu_ps(mask, xq.s.data() + (m0 + m) * groups + g0);
+      const __m512 x8 = _mm512_maskz_loadu_ps(mask, xq.sum8.data() + (m0 + m) * groups + g0);
       for (int r = 0; r < R; ++r) {
-        prefetch<true>(wr[r] + k / 2);
-        const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(wr[r] + k / 2)));
-        const __m512i w = _mm512_and_si512(_mm512_mask_srli_epi16(v, (__mmask32)0xFFFF0000u, v, 4), low4);
-        for (int m = 0; m < MC; ++m)
-          part[m][r] = _mm512_dpbusd_epi32(part[m][r], w, _mm512_loadu_si512((const void*)(xr + m * K + k)));
+        const __m512 cv = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + (n0 + r) * groups + g0), xs);
+        _mm512_store_ps(c[m][r], cv);
+        offset[m][r] += _mm512_reduce_add_ps(_mm512_mul_ps(cv, x8));
       }
     }
-    for (int m = 0; m < MC; ++m)
-      for (int r = 0; r < R; ++r) {
-        const float c = xq.factor(m0 + m, g, s[(n0 + r) * groups + g], offset[m][r]);
-        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[m][r]), _mm512_set1_ps(c), acc[m][r]);
+    for (int64_t g = g0; g < g0 + ng; ++g) {
+      __m512i part[MC][R];
+      for (int m = 0; m < MC; ++m)
+        for (int r = 0; r < R; ++r) part[m][r] = _mm512_setzero_si512();
+      for (int64_t k = g * group; k < (g + 1) * group; k += kChunk) {
+        for (int r = 0; r < R; ++r) {
+          prefetch<true>(wr[r] + k / 2);
+          const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(wr[r] + k / 2)));
+          const __m512i w = _mm512_and_si512(_mm512_mask_srli_epi16(v, (__mmask32)0xFFFF0000u, v, 4), low4);
+          for (int m = 0; m < MC; ++m)
+            part[m][r] = _mm512_dpbusd_epi32(part[m][r], w, _mm512_loadu_si512((const void*)(xr + m * K + k)));
+        }
       }
+      for (int m = 0; m < MC; ++m)
+        for (int r = 0; r < R; ++r)
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[m][r]), _mm512_set1_ps(c[m][r][g - g0]), acc[m][r]);
+    }
   }
   for (int m = 0; m < MC; ++m)
     for (int r = 0; r < R; ++r) out[m * R + r] = _mm512_reduce_add_ps(acc[m][r]) - offset[m][r];

@@ -114,9 +114,10 @@ def check_rounding_bounds(int8_op, int4_op):
         near = [((got - want).abs() <= noise).all().item() for want in (exact, rounded)]
         assert any(near), (x.shape, block, (got - exact).abs().max().item(), (got - rounded).abs().max().item())
 
-    # K = 4400: three int16 blocks, the last 304 long (its last 16 elements a half vector of the AVX-512 loop)
+    # K = 4400: three int16 blocks, the last 304 long (its last 16 elements a half vector of the AVX-512 loop);
+    # K = 1088 in groups of 64: 17 groups, one more than the VNNI int4 loop takes the factors of in one vector
     for rows, k, n, group in ((1, 2048, 64, 128), (8, 512, 37, 64), (3, 1024, 5, 256), (5, 200, 9, None),
-                              (4, 4400, 6, None)):
+                              (4, 4400, 6, None), (6, 1088, 11, 64)):
         x = torch.randn(rows, k, generator=g)
         x[:, 7] *= 40.
         x = x.bfloat16()

@@ -1,4 +1,4 @@
-"""Decode GEMMs at M = 1, 2, 4, 8 rows, eager, over 24 layers of InternLM2-1.8B matrices (2.2 GB bf16, 1.1 GB int8:
+"""Decode GEMMs at M = 1, 2, 4, 8 rows, eager, over 24 layers of InternLM2-1.8B matrices (3.0 GB bf16, 1.5 GB int8:
 from DRAM, not cache), ms per pass and GB/s of weights read: bf16 F.linear (oneDNN), ATen's int8 GEMM
 (_weight_int8pack_mm, bf16 activations), kernels/' internvl::small_m_linear (bf16), small_m_linear_int8 and
 small_m_linear_int4 (groups of 128: 0.53 bytes a weight); docs/performance.md third, fifth and seventh rounds:
@@ -6,6 +6,7 @@ small_m_linear_int4 (groups of 128: 0.53 bytes a weight); docs/performance.md th
     .venv/bin/python tools/gemm_m_sweep.py                      # all five
     VARIANTS=kernel,kernel_int8 TARGET=x86-64-v3 .venv/bin/python tools/gemm_m_sweep.py   # another target's kernels
     CFLAGS=-DINTERNVL_PREFETCH_BYTES=0 VARIANTS=kernel .venv/bin/python tools/gemm_m_sweep.py   # a build variant
+    LIB=/tmp/old/internvl_kernels.so VARIANTS=kernel_int4 .venv/bin/python tools/gemm_m_sweep.py   # a library built before
 """
 import os, time, torch, torch.nn.functional as F
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
@@ -19,7 +20,8 @@ if any(v.startswith("kernel") for v in variants):
     target = targets.resolve(os.environ.get("TARGET", "native"))
     # CFLAGS: a build with extra flags (e.g. -DINTERNVL_PREFETCH_BYTES=0) instead of the target's library
     extra = os.environ.get("CFLAGS", "").split()
-    kernels.load(kernels.cached_build(kernels.build_flags(target) + extra) if extra else kernels.library_for(target))
+    kernels.load(os.environ["LIB"] if os.environ.get("LIB") else
+                 kernels.cached_build(kernels.build_flags(target) + extra) if extra else kernels.library_for(target))
 W=[[torch.randn(N,K).to(torch.bfloat16) for N,K in shapes] for _ in range(L)]
 Q=[[torch.randint(-127,127,(N,K),dtype=torch.int8) for N,K in shapes] for _ in range(L)]
 S=[[torch.rand(N).bfloat16() for N,K in shapes] for _ in range(L)]
