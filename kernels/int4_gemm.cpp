@@ -38,23 +38,21 @@ constexpr int64_t kChunk = 64;       // weights per 32-byte chunk of q
 
 #if defined(__AVX2__) && defined(__FMA__)
 // x rounded to int8 per group of K (the integer paths: AVX2, and AVX-512 with VNNI): q = round(x / s), s = max |x| /
-// 127 over the group (0 for a group of zeros; blocks.h block_step), sum = the group's sum of q (the nibbles' offset).
+// 127 over the group (0 for a group of zeros; blocks.h block_step), sum8 = 8 times the group's sum of q, as fp32 (the
+// nibbles' offset; exact: |8 * sum| < 2^24).
 struct QuantX {
   int64_t groups;
   scratch<int8_t> q;
-  std::vector<float> s;
-  std::vector<int32_t> sum;
-  std::vector<float> sum8;    // 8 * sum as fp32 (the VNNI loop's offsets, 16 groups a vector)
+  std::vector<float> s, sum8;
   QuantX(const bf16* x, int64_t M, int64_t MP, int64_t K, int64_t group)
-      : groups(K / group), q(MP * K, 0), s(MP * groups, 0.f), sum(MP * groups, 0), sum8(MP * groups, 0.f) {
+      : groups(K / group), q(MP * K, 0), s(MP * groups, 0.f), sum8(MP * groups, 0.f) {
     scratch<float> xf(K);
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t k = 0; k < K; ++k) xf[k] = float(x[m * K + k]);
       for (int64_t g = 0; g < groups; ++g) {
         const float step = block_step(xf.data() + g * group, group, 127.f);
         s[m * groups + g] = step;
-        sum[m * groups + g] = round_block(xf.data() + g * group, group, step, q.data() + m * K + g * group);
-        sum8[m * groups + g] = 8.f * float(sum[m * groups + g]);
+        sum8[m * groups + g] = 8.f * float(round_block(xf.data() + g * group, group, step, q.data() + m * K + g * group));
       }
     }
   }
@@ -63,7 +61,7 @@ struct QuantX {
   // its share times the same factor is added to `offset`, which the dot block subtracts at the end.
   float factor(int64_t m, int64_t g, float ws, float& offset) const {
     const float c = ws * s[m * groups + g];
-    offset += 8.f * float(sum[m * groups + g]) * c;
+    offset += sum8[m * groups + g] * c;
     return c;
   }
 };

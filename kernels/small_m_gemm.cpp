@@ -71,6 +71,12 @@ struct QuantX16 {
       }
     }
   }
+  // acc plus row m's last K % 16 products in fp32 from x itself (none for a padding row); w: the weight row
+  float add_tail(float acc, const bf16* x, int64_t m, const int8_t* w) const {
+    if (m < rows)
+      for (int64_t k = body; k < K; ++k) acc += float(x[m * K + k]) * float(w[k]);
+    return acc;
+  }
 };
 
 #endif
@@ -168,12 +174,7 @@ inline void dot_block_q16(const QuantX16& xq, const bf16* x, int64_t m0, const i
     }
   }
   for (int m = 0; m < MC; ++m)
-    for (int r = 0; r < R; ++r) {
-      float s = _mm512_reduce_add_ps(acc[m][r]);
-      if (m0 + m < xq.rows)
-        for (int64_t k = xq.body; k < K; ++k) s += float(x[(m0 + m) * K + k]) * float(wr[r][k]);
-      out[m * R + r] = s;
-    }
+    for (int r = 0; r < R; ++r) out[m * R + r] = xq.add_tail(_mm512_reduce_add_ps(acc[m][r]), x, m0 + m, wr[r]);
 }
 #endif
 
@@ -325,12 +326,7 @@ inline void dot_block_q(const QuantX16& xq, const bf16* x, int64_t m0, const int
     }
   }
   for (int m = 0; m < MC; ++m)
-    for (int r = 0; r < R; ++r) {
-      float s = hsum(acc[m][r]);
-      if (m0 + m < xq.rows)
-        for (int64_t k = xq.body; k < K; ++k) s += float(x[(m0 + m) * K + k]) * float(wr[r][k]);
-      out[m * R + r] = s;
-    }
+    for (int r = 0; r < R; ++r) out[m * R + r] = xq.add_tail(hsum(acc[m][r]), x, m0 + m, wr[r]);
 }
 #endif
 
