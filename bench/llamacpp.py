@@ -129,7 +129,7 @@ def run_batch(llm: LlamaCpp, prompt: list[int], b: int, n: int) -> dict:
         out0.append(last[0])
     total = time.perf_counter() - t0
     return {"batch_size": b, "input_tokens": len(prompt), "output_tokens": n,
-            "ttft_s": round(sum(ttfts) / b, 4), "ttft_max_s": round(max(ttfts), 4),
+            "ttft_s": round(sum(ttfts) / b, 6), "ttft_max_s": round(max(ttfts), 6),
             "prefill_tok_s": round(b * len(prompt) / ttfts[-1], 2),
             **step_stats(steps, [b] * len(steps)), "e2e_tok_s": round(b * n / total, 3),
             "total_s": round(total, 3), "decode_steps": len(steps), "output_ids": out0}
