@@ -109,11 +109,12 @@ ATTENTION_KERNEL = {"auto": None, "on": True, "off": False}
 
 
 def kernel_options(choice: str) -> dict | None:
-    """--kernels as pass options: the `kernel` option of both passes that lower linears to kernels/' ops."""
+    """--kernels as pass options: the `kernel` option of every pass that lowers linears to kernels/' ops."""
     if choice == "auto":
         return None
     on = choice == "on"
-    return {"small_m_linear": {"kernel": on}, "int8_weights": {"kernel": on}, "int4_weights": {"kernel": on}}
+    return {"small_m_linear": {"kernel": on}, "int8_weights": {"kernel": on}, "int4_weights": {"kernel": on},
+            "fp32_gemm": {"kernel": on}}
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,7 @@
 """Hand-written CPU kernels compiled into an artifact: `internvl::small_m_linear` and
 `internvl::small_m_linear_int8` (small_m_gemm.cpp), `internvl::small_m_linear_int4` (int4_gemm.cpp; the block
-loops both share: blocks.h), `internvl::paged_decode_attention` (paged_attention.cpp).
+loops both share: blocks.h), `internvl::paged_decode_attention` (paged_attention.cpp), and for targets without
+native bf16 `internvl::linear_fp32` (fp32_gemm.cpp: the vision and prefill GEMMs in fp32 from bf16 weights).
 
 Why: a decode step multiplies every weight matrix by 1-8 token rows and is bound by reading the
 weights. On an AVX512-BF16 CPU without AMX (AMD Zen 4) oneDNN's bf16 GEMM reads them at 14-17 GB/s at
@@ -34,12 +35,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-SOURCES = [Path(__file__).with_name(n) for n in ("small_m_gemm.cpp", "int4_gemm.cpp", "paged_attention.cpp")]
+SOURCES = [Path(__file__).with_name(n)
+           for n in ("small_m_gemm.cpp", "int4_gemm.cpp", "paged_attention.cpp", "fp32_gemm.cpp")]
 HEADERS = [Path(__file__).with_name("blocks.h")]
 KERNELS_LIBRARY = "kernels/internvl_kernels.so"   # inside an artifact directory
-KERNELS_VERSION = 4                                 # = kVersion in small_m_gemm.cpp
+KERNELS_VERSION = 6                                 # = kVersion in small_m_gemm.cpp
 OPS = ["internvl::small_m_linear", "internvl::small_m_linear_int8", "internvl::small_m_linear_int4",
-       "internvl::dequant_int4", "internvl::paged_decode_attention"]
+       "internvl::dequant_int4", "internvl::paged_decode_attention", "internvl::linear_fp32"]
 MAX_ROWS = 8
 
 _loaded: dict = {}      # {"path": the library loaded in this process, "version": its KERNELS_VERSION}
@@ -76,6 +78,14 @@ def attention_kernel(target) -> bool:
     on Zen 4, 24 layers of 2B caches at batch 8 x 512 keys, 2 threads: 22-27 ms against the graph's 51-65
     inside Inductor; docs/performance.md, sixth round). AMX boxes keep what was measured on them."""
     return "amx_bf16" not in target.flags and "avx2" in target.flags and "fma" in target.flags
+
+
+def gemm_kernel(target) -> bool:
+    """Whether the compute-bound bf16 linears (vision, prefill chunks: more than MAX_ROWS rows) of graphs for
+    `target` call internvl::linear_fp32 (kernels/fp32_gemm.cpp) where compile/passes/fp32_gemm.py widens them to
+    fp32: on AVX2 + FMA (measured on an emulated AVX2 box, 1.1-1.5x the converted slices through MKL's sgemm,
+    2.8-4x oneDNN's bf16 GEMM at 16-48 rows; the pass's docstring). Targets with native bf16 keep oneDNN's bf16 GEMM."""
+    return "avx2" in target.flags and "fma" in target.flags
 
 
 def least_rows(kernel: bool | None, target) -> int | None:

@@ -37,7 +37,7 @@
 
 namespace {
 
-constexpr int64_t kVersion = 4;     // kernels/__init__.py KERNELS_VERSION: bumped when the ops change
+constexpr int64_t kVersion = 6;     // kernels/__init__.py KERNELS_VERSION: bumped when the ops change
 
 #if defined(__AVX2__) && defined(__FMA__)      // the AVX2 builds and the AVX-512 ones (which have both)
 // int8 weights (the AVX2 loop and the AVX-512 VNNI one): x rounded to int16 per block of kBlock16 elements of a row

@@ -40,6 +40,30 @@ def check_every_shape(op):
                 torch.testing.assert_close(got, want, atol=0.05 + 0.01 * want.abs().max().item(), rtol=0.01)
 
 
+def check_fp32_gemm(op):
+    """internvl::linear_fp32 (the prefill and vision GEMM for targets without native bf16) against F.linear in
+    float64: rows past one 6-row panel and one 144-row block with a remainder, K past a 256-slice and not a
+    multiple of the 8 x 8 transposes, N past a 256-column block and not a multiple of the 16-column micro-panel;
+    x, b and y bf16 (y rounded once) or fp32."""
+    g = torch.Generator().manual_seed(3)
+    for rows, k, n in ((1, 5, 3), (7, 33, 17), (13, 300, 40), (150, 257, 530), (6, 16, 16), (301, 1000, 33)):
+        for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+            x = torch.randn(rows, k, generator=g).to(dtype)
+            w = torch.randn(n, k, generator=g).bfloat16()
+            for b in (torch.randn(n, generator=g).to(dtype), None):
+                want = F.linear(x.double(), w.double(), None if b is None else b.double())
+                got = op(x, w, b)
+                assert got.dtype == dtype and got.shape == (rows, n)
+                torch.testing.assert_close(got.double(), want, atol=tol * want.abs().max().item(), rtol=tol)
+    assert op(torch.randn(2, 3, 64).bfloat16(), torch.randn(8, 64).bfloat16()).shape == (2, 3, 8)
+    assert torch.equal(op(torch.randn(4, 0), torch.randn(3, 0).bfloat16(), torch.arange(3.)),
+                       torch.arange(3.).expand(4, 3))       # K = 0: the bias alone
+    with pytest.raises(RuntimeError, match="bf16 weights"):
+        op(torch.randn(9, 64), torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="bias must be"):
+        op(torch.randn(9, 64), torch.randn(8, 64).bfloat16(), torch.randn(8).bfloat16())
+
+
 def check_int8_every_shape(op):
     """The int8 op against F.linear over the dequantised weights: 1-8 rows (padded to 2/4/8 inside), K with
     and without a tail of the 64- (VBMI) / 32- / 8-element steps, the last N % R rows, bias or not; the
@@ -165,6 +189,7 @@ def test_kernel_matches_the_gemm_at_every_shape():
     check_int8_every_shape(torch.ops.internvl.small_m_linear_int8)
     check_int4_every_shape(torch.ops.internvl.small_m_linear_int4)
     check_rounding_bounds(torch.ops.internvl.small_m_linear_int8, torch.ops.internvl.small_m_linear_int4)
+    check_fp32_gemm(torch.ops.internvl.linear_fp32)
     assert op(torch.randn(2, 1, 64).bfloat16(), torch.randn(8, 64).bfloat16()).shape == (2, 1, 8)
     q8 = torch.ops.internvl.small_m_linear_int8
     assert q8(torch.randn(3, 1, 64).bfloat16(), torch.ones(8, 64, dtype=torch.int8), torch.ones(8)).shape == (3, 1, 8)
@@ -218,7 +243,8 @@ def test_the_other_targets_builds_match_the_gemm():
                 "t.check_int4_every_shape(torch.ops.internvl.small_m_linear_int4); "
                 "t.check_rounding_bounds(torch.ops.internvl.small_m_linear_int8, "
                 "torch.ops.internvl.small_m_linear_int4); "
-                "t.check_attention(torch.ops.internvl.paged_decode_attention); print('ok')")
+                "t.check_attention(torch.ops.internvl.paged_decode_attention); "
+                "t.check_fp32_gemm(torch.ops.internvl.linear_fp32); print('ok')")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               cwd=str(Path(__file__).parent))
         assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (name, done.stderr[-2000:])
@@ -380,7 +406,7 @@ def test_a_missing_kernel_library_is_refused(kernel_artifact, tmp_path):
 
 def test_the_kernels_flag_reaches_every_pass_with_a_kernel():
     """internvl-compile --kernels off|on (make KERNELS=...): the `kernel` option of every pass that has one
-    (small_m_linear, int8_weights, int4_weights), and the decode attention kernel; auto leaves the target to decide."""
+    (small_m_linear, int8_weights, int4_weights, fp32_gemm), and the decode attention kernel; auto leaves the target to decide."""
     import importlib
     import inspect
     from internvl_aot.compile.passes import PASS_ORDER, QUANT_PASSES

@@ -367,7 +367,7 @@ def test_fp32_gemm_widens_gemms_for_targets_without_native_bf16(arch):
     for name in ("prefill_t16_c64", "decode_b2_c64"):
         ep, _ = run_passes(progs[name], BEFORE_GEMV + ["small_m_linear"], REDUCE)
         assert _low_precision_gemm_inputs(ep) > 0
-        opts = {"fp32_gemm": {"min_rows": 2}}
+        opts = {"fp32_gemm": {"min_rows": 2, "kernel": False}}
         # The native target (this box, or any with AVX512-BF16/AMX) keeps bf16 GEMMs: the program is returned as is.
         kept, report = run_passes(ep, ["fp32_gemm"], {"fp32_gemm": {"native_bf16": True, "min_rows": 2}})
         assert kept is ep and report["fp32_gemm"]["lowered"] == 0
@@ -375,9 +375,17 @@ def test_fp32_gemm_widens_gemms_for_targets_without_native_bf16(arch):
         with targets.activate(get_target("x86-64-v3")):
             wide, report = run_passes(ep, ["fp32_gemm"], opts)
             # The default min_rows (48) keeps the linears of these few-row graphs (decode batches: the converted
-            # copy would cost more than it saves); a prefill chunk's attention is widened at any length.
-            assert run_passes(ep, ["fp32_gemm"])[1]["fp32_gemm"]["lowered"] == count_targets(
-                ep, aten.scaled_dot_product_attention.default)
+            # copy would cost more than it saves); a prefill chunk's attention is widened at any length, and its
+            # linears (16 rows) call the fp32 GEMM kernel (x86-64-v3 has it), a decode batch's (2 rows) do not.
+            by_default, report_default = run_passes(ep, ["fp32_gemm"])
+            assert report_default["fp32_gemm"]["lowered"] == count_targets(ep, aten.scaled_dot_product_attention.default)
+            n_linears = count_targets(ep, aten.linear.default)
+            assert report_default["fp32_gemm"]["kernel"] == (n_linears if name.startswith("prefill") else 0)
+            assert count_targets(by_default, torch.ops.internvl.linear_fp32.default) == report_default["fp32_gemm"]["kernel"]
+            if name.startswith("prefill"):
+                assert n_linears > 0 and count_targets(by_default, aten.linear.default) == 0
+                # the kernel computes in fp32 from the bf16 weights: the results within bf16 rounding
+                assert_same_results(ep, by_default, name, torch.bfloat16, atol=6e-2, rtol=2e-2)
         assert report["fp32_gemm"]["native_bf16"] is False and report["fp32_gemm"]["lowered"] > 0
         assert _low_precision_gemm_inputs(wide) == 0
         # Weights and the KV pool keep their bf16 inputs (one stored copy): only the arithmetic widened.
@@ -387,7 +395,7 @@ def test_fp32_gemm_widens_gemms_for_targets_without_native_bf16(arch):
         assert_same_results(ep, wide, name, torch.bfloat16, atol=6e-2, rtol=2e-2)
         # The weight converted and multiplied in slices of output rows (as the real model's large matrices are).
         sliced, report = run_passes(ep, ["fp32_gemm"], {"fp32_gemm": {"native_bf16": False, "min_rows": 2,
-                                                                      "chunk_mb": 0.002}})
+                                                                      "chunk_mb": 0.002, "kernel": False}})
         assert count_targets(sliced, aten.linear.default) > count_targets(wide, aten.linear.default)
         assert count_targets(sliced, aten.cat.default) > 0
         assert_same_results(wide, sliced, name, torch.bfloat16, atol=2e-2, rtol=1e-2)

@@ -16,7 +16,15 @@ pages cost more than the conversion itself (16 MB converted into a reused buffer
 fresh one: 76 ms, AMX box under load); a slice of a few MB is reused from the heap and stays
 in cache between its conversion and its GEMM.
 
-Which ops: `linear` over `min_rows` rows or more (the one-row linears were lowered to
+Where the target has AVX2 + FMA (`kernel=None`: kernels.gemm_kernel), a bf16 linear over more than
+kernels.MAX_ROWS rows calls `internvl::linear_fp32` instead (kernels/fp32_gemm.cpp: each weight converted once
+per call while it is packed, fp32 products and sums, a BLIS-style micro-kernel near the FMA peak): AVX2 emulated
+on a Zen 4, 2 threads, 2B prefill shapes (473 x 2048 x 4096 / 16384, 473 x 8192 x 2048, 4100 x 1024 x 4096)
+191-218 GFLOP/s against MKL's sgemm on weights converted beforehand 168-196 and the converted weight 136-163
+(a plain FMA loop: 216-222), and from 9 rows on it beats oneDNN's bf16 GEMM too (K = 2048, N = 8192, M = 16 /
+48: 4.4 / 9.7 ms against 12.3 / 37.1; docs/performance.md, eleventh round).
+
+Which ops otherwise: `linear` over `min_rows` rows or more (the one-row linears were lowered to
 multiply + sum by small_m_linear already, which converts in registers), `conv2d` (the ViT's patch
 embedding) and `scaled_dot_product_attention` (vision and prefill-chunk attention). The decode
 graphs' attention is a multiply + sum with fp32 accumulation already and is not touched.
@@ -44,22 +52,37 @@ def _rows(node) -> int:
 
 
 def apply(ep: ExportedProgram, native_bf16: bool | None = None, min_rows: int = 48,
-          chunk_mb: float = 8.0) -> tuple[ExportedProgram, dict]:
-    """min_rows: the fewest rows a linear is widened at. Below it (decode batches) the converted
+          chunk_mb: float = 8.0, kernel: bool | None = None) -> tuple[ExportedProgram, dict]:
+    """kernel: bf16 linears over more than kernels.MAX_ROWS rows call internvl::linear_fp32 (None: where the
+    target has it, kernels.gemm_kernel; True: any target; False: never). min_rows: the fewest rows a linear is
+    widened at otherwise. Below it (decode batches) the converted
     copy costs more than the GEMM it speeds up: oneDNN limited to AVX2, 2 threads, K=2048, N=8192,
     ms bf16 -> converted fp32: M=8 29 -> 70, M=32 92 -> 106, M=64 260 -> 108, M=512 1500 -> 379
     (the converted copy a fresh allocation each call; build notes in docs/performance.md)."""
+    from ... import kernels
+    from ..targets import current
     if native_bf16 is None:
-        from ..targets import current
         native_bf16 = current().native_bf16
-    report = {"native_bf16": native_bf16, "min_rows": min_rows, "chunk_mb": chunk_mb, "lowered": 0, "kept": 0}
+    report = {"native_bf16": native_bf16, "min_rows": min_rows, "chunk_mb": chunk_mb, "lowered": 0, "kept": 0,
+              "kernel": 0}
     if native_bf16:
         return ep, report
+    use_kernel = kernels.gemm_kernel(current()) if kernel is None else kernel
     ed = ProgramEditor(ep)
     for node in list(ed.graph.nodes):
         if not is_op(node, *GEMM_OPS):
             continue
         out = val(node)
+        if use_kernel and node.target is aten.linear.default and out.device.type == "cpu" \
+                and out.dtype == torch.bfloat16 and val(node.args[1]).dtype == torch.bfloat16 \
+                and _rows(node) > kernels.MAX_ROWS:
+            b = node.args[2] if len(node.args) > 2 else None
+            with ed.graph.inserting_before(node):
+                gemm = ed.call(kernels.op("linear_fp32", current()), (node.args[0], node.args[1], b), like=node)
+            node.replace_all_uses_with(gemm)
+            ed.graph.erase_node(node)
+            report["kernel"] += 1
+            continue
         if out.device.type != "cpu" or out.dtype not in LOW_PRECISION or _rows(node) < min_rows:
             report["kept"] += 1
             continue
@@ -79,7 +102,7 @@ def apply(ep: ExportedProgram, native_bf16: bool | None = None, min_rows: int = 
         node.replace_all_uses_with(back)
         ed.graph.erase_node(node)
         report["lowered"] += 1
-    return (ed.finish() if report["lowered"] else ep), report
+    return (ed.finish() if report["lowered"] or report["kernel"] else ep), report
 
 
 def _sliced_linear(ed: ProgramEditor, node, up, chunk_mb: float):

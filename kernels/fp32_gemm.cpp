@@ -1,0 +1,249 @@
+// internvl::linear_fp32(x, w, b?): y[..., N] = x[..., K] @ w[N, K]^T (+ b) for any number of rows, w bf16, x, b and
+// y bf16 or fp32, every product and sum in fp32: the compute-bound linears (vision, prefill chunks) of graphs for a
+// target without native bf16 (compile/passes/fp32_gemm.py). There PyTorch's bf16 GEMM has no fast path and the pass
+// used to convert weight slices to fp32 for MKL's sgemm, which reaches about 0.73 of the AVX2 FMA peak on the
+// emulated Zen 3 (docs/performance.md, ninth and tenth rounds); this GEMM converts each weight once per call while
+// packing it and runs at the FMA rate of its micro-kernel.
+//
+// The loops are those of BLIS (Van Zee and van de Geijn, "BLIS: A Framework for Rapidly Instantiating BLAS
+// Functionality", 2015), with the weights as the packed "B" side:
+// - x is packed once per call into fp32 panels of kMR rows ([panel][K][kMR], zero rows past M), shared by the threads;
+// - the threads take blocks of kNC output columns; each packs its block's weights for all of K into fp32 micro-panels
+//   of kNR columns ([K][kNR] per micro-panel: a bf16 row becomes a column by 8 x 8 transposes);
+// - for each block of kMC rows and each kKC slice of K, every micro-panel (kKC x kNR x 4 bytes, in L1) is multiplied
+//   into every kMR-row panel of the row block (kMC x kKC x 4 bytes, in L2) by the micro-kernel, a 6 x 16 tile of
+//   fp32 sums in 12 ymm registers (2 FMAs per broadcast element of x), added into an fp32 tile of the row block
+//   (kMC x kNC, in L2) that becomes y, + b, rounded to y's dtype, after the last slice of K.
+// Built for AVX2 + FMA (and the AVX-512 builds, which run the same ymm code; their graphs use oneDNN's bf16 GEMM and
+// do not call this op), else a plain loop: correct, not fast (tests only).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "blocks.h"
+
+namespace {
+
+#ifndef INTERNVL_GEMM_MC
+#define INTERNVL_GEMM_MC 144
+#endif
+#ifndef INTERNVL_GEMM_NC
+#define INTERNVL_GEMM_NC 256
+#endif
+#ifndef INTERNVL_GEMM_KC
+#define INTERNVL_GEMM_KC 256
+#endif
+constexpr int64_t kMR = 6, kNR = 16, kMC = INTERNVL_GEMM_MC, kNC = INTERNVL_GEMM_NC, kKC = INTERNVL_GEMM_KC;
+static_assert(kMC % kMR == 0 && kNC % kNR == 0 && kKC % 8 == 0, "GEMM blocks: MC of whole panels, NC of micro-panels");
+
+// Scratch buffers per thread (slot 0: packed x, in the calling thread; 1, 2: a worker's packed weights and tile), grown to the largest size asked and kept: fresh pages on every call cost more than
+// the packing (compile/passes/fp32_gemm.py's docstring), and the OpenMP threads live as long as the process.
+template <typename T>
+T* thread_scratch(int slot, size_t n) {
+  thread_local scratch<T> buf[3];
+  if (buf[slot].size() < n) {
+    buf[slot] = scratch<T>();
+    buf[slot].resize(n);
+  }
+  return buf[slot].data();
+}
+
+template <typename X>
+inline float to_float(X v) { return float(v); }
+
+// x rows [0, M) -> ap[panel][k][kMR], rows past M zero.
+template <typename X>
+void pack_x(const X* x, int64_t M, int64_t K, float* ap) {
+  const int64_t panels = (M + kMR - 1) / kMR;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      float* dst = ap + p * K * kMR;
+      for (int64_t i = 0; i < kMR; ++i) {
+        const int64_t m = p * kMR + i;
+        if (m < M) {
+          const X* row = x + m * K;
+          for (int64_t k = 0; k < K; ++k) dst[k * kMR + i] = to_float(row[k]);
+        } else {
+          for (int64_t k = 0; k < K; ++k) dst[k * kMR + i] = 0.f;
+        }
+      }
+    }
+  });
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 widen8(const bf16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+// r[i] (8 elements of row i) -> r[j] (element j of every row)
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+#endif
+
+// Weight rows [n0, n0 + cols) (cols <= kNR; the rest of the micro-panel zero) -> bp[k][kNR] in fp32, for all of K.
+void pack_w(const bf16* w, int64_t K, int64_t n0, int64_t cols, float* bp) {
+  int64_t k = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (cols == kNR) {
+    for (; k + 8 <= K; k += 8)
+      for (int64_t h = 0; h < kNR; h += 8) {
+        __m256 r[8];
+        for (int64_t i = 0; i < 8; ++i) r[i] = widen8(w + (n0 + h + i) * K + k);
+        transpose8(r);
+        for (int64_t i = 0; i < 8; ++i) _mm256_store_ps(bp + (k + i) * kNR + h, r[i]);
+      }
+  }
+#endif
+  for (; k < K; ++k)
+    for (int64_t j = 0; j < kNR; ++j) bp[k * kNR + j] = j < cols ? float(w[(n0 + j) * K + k]) : 0.f;
+}
+
+// c[kMR][ldc] (+)= a[kc][kMR] @ b[kc][kNR]: the micro-kernel.
+inline void micro(const float* a, const float* b, int64_t kc, float* c, int64_t ldc, bool first) {
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = 0; k < kc; ++k, a += kMR, b += kNR) {
+    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+    __m256 x = _mm256_broadcast_ss(a);
+    c00 = _mm256_fmadd_ps(x, b0, c00);
+    c01 = _mm256_fmadd_ps(x, b1, c01);
+    x = _mm256_broadcast_ss(a + 1);
+    c10 = _mm256_fmadd_ps(x, b0, c10);
+    c11 = _mm256_fmadd_ps(x, b1, c11);
+    x = _mm256_broadcast_ss(a + 2);
+    c20 = _mm256_fmadd_ps(x, b0, c20);
+    c21 = _mm256_fmadd_ps(x, b1, c21);
+    x = _mm256_broadcast_ss(a + 3);
+    c30 = _mm256_fmadd_ps(x, b0, c30);
+    c31 = _mm256_fmadd_ps(x, b1, c31);
+    x = _mm256_broadcast_ss(a + 4);
+    c40 = _mm256_fmadd_ps(x, b0, c40);
+    c41 = _mm256_fmadd_ps(x, b1, c41);
+    x = _mm256_broadcast_ss(a + 5);
+    c50 = _mm256_fmadd_ps(x, b0, c50);
+    c51 = _mm256_fmadd_ps(x, b1, c51);
+  }
+  const __m256 acc[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int64_t i = 0; i < kMR; ++i)
+    for (int64_t h = 0; h < 2; ++h) {
+      float* p = c + i * ldc + h * 8;
+      _mm256_store_ps(p, first ? acc[i][h] : _mm256_add_ps(_mm256_load_ps(p), acc[i][h]));
+    }
+#else
+  float t[kMR][kNR] = {};
+  for (int64_t k = 0; k < kc; ++k)
+    for (int64_t i = 0; i < kMR; ++i)
+      for (int64_t j = 0; j < kNR; ++j) t[i][j] += a[k * kMR + i] * b[k * kNR + j];
+  for (int64_t i = 0; i < kMR; ++i)
+    for (int64_t j = 0; j < kNR; ++j) c[i * ldc + j] = first ? t[i][j] : c[i * ldc + j] + t[i][j];
+#endif
+}
+
+template <typename Y>
+inline Y from_float(float v) { return Y(v); }   // bf16: rounded to nearest even (c10::BFloat16)
+
+template <typename X>
+void gemm(const X* x, int64_t M, int64_t K, const bf16* w, int64_t N, const X* b, X* y) {
+  if (K == 0) {     // an empty sum: y = b
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) y[m * N + n] = b ? b[n] : from_float<X>(0.f);
+    return;
+  }
+  const int64_t panels = (M + kMR - 1) / kMR;
+  float* ap = thread_scratch<float>(0, size_t(panels * kMR * K));
+  pack_x(x, M, K, ap);
+  const int64_t col_blocks = (N + kNC - 1) / kNC;
+  at::parallel_for(0, col_blocks, 1, [&](int64_t j0, int64_t j1) {
+    float* bp = thread_scratch<float>(1, size_t(kNC * K));
+    float* ct = thread_scratch<float>(2, size_t(kMC * kNC));
+    for (int64_t jb = j0; jb < j1; ++jb) {
+      const int64_t n0 = jb * kNC, nc = std::min(kNC, N - n0), micro_panels = (nc + kNR - 1) / kNR;
+      for (int64_t jr = 0; jr < micro_panels; ++jr)
+        pack_w(w, K, n0 + jr * kNR, std::min(kNR, nc - jr * kNR), bp + jr * K * kNR);
+      for (int64_t p0 = 0; p0 < panels; p0 += kMC / kMR) {
+        const int64_t p1 = std::min(panels, p0 + kMC / kMR);
+        for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+          const int64_t kc = std::min(kKC, K - k0);
+          for (int64_t jr = 0; jr < micro_panels; ++jr)
+            for (int64_t p = p0; p < p1; ++p)
+              micro(ap + (p * K + k0) * kMR, bp + (jr * K + k0) * kNR, kc, ct + (p - p0) * kMR * kNC + jr * kNR,
+                    kNC, k0 == 0);
+        }
+        const int64_t m0 = p0 * kMR, m1 = std::min(M, p1 * kMR);
+        for (int64_t m = m0; m < m1; ++m) {
+          const float* src = ct + (m - m0) * kNC;
+          X* dst = y + m * N + n0;
+          for (int64_t j = 0; j < nc; ++j) dst[j] = from_float<X>(src[j] + (b ? to_float(b[n0 + j]) : 0.f));
+        }
+      }
+    }
+  });
+}
+
+void check(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2,
+              "internvl::linear_fp32 takes bf16 weights [N, K], got ", w.scalar_type(), " ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "internvl::linear_fp32 takes bf16 or fp32 x, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1),
+              "internvl::linear_fp32: x [..., K] and w [N, K], got ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(!b || (b->scalar_type() == x.scalar_type() && b->dim() == 1 && b->size(0) == w.size(0)),
+              "internvl::linear_fp32: bias must be [N] in x's dtype");
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, const at::Tensor& w) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = w.size(0);
+  return shape;
+}
+
+at::Tensor linear_fp32_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  check(x, w, b);
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const std::optional<at::Tensor> bc = b ? std::optional<at::Tensor>(b->contiguous()) : std::nullopt;
+  at::Tensor y = at::empty(out_shape(x, w), x.options());
+  const int64_t K = w.size(1), N = w.size(0), M = y.numel() / std::max<int64_t>(N, 1);
+  if (M == 0 || N == 0) return y;
+  if (x.scalar_type() == at::kBFloat16) {
+    gemm(xc.const_data_ptr<bf16>(), M, K, wc.const_data_ptr<bf16>(), N, bc ? bc->const_data_ptr<bf16>() : nullptr,
+         y.mutable_data_ptr<bf16>());
+  } else {
+    gemm(xc.const_data_ptr<float>(), M, K, wc.const_data_ptr<bf16>(), N, bc ? bc->const_data_ptr<float>() : nullptr,
+         y.mutable_data_ptr<float>());
+  }
+  return y;
+}
+
+at::Tensor linear_fp32_meta(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  check(x, w, b);
+  return at::empty(out_shape(x, w), x.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(internvl, m) { m.def("linear_fp32(Tensor x, Tensor w, Tensor? b=None) -> Tensor"); }
+TORCH_LIBRARY_IMPL(internvl, CPU, m) { m.impl("linear_fp32", &linear_fp32_cpu); }
+TORCH_LIBRARY_IMPL(internvl, Meta, m) { m.impl("linear_fp32", &linear_fp32_meta); }
