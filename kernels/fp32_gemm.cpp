@@ -237,9 +237,14 @@ at::Tensor linear_fp32_cpu(const at::Tensor& x, const at::Tensor& w, const std::
   return y;
 }
 
+// The shapes symbolically: a prefill graph's chunk length is a dynamic dimension (compile/export.py), which
+// sizes() would specialise to its example value.
 at::Tensor linear_fp32_meta(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
-  check(x, w, b);
-  return at::empty(out_shape(x, w), x.options());
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && x.dim() >= 1,
+              "internvl::linear_fp32 takes bf16 weights [N, K] and x [..., K]");
+  std::vector<c10::SymInt> shape(x.sym_sizes().begin(), x.sym_sizes().end());
+  shape.back() = w.sym_size(0);
+  return at::empty_symint(shape, x.options());
 }
 
 }  // namespace

@@ -62,6 +62,12 @@ def check_fp32_gemm(op):
         op(torch.randn(9, 64), torch.randn(8, 64))
     with pytest.raises(RuntimeError, match="bias must be"):
         op(torch.randn(9, 64), torch.randn(8, 64).bfloat16(), torch.randn(8).bfloat16())
+    # Its shapes are symbolic under export: a prefill graph's dynamic chunk length stays dynamic.
+    w = torch.nn.Parameter(torch.randn(32, 16).bfloat16())
+    lin = type("Lin", (torch.nn.Module,), {"forward": lambda self, x: op(x, w, None) * 2})()
+    ep = torch.export.export(lin, (torch.randn(1, 20, 16).bfloat16(),),
+                             dynamic_shapes={"x": {1: torch.export.Dim("t", min=2, max=64)}})
+    assert ep.module()(torch.randn(1, 7, 16).bfloat16()).shape == (1, 7, 32)
 
 
 def check_int8_every_shape(op):
@@ -271,6 +277,17 @@ def int4_kernel_artifact(tiny_checkpoints, tmp_path_factory):
                         dtype="bf16", quant="int4", pass_options={"int4_weights": {"kernel": True, "group": 64}})
 
 
+@pytest.fixture(scope="module")
+def avx2_artifact(tiny_checkpoints, tmp_path_factory):
+    """A bf16 artifact for x86-64-v3 (AVX2 + FMA, no native bf16), the target's defaults: its vision and prefill
+    linears call internvl::linear_fp32 (compile/passes/fp32_gemm.py), its decode linears small_m_linear."""
+    from internvl_aot.runtime.isa import cpu_flags
+    if not {"avx2", "fma", "f16c"} <= cpu_flags():
+        pytest.skip("this CPU cannot run x86-64-v3 code")
+    return compile_tiny(tiny_checkpoints[SPEC], FMT, tmp_path_factory.mktemp("kernels") / "bf16-v3", BUCKETS,
+                        dtype="bf16", target="x86-64-v3")
+
+
 def _hf_bf16_logits(hf, prompt_ids, out_ids, tiles):
     """transformers in bf16, teacher-forced on prompt + our tokens: the logits at each generated position."""
     ids = torch.tensor([prompt_ids + out_ids])
@@ -327,6 +344,21 @@ def test_bf16_artifact_with_the_kernel_follows_transformers(kernel_artifact, tin
     for name in ("decode_b1_c2048", "decode_b4_c2048"):          # one call per layer, through AOTInductor's proxy
         assert _calls(kernel_artifact, name, "paged_decode_attention") == n_layers
     _follows_transformers(kernel_artifact, tiny_checkpoints[SPEC].load_hf_model().to(torch.bfloat16).eval())
+
+
+def test_avx2_bf16_artifact_with_the_fp32_gemm_follows_transformers(avx2_artifact, tiny_checkpoints):
+    """The x86-64-v3 artifact's vision and prefill linears go through internvl::linear_fp32 (every one: none is
+    left to PyTorch's bf16 GEMM, which has no fast path there), the prefill graph keeps its dynamic chunk length
+    (the op's shapes are symbolic), and its tokens follow transformers in bf16 over prompts of several lengths."""
+    manifest = json.loads((avx2_artifact / "manifest.json").read_text())
+    reports = manifest["compile"]["passes"]
+    n_layers = _n_layers(tiny_checkpoints)
+    prefill = reports["prefill_t128_c2048"]["passes"]["fp32_gemm"]
+    assert prefill["native_bf16"] is False and prefill["kernel"] == 4 * n_layers      # the one-row head: small_m
+    assert _calls(avx2_artifact, "prefill_t128_c2048", "linear_fp32") >= 4 * n_layers
+    assert reports["vision_n1"]["passes"]["fp32_gemm"]["kernel"] > 0
+    assert all(r["passes"]["fp32_gemm"]["kernel"] == 0 for n, r in reports.items() if n.startswith("decode"))
+    _follows_transformers(avx2_artifact, tiny_checkpoints[SPEC].load_hf_model().to(torch.bfloat16).eval())
 
 
 def test_int8_bf16_artifact_with_the_int8_kernel_follows_transformers(int8_kernel_artifact, tiny_checkpoints):
