@@ -1,7 +1,8 @@
 """Hand-written CPU kernels compiled into an artifact: `internvl::small_m_linear` and
 `internvl::small_m_linear_int8` (small_m_gemm.cpp), `internvl::small_m_linear_int4` (int4_gemm.cpp; the block
 loops both share: blocks.h), `internvl::paged_decode_attention` (paged_attention.cpp), and for targets without
-native bf16 `internvl::linear_fp32` (fp32_gemm.cpp: the vision and prefill GEMMs in fp32 from bf16 weights).
+native bf16 `internvl::linear_fp32`, `_int8` and `_int4` (fp32_gemm.cpp: the vision and prefill GEMMs in fp32
+from bf16, int8 or int4 weights).
 
 Why: a decode step multiplies every weight matrix by 1-8 token rows and is bound by reading the
 weights. On an AVX512-BF16 CPU without AMX (AMD Zen 4) oneDNN's bf16 GEMM reads them at 14-17 GB/s at
@@ -41,7 +42,8 @@ HEADERS = [Path(__file__).with_name("blocks.h")]
 KERNELS_LIBRARY = "kernels/internvl_kernels.so"   # inside an artifact directory
 KERNELS_VERSION = 6                                 # = kVersion in small_m_gemm.cpp
 OPS = ["internvl::small_m_linear", "internvl::small_m_linear_int8", "internvl::small_m_linear_int4",
-       "internvl::dequant_int4", "internvl::paged_decode_attention", "internvl::linear_fp32"]
+       "internvl::dequant_int4", "internvl::paged_decode_attention", "internvl::linear_fp32",
+       "internvl::linear_fp32_int8", "internvl::linear_fp32_int4"]
 MAX_ROWS = 8
 
 _loaded: dict = {}      # {"path": the library loaded in this process, "version": its KERNELS_VERSION}
@@ -86,6 +88,16 @@ def gemm_kernel(target) -> bool:
     fp32: on AVX2 + FMA (measured on an emulated AVX2 box, 1.1-1.5x the converted slices through MKL's sgemm,
     2.8-4x oneDNN's bf16 GEMM at 16-48 rows; the pass's docstring). Targets with native bf16 keep oneDNN's bf16 GEMM."""
     return "avx2" in target.flags and "fma" in target.flags
+
+
+def gemm_takes(kernel: bool | None, target, native_bf16: bool, x, rows: int) -> bool:
+    """Whether a linear over `rows` rows of x (a fake tensor) calls internvl::linear_fp32 / _int8 / _int4: a graph
+    for a target without native bf16, the pass's `kernel` option (None: gemm_kernel(target); True: any target;
+    False: never), bf16 activations on the CPU, more than MAX_ROWS rows (fewer: the small-M ops)."""
+    import torch
+    use = gemm_kernel(target) if kernel is None else kernel
+    return (not native_bf16 and use and x.device.type == "cpu" and x.dtype == torch.bfloat16
+            and rows > MAX_ROWS)
 
 
 def least_rows(kernel: bool | None, target) -> int | None:

@@ -1,6 +1,8 @@
 // internvl::linear_fp32(x, w, b?): y[..., N] = x[..., K] @ w[N, K]^T (+ b) for any number of rows, w bf16, x, b and
 // y bf16 or fp32, every product and sum in fp32: the compute-bound linears (vision, prefill chunks) of graphs for a
-// target without native bf16 (compile/passes/fp32_gemm.py). There PyTorch's bf16 GEMM has no fast path and the pass
+// target without native bf16 (compile/passes/fp32_gemm.py). internvl::linear_fp32_int8(x, q, s, b?) and
+// linear_fp32_int4(x, q, s, group, b?): the same over weight-only int8 / int4 weights (int8_weights.py,
+// int4_weights.py; dequantised exactly to fp32 while packed). There PyTorch's bf16 GEMM has no fast path and the pass
 // used to convert weight slices to fp32 for MKL's sgemm, which reaches about 0.73 of the AVX2 FMA peak on the
 // emulated Zen 3 (docs/performance.md, ninth and tenth rounds); this GEMM converts each weight once per call while
 // packing it and runs at the FMA rate of its micro-kernel.
@@ -9,7 +11,7 @@
 // Functionality", 2015), with the weights as the packed "B" side:
 // - x is packed once per call into fp32 panels of kMR rows ([panel][K][kMR], zero rows past M), shared by the threads;
 // - the threads take blocks of kNC output columns; each packs its block's weights for all of K into fp32 micro-panels
-//   of kNR columns ([K][kNR] per micro-panel: a bf16 row becomes a column by 8 x 8 transposes);
+//   of kNR columns ([K][kNR] per micro-panel: 8 weights of 8 rows widened, scaled, and transposed in registers);
 // - for each block of kMC rows and each kKC slice of K, every micro-panel (kKC x kNR x 4 bytes, in L1) is multiplied
 //   into every kMR-row panel of the row block (kMC x kKC x 4 bytes, in L2) by the micro-kernel, a 6 x 16 tile of
 //   fp32 sums in 12 ymm registers (2 FMAs per broadcast element of x), added into an fp32 tile of the row block
@@ -102,22 +104,68 @@ inline void transpose8(__m256 r[8]) {
 }
 #endif
 
+// The weight formats, as row n's weight k (fp32, scaled) and, on AVX2, its 8 weights from k (k a multiple of 8).
+// bf16: the artifact's weights (a bf16 is the top half of an fp32).
+struct Bf16Weights {
+  const bf16* w;
+  int64_t K;
+  float at(int64_t n, int64_t k) const { return float(w[n * K + k]); }
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 load8(int64_t n, int64_t k) const { return widen8(w + n * K + k); }
+#endif
+};
+// int8 (compile/passes/int8_weights.py): q [N, K] in [-127, 127], an fp32 scale per row: w = q * s[n].
+struct Int8Weights {
+  const int8_t* q;
+  const float* s;
+  int64_t K;
+  float at(int64_t n, int64_t k) const { return float(q[n * K + k]) * s[n]; }
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 load8(int64_t n, int64_t k) const {
+    const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + n * K + k)));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(s[n]));
+  }
+#endif
+};
+// int4 (compile/passes/int4_weights.py, docs/CONTRACTS.md): q [N, K / 2], a 64-weight chunk in 32 bytes, byte j
+// holding weight j in its low nibble and 32 + j in its high one, each the value + 8; s [N, K / group], group a
+// multiple of 64: w = (nibble - 8) * s[n, k / group]. 8 weights from a multiple of 8 share a half-chunk and a group.
+struct Int4Weights {
+  const uint8_t* q;
+  const float* s;
+  int64_t K, group;
+  float at(int64_t n, int64_t k) const {
+    const uint8_t byte = q[n * (K / 2) + k / 64 * 32 + k % 32];
+    return float(int(k % 64 < 32 ? byte & 0x0F : byte >> 4) - 8) * s[n * (K / group) + k / group];
+  }
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 load8(int64_t n, int64_t k) const {
+    __m128i v = _mm_loadl_epi64((const __m128i*)(q + n * (K / 2) + k / 64 * 32 + k % 32));
+    if (k % 64 >= 32) v = _mm_srli_epi16(v, 4);
+    const __m256i nib = _mm256_cvtepu8_epi32(_mm_and_si128(v, _mm_set1_epi8(0x0F)));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(nib, _mm256_set1_epi32(8))),
+                         _mm256_set1_ps(s[n * (K / group) + k / group]));
+  }
+#endif
+};
+
 // Weight rows [n0, n0 + cols) (cols <= kNR; the rest of the micro-panel zero) -> bp[k][kNR] in fp32, for all of K.
-void pack_w(const bf16* w, int64_t K, int64_t n0, int64_t cols, float* bp) {
+template <typename W>
+void pack_w(const W& w, int64_t K, int64_t n0, int64_t cols, float* bp) {
   int64_t k = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   if (cols == kNR) {
     for (; k + 8 <= K; k += 8)
       for (int64_t h = 0; h < kNR; h += 8) {
         __m256 r[8];
-        for (int64_t i = 0; i < 8; ++i) r[i] = widen8(w + (n0 + h + i) * K + k);
+        for (int64_t i = 0; i < 8; ++i) r[i] = w.load8(n0 + h + i, k);
         transpose8(r);
         for (int64_t i = 0; i < 8; ++i) _mm256_store_ps(bp + (k + i) * kNR + h, r[i]);
       }
   }
 #endif
   for (; k < K; ++k)
-    for (int64_t j = 0; j < kNR; ++j) bp[k * kNR + j] = j < cols ? float(w[(n0 + j) * K + k]) : 0.f;
+    for (int64_t j = 0; j < kNR; ++j) bp[k * kNR + j] = j < cols ? w.at(n0 + j, k) : 0.f;
 }
 
 // c[kMR][ldc] (+)= a[kc][kMR] @ b[kc][kNR]: the micro-kernel.
@@ -165,8 +213,8 @@ inline void micro(const float* a, const float* b, int64_t kc, float* c, int64_t 
 template <typename Y>
 inline Y from_float(float v) { return Y(v); }   // bf16: rounded to nearest even (c10::BFloat16)
 
-template <typename X>
-void gemm(const X* x, int64_t M, int64_t K, const bf16* w, int64_t N, const X* b, X* y) {
+template <typename X, typename W>
+void gemm(const X* x, int64_t M, int64_t K, const W& w, int64_t N, const X* b, X* y) {
   if (K == 0) {     // an empty sum: y = b
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) y[m * N + n] = b ? b[n] : from_float<X>(0.f);
@@ -203,52 +251,111 @@ void gemm(const X* x, int64_t M, int64_t K, const bf16* w, int64_t N, const X* b
   });
 }
 
-void check(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2,
-              "internvl::linear_fp32 takes bf16 weights [N, K], got ", w.scalar_type(), " ", w.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
-              "internvl::linear_fp32 takes bf16 or fp32 x, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1),
-              "internvl::linear_fp32: x [..., K] and w [N, K], got ", x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(!b || (b->scalar_type() == x.scalar_type() && b->dim() == 1 && b->size(0) == w.size(0)),
-              "internvl::linear_fp32: bias must be [N] in x's dtype");
+// x [..., K] bf16 or fp32 (y and b alike); the weights' own checks are the caller's.
+void check_x(const char* op, const at::Tensor& x, int64_t K, int64_t N, const std::optional<at::Tensor>& b) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "internvl::", op,
+              " takes bf16 or fp32 x, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "internvl::", op, ": x [..., K] with K = ", K, ", got ", x.sizes());
+  TORCH_CHECK(!b || (b->scalar_type() == x.scalar_type() && b->dim() == 1 && b->size(0) == N), "internvl::", op,
+              ": bias must be [N] in x's dtype");
 }
 
-std::vector<int64_t> out_shape(const at::Tensor& x, const at::Tensor& w) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = w.size(0);
-  return shape;
+void check_int4(const at::Tensor& q, const at::Tensor& s, int64_t group) {
+  TORCH_CHECK(q.scalar_type() == at::kByte && s.scalar_type() == at::kFloat && q.dim() == 2 && s.dim() == 2 &&
+                  group > 0 && group % 64 == 0 && (2 * q.size(1)) % group == 0 && s.size(0) == q.size(0) &&
+                  s.size(1) == 2 * q.size(1) / group,
+              "internvl::linear_fp32_int4: uint8 q [N, K / 2], fp32 s [N, K / group], group a multiple of 64 dividing "
+              "K; got ", q.scalar_type(), " ", q.sizes(), ", ", s.scalar_type(), " ", s.sizes(), ", group ", group);
 }
 
-at::Tensor linear_fp32_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
-  check(x, w, b);
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+// y = x @ w^T (+ b) in x's dtype; make(K) builds the weight source.
+template <typename Make>
+at::Tensor run(const at::Tensor& x, int64_t K, int64_t N, const std::optional<at::Tensor>& b, const Make& make) {
+  const at::Tensor xc = x.contiguous();
   const std::optional<at::Tensor> bc = b ? std::optional<at::Tensor>(b->contiguous()) : std::nullopt;
-  at::Tensor y = at::empty(out_shape(x, w), x.options());
-  const int64_t K = w.size(1), N = w.size(0), M = y.numel() / std::max<int64_t>(N, 1);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  const int64_t M = y.numel() / std::max<int64_t>(N, 1);
   if (M == 0 || N == 0) return y;
   if (x.scalar_type() == at::kBFloat16) {
-    gemm(xc.const_data_ptr<bf16>(), M, K, wc.const_data_ptr<bf16>(), N, bc ? bc->const_data_ptr<bf16>() : nullptr,
+    gemm(xc.const_data_ptr<bf16>(), M, K, make(), N, bc ? bc->const_data_ptr<bf16>() : nullptr,
          y.mutable_data_ptr<bf16>());
   } else {
-    gemm(xc.const_data_ptr<float>(), M, K, wc.const_data_ptr<bf16>(), N, bc ? bc->const_data_ptr<float>() : nullptr,
+    gemm(xc.const_data_ptr<float>(), M, K, make(), N, bc ? bc->const_data_ptr<float>() : nullptr,
          y.mutable_data_ptr<float>());
   }
   return y;
 }
 
+at::Tensor linear_fp32_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2,
+              "internvl::linear_fp32 takes bf16 weights [N, K], got ", w.scalar_type(), " ", w.sizes());
+  check_x("linear_fp32", x, w.size(1), w.size(0), b);
+  const at::Tensor wc = w.contiguous();
+  return run(x, w.size(1), w.size(0), b, [&] { return Bf16Weights{wc.const_data_ptr<bf16>(), w.size(1)}; });
+}
+
+at::Tensor linear_fp32_int8_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s,
+                                const std::optional<at::Tensor>& b) {
+  TORCH_CHECK(q.scalar_type() == at::kChar && s.scalar_type() == at::kFloat && q.dim() == 2 && s.dim() == 1 &&
+                  s.size(0) == q.size(0),
+              "internvl::linear_fp32_int8: int8 q [N, K] and fp32 s [N], got ", q.scalar_type(), " ", q.sizes(),
+              " and ", s.scalar_type(), " ", s.sizes());
+  check_x("linear_fp32_int8", x, q.size(1), q.size(0), b);
+  const at::Tensor qc = q.contiguous(), sc = s.contiguous();
+  return run(x, q.size(1), q.size(0), b, [&] {
+    return Int8Weights{qc.const_data_ptr<int8_t>(), sc.const_data_ptr<float>(), q.size(1)};
+  });
+}
+
+at::Tensor linear_fp32_int4_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, int64_t group,
+                                const std::optional<at::Tensor>& b) {
+  check_int4(q, s, group);
+  const int64_t K = 2 * q.size(1);
+  check_x("linear_fp32_int4", x, K, q.size(0), b);
+  const at::Tensor qc = q.contiguous(), sc = s.contiguous();
+  return run(x, K, q.size(0), b, [&] {
+    return Int4Weights{qc.const_data_ptr<uint8_t>(), sc.const_data_ptr<float>(), K, group};
+  });
+}
+
 // The shapes symbolically: a prefill graph's chunk length is a dynamic dimension (compile/export.py), which
-// sizes() would specialise to its example value.
-at::Tensor linear_fp32_meta(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && x.dim() >= 1,
-              "internvl::linear_fp32 takes bf16 weights [N, K] and x [..., K]");
+// sizes() would specialise to its example value. n: the weights' rows.
+at::Tensor meta_out(const at::Tensor& x, const c10::SymInt& n) {
+  TORCH_CHECK(x.dim() >= 1 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+              "internvl::linear_fp32*: bf16 or fp32 x [..., K]");
   std::vector<c10::SymInt> shape(x.sym_sizes().begin(), x.sym_sizes().end());
-  shape.back() = w.sym_size(0);
+  shape.back() = n;
   return at::empty_symint(shape, x.options());
+}
+at::Tensor linear_fp32_meta(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>&) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2, "internvl::linear_fp32 takes bf16 weights [N, K]");
+  return meta_out(x, w.sym_size(0));
+}
+at::Tensor linear_fp32_int8_meta(const at::Tensor& x, const at::Tensor& q, const at::Tensor&,
+                                 const std::optional<at::Tensor>&) {
+  return meta_out(x, q.sym_size(0));
+}
+at::Tensor linear_fp32_int4_meta(const at::Tensor& x, const at::Tensor& q, const at::Tensor&, int64_t,
+                                 const std::optional<at::Tensor>&) {
+  return meta_out(x, q.sym_size(0));
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(internvl, m) { m.def("linear_fp32(Tensor x, Tensor w, Tensor? b=None) -> Tensor"); }
-TORCH_LIBRARY_IMPL(internvl, CPU, m) { m.impl("linear_fp32", &linear_fp32_cpu); }
-TORCH_LIBRARY_IMPL(internvl, Meta, m) { m.impl("linear_fp32", &linear_fp32_meta); }
+TORCH_LIBRARY_FRAGMENT(internvl, m) {
+  m.def("linear_fp32(Tensor x, Tensor w, Tensor? b=None) -> Tensor");
+  m.def("linear_fp32_int8(Tensor x, Tensor q, Tensor s, Tensor? b=None) -> Tensor");
+  m.def("linear_fp32_int4(Tensor x, Tensor q, Tensor s, int group, Tensor? b=None) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(internvl, CPU, m) {
+  m.impl("linear_fp32", &linear_fp32_cpu);
+  m.impl("linear_fp32_int8", &linear_fp32_int8_cpu);
+  m.impl("linear_fp32_int4", &linear_fp32_int4_cpu);
+}
+TORCH_LIBRARY_IMPL(internvl, Meta, m) {
+  m.impl("linear_fp32", &linear_fp32_meta);
+  m.impl("linear_fp32_int8", &linear_fp32_int8_meta);
+  m.impl("linear_fp32_int4", &linear_fp32_int4_meta);
+}

@@ -41,20 +41,36 @@ def check_every_shape(op):
 
 
 def check_fp32_gemm(op):
-    """internvl::linear_fp32 (the prefill and vision GEMM for targets without native bf16) against F.linear in
-    float64: rows past one 6-row panel and one 144-row block with a remainder, K past a 256-slice and not a
-    multiple of the 8 x 8 transposes, N past a 256-column block and not a multiple of the 16-column micro-panel;
-    x, b and y bf16 (y rounded once) or fp32."""
+    """internvl::linear_fp32 (the prefill and vision GEMM for targets without native bf16) and its int8 / int4
+    weight forms against F.linear in float64 over the (dequantised) weights: rows past one 6-row panel and one
+    144-row block with a remainder, K past a 256-slice and not a multiple of the 8 x 8 transposes, N past a
+    256-column block and not a multiple of the 16-column micro-panel; x, b and y bf16 (y rounded once) or fp32.
+    `op` is torch.ops.internvl.linear_fp32 of the library under test (its _int8 / _int4 siblings beside it)."""
+    from internvl_aot.compile.passes import int4_weights, int8_weights
+    ops = torch.ops.internvl
     g = torch.Generator().manual_seed(3)
-    for rows, k, n in ((1, 5, 3), (7, 33, 17), (13, 300, 40), (150, 257, 530), (6, 16, 16), (301, 1000, 33)):
+    for rows, k, n in ((1, 5, 3), (7, 33, 17), (13, 300, 40), (150, 257, 530), (6, 16, 16), (301, 1000, 33),
+                       (9, 384, 20)):
+        w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)
+        forms = [(op, (w.bfloat16(),), w.bfloat16().double())]
+        q8, s8 = int8_weights.quantize(w)
+        forms.append((ops.linear_fp32_int8, (q8, s8), q8.double() * s8.double()[:, None]))
+        if k % 64 == 0:
+            group = 128 if k % 128 == 0 else 64
+            q4, s4 = int4_weights.quantize(w, group)
+            forms.append((ops.linear_fp32_int4, (q4, s4, group), int4_weights.dequantize(q4, s4, group).double()))
         for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
             x = torch.randn(rows, k, generator=g).to(dtype)
-            w = torch.randn(n, k, generator=g).bfloat16()
-            for b in (torch.randn(n, generator=g).to(dtype), None):
-                want = F.linear(x.double(), w.double(), None if b is None else b.double())
-                got = op(x, w, b)
-                assert got.dtype == dtype and got.shape == (rows, n)
-                torch.testing.assert_close(got.double(), want, atol=tol * want.abs().max().item(), rtol=tol)
+            for f, weight_args, dense in forms:
+                for b in (torch.randn(n, generator=g).to(dtype), None):
+                    want = F.linear(x.double(), dense, None if b is None else b.double())
+                    got = f(x, *weight_args, b)
+                    assert got.dtype == dtype and got.shape == (rows, n)
+                    torch.testing.assert_close(got.double(), want, atol=tol * want.abs().max().item(), rtol=tol)
+    with pytest.raises(RuntimeError, match="int8 q"):
+        ops.linear_fp32_int8(torch.randn(9, 64), torch.ones(8, 64, dtype=torch.int8), torch.ones(8).bfloat16())
+    with pytest.raises(RuntimeError, match="group a multiple of 64"):
+        ops.linear_fp32_int4(torch.randn(9, 64), torch.ones(8, 32, dtype=torch.uint8), torch.ones(8, 2), 32)
     assert op(torch.randn(2, 3, 64).bfloat16(), torch.randn(8, 64).bfloat16()).shape == (2, 3, 8)
     assert torch.equal(op(torch.randn(4, 0), torch.randn(3, 0).bfloat16(), torch.arange(3.)),
                        torch.arange(3.).expand(4, 3))       # K = 0: the bias alone
@@ -382,7 +398,8 @@ def test_int8_bf16_artifact_with_the_int8_kernel_follows_transformers(int8_kerne
 
 def test_int4_bf16_artifact_with_the_int4_kernel_follows_transformers(int4_kernel_artifact, tiny_checkpoints):
     """QUANT=int4 in bf16: the decode steps' linears read the packed int4 matrices through
-    internvl::small_m_linear_int4, the prefill chunks dequantise slices; against transformers in bf16 whose LLM
+    internvl::small_m_linear_int4, the prefill chunks dequantise slices (or, without native bf16, go through
+    internvl::linear_fp32_int4); against transformers in bf16 whose LLM
     linear weights are the same int4 rounding (int4_weights.quantize of the bf16 weights, groups of 64)."""
     from internvl_aot.compile.passes.int4_weights import dequantize, quantize
     manifest = json.loads((int4_kernel_artifact / "manifest.json").read_text())
@@ -392,7 +409,10 @@ def test_int4_bf16_artifact_with_the_int4_kernel_follows_transformers(int4_kerne
     for name in ("decode_b1_c2048", "decode_b4_c2048"):
         r = reports[name]["passes"]["int4_weights"]
         assert r["kernel"] == 3 * n_layers + 1 and r["kept"] == n_layers and r["groups"] == {"64": 3 * n_layers + 1}
-    assert reports["prefill_t128_c2048"]["passes"]["int4_weights"]["gemm_sliced"] == 3 * n_layers
+    prefill = reports["prefill_t128_c2048"]["passes"]["int4_weights"]
+    # the prefill chunk: dequantised slices where this box has native bf16, else internvl::linear_fp32_int4
+    wide = 0 if targets.current().native_bf16 else 3 * n_layers
+    assert (prefill["gemm_sliced"], prefill["gemm_kernel"]) == (3 * n_layers - wide, wide)
     hf = tiny_checkpoints[SPEC].load_hf_model().to(torch.bfloat16).eval()
     linears = [m for m in hf.model.language_model.modules() if isinstance(m, torch.nn.Linear)] + [hf.lm_head]
     rounded = 0
@@ -449,6 +469,6 @@ def test_the_kernels_flag_reaches_every_pass_with_a_kernel():
     assert kernel_options("auto") is None
     with_kernel = [n for n in PASS_ORDER + list(QUANT_PASSES.values()) if "kernel" in inspect.signature(
         importlib.import_module(f"internvl_aot.compile.passes.{n}").apply).parameters]
-    assert sorted(with_kernel) == ["int4_weights", "int8_weights", "small_m_linear"]
+    assert sorted(with_kernel) == ["fp32_gemm", "int4_weights", "int8_weights", "small_m_linear"]
     for choice, on in (("off", False), ("on", True)):
         assert kernel_options(choice) == {n: {"kernel": on} for n in with_kernel}

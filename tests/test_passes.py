@@ -521,7 +521,7 @@ def test_int8_weights_call_the_int8_kernel_up_to_8_rows():
     names = pass_list(None, "int8")
     progs, ref = programs("qwen2", torch.bfloat16), _dequantized_programs("qwen2")
     for name, rows in (("decode_b1_c32", 1), ("decode_b2_c64", 2), ("prefill_t16_c64", 16)):
-        new, reports = run_passes(progs[name], names, {"int8_weights": {"kernel": True}})
+        new, reports = run_passes(progs[name], names, {"int8_weights": {"kernel": True, "native_bf16": True}})
         op = torch.ops.internvl.small_m_linear_int8.default          # registered by the pass (kernels.ensure_built)
         r = reports["int8_weights"]
         n_kernel = 4 * LAYERS + 1 if rows <= 8 else 1                 # prefill: only its one-row output head
@@ -534,6 +534,15 @@ def test_int8_weights_call_the_int8_kernel_up_to_8_rows():
         expect, _, _ = run(ref[name], graph_inputs(name, torch.float32))
         got, _, _ = run(new, graph_inputs(name, torch.bfloat16))
         torch.testing.assert_close(got.float(), expect, atol=0.1, rtol=0.05, msg=lambda m: f"{name}: {m}")
+    # Without native bf16 the prefill chunk's int8 linears (16 rows) call internvl::linear_fp32_int8 instead of the
+    # dequantised slices: fp32 products of the int8 weights, bf16 out.
+    new, reports = run_passes(progs["prefill_t16_c64"], names, {"int8_weights": {"kernel": True, "native_bf16": False}})
+    r = reports["int8_weights"]
+    assert r["gemm_kernel"] == count_targets(new, torch.ops.internvl.linear_fp32_int8.default) == 4 * LAYERS
+    assert r["gemm_sliced"] == 0 and r["kernel"] == 1
+    expect, _, _ = run(ref["prefill_t16_c64"], graph_inputs("prefill_t16_c64", torch.float32))
+    got, _, _ = run(new, graph_inputs("prefill_t16_c64", torch.bfloat16))
+    torch.testing.assert_close(got.float(), expect, atol=0.1, rtol=0.05)
     two = progs["decode_b2_c64"]
     for target, used in ((get_target("x86-64-v3"), True), (get_target("x86-64-v4-bf16"), True),
                          (native_target(["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"]), False),
@@ -586,7 +595,8 @@ def test_int4_weights_match_dequantized_weights(arch, dtype):
     for name in GRAPHS:
         rows = 16 if name.startswith("prefill") else int(name.split("_")[1][1:])
         for kernel in (True, False):
-            new, reports = run_passes(progs[name], names, {"int4_weights": {"kernel": kernel, "group": 64}})
+            new, reports = run_passes(progs[name], names, {"int4_weights": {"kernel": kernel, "group": 64,
+                                                                            "native_bf16": True}})
             r = reports["int4_weights"]
             assert r["quantized"] == 3 * LAYERS + 1 and r["kept"] == LAYERS       # qkv, o, gate_up + head; down kept
             assert r["groups"] == {"64": 3 * LAYERS + 1}
@@ -608,6 +618,16 @@ def test_int4_weights_match_dequantized_weights(arch, dtype):
             t = dict(tol, atol=0.1) if op is not None else tol
             torch.testing.assert_close(got.float(), expect.float(), **t, msg=lambda m: f"{name} kernel={kernel}: {m}")
             passed[name] = new
+    # Without native bf16 a bf16 prefill chunk's int4 linears (16 rows) call internvl::linear_fp32_int4.
+    if bf16:
+        new, reports = run_passes(progs["prefill_t16_c64"], names, {"int4_weights": {"kernel": True, "group": 64,
+                                                                                     "native_bf16": False}})
+        r = reports["int4_weights"]
+        assert r["gemm_kernel"] == count_targets(new, torch.ops.internvl.linear_fp32_int4.default) == 3 * LAYERS
+        assert r["gemm_sliced"] == 0 and r["kernel"] == 1
+        expect, _, _ = run(ref["prefill_t16_c64"], graph_inputs("prefill_t16_c64", dtype))
+        got, _, _ = run(new, graph_inputs("prefill_t16_c64", dtype))
+        torch.testing.assert_close(got.float(), expect.float(), **tol)
     # The default group (128) falls back to 64 where 128 does not divide K (here every K).
     assert run_passes(progs["decode_b1_c32"], names)[1]["int4_weights"]["groups"] == {"64": 3 * LAYERS + 1}
     key = next(k for k in passed["decode_b1_c32"].state_dict if k.endswith("qkv_proj.weight_int4"))

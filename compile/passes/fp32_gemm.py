@@ -67,15 +67,13 @@ def apply(ep: ExportedProgram, native_bf16: bool | None = None, min_rows: int = 
               "kernel": 0}
     if native_bf16:
         return ep, report
-    use_kernel = kernels.gemm_kernel(current()) if kernel is None else kernel
     ed = ProgramEditor(ep)
     for node in list(ed.graph.nodes):
         if not is_op(node, *GEMM_OPS):
             continue
         out = val(node)
-        if use_kernel and node.target is aten.linear.default and out.device.type == "cpu" \
-                and out.dtype == torch.bfloat16 and val(node.args[1]).dtype == torch.bfloat16 \
-                and _rows(node) > kernels.MAX_ROWS:
+        if node.target is aten.linear.default and val(node.args[1]).dtype == torch.bfloat16 \
+                and kernels.gemm_takes(kernel, current(), native_bf16, val(node.args[0]), _rows(node)):
             b = node.args[2] if len(node.args) > 2 else None
             with ed.graph.inserting_before(node):
                 gemm = ed.call(kernels.op("linear_fp32", current()), (node.args[0], node.args[1], b), like=node)

@@ -65,12 +65,13 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, group: int = GROUP, chunk_mb:
           kernel: bool | None = None) -> tuple[ExportedProgram, dict]:
     """native_bf16 (default: the compile target's): without it the dequantised GEMMs of bf16/fp16 graphs run in
     fp32 (fp32_gemm.py). kernel: bf16 linears of up to kernels.MAX_ROWS rows call internvl::small_m_linear_int4
-    (None: the target decides; True: from 1 row on any target, for tests; False: never)."""
+    (None: the target decides; True: from 1 row on any target, for tests; False: never), and without native bf16
+    those over more rows internvl::linear_fp32_int4 (kernels.gemm_takes)."""
     if native_bf16 is None:
         native_bf16 = current().native_bf16
     least = kernels.least_rows(kernel, current())
     ed = ProgramEditor(ep)
-    done, kept, q_bytes, src_bytes, sliced, by_kernel, groups, by_op = [], [], 0, 0, 0, 0, {}, 0
+    done, kept, q_bytes, src_bytes, sliced, by_kernel, groups, by_op, by_gemm = [], [], 0, 0, 0, 0, {}, 0, 0
     for node, w_node, fqn, w in scoped_linears(ed, scope):
         g = next((c for c in (group, CHUNK) if w.shape[1] % c == 0), None)
         if g is None:
@@ -88,6 +89,9 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, group: int = GROUP, chunk_mb:
             if kernels.takes(least, val(x), rows, None if b is None else val(b)):
                 y = ed.call(kernels.op("small_m_linear_int4", current()), (x, q_in, s_in, g, b), like=node)
                 by_kernel += 1
+            elif kernels.gemm_takes(kernel, current(), native_bf16, val(x), rows):
+                y = ed.call(kernels.op("linear_fp32_int4", current()), (x, q_in, s_in, g, b), like=node)
+                by_gemm += 1
             else:
                 op = least is not None and val(x).device.type == "cpu"
                 deq = _dequant_op if op else _dequant
@@ -103,6 +107,7 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, group: int = GROUP, chunk_mb:
         q_bytes += q.numel() + 4 * scale.numel()
         src_bytes += w.numel() * w.element_size()
     report = {"quantized": len(done), "kept": len(kept), "gemm_sliced": sliced, "dequant_op": by_op, "kernel": by_kernel,
+              "gemm_kernel": by_gemm,
               "group": group, "groups": {str(k): n for k, n in sorted(groups.items())}, "scope": scope, "bytes": [src_bytes, q_bytes]}
     if not done:
         return ep, report

@@ -99,12 +99,13 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
     ATen's int8 GEMM is not used. pack_min_rows..pack_rows: the rows at which bf16 linears on a
     native-bf16 target take ATen's int8 GEMM (pack_rows=0: never). kernel: bf16 linears of up to
     kernels.MAX_ROWS rows call internvl::small_m_linear_int8 (None: the target decides; True: from 1 row on
-    any target, for tests; False: never)."""
+    any target, for tests; False: never), and without native bf16 those over more rows internvl::linear_fp32_int8
+    (kernels.gemm_takes: fp32 from the int8 bytes, instead of dequantised slices through MKL's sgemm)."""
     if native_bf16 is None:
         native_bf16 = current().native_bf16
     least = kernels.least_rows(kernel, current())
     ed = ProgramEditor(ep)
-    done, q_bytes, src_bytes, sliced, packed, by_kernel = [], 0, 0, 0, 0, 0
+    done, q_bytes, src_bytes, sliced, packed, by_kernel, by_gemm = [], 0, 0, 0, 0, 0, 0
     for node, w_node, fqn, w in scoped_linears(ed, scope):
         base = fqn[: -len(".weight")]
         q, scale = _QUANTIZED.get(base, [w], lambda w=w: tuple(
@@ -132,6 +133,12 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
             node.replace_all_uses_with(y)
             ed.graph.erase_node(node)
             packed += 1
+        elif kernels.gemm_takes(kernel, current(), native_bf16, val(x), rows):
+            with ed.graph.inserting_before(node):
+                y = ed.call(kernels.op("linear_fp32_int8", current()), (x, q_in, s_in, b), like=node)
+            node.replace_all_uses_with(y)
+            ed.graph.erase_node(node)
+            by_gemm += 1
         elif rows <= DECODE_ROWS:
             with ed.graph.inserting_before(node):
                 wd = _dequant(ed, node, q_in, s_in, x_dtype)
@@ -148,7 +155,8 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
         done.append(fqn)
         q_bytes += q.numel() + 4 * scale.numel()
         src_bytes += w.numel() * w.element_size()
-    report = {"quantized": len(done), "gemm_sliced": sliced, "int8pack": packed, "kernel": by_kernel, "scope": scope,
+    report = {"quantized": len(done), "gemm_sliced": sliced, "int8pack": packed, "kernel": by_kernel,
+              "gemm_kernel": by_gemm, "scope": scope,
               "bytes": [src_bytes, q_bytes]}
     if not done:
         return ep, report
