@@ -12,8 +12,10 @@ Definitions (also in docs/performance.md):
 - compute roofline of the time to first token: the multiply-adds of the vision encoder and the
   prompt's prefill (`prefill_flops`: 2 x tokens x each weight matrix, plus attention) divided by the
   box's achievable GEMM rate (`measure_gemm_flops`: a large matmul in each dtype with the engines'
-  thread count, best of several). `ttft_compute_frac` = that time / measured time to first token
-  (1.0 = every cycle of the first token in GEMMs at the rate a plain large matmul reaches).
+  thread count, best of several; and, for an artifact whose graphs call the kernel library's fp32 GEMM on a
+  CPU without native bf16, that op at the same shape: the best of these is the rate). `ttft_compute_frac` =
+  that time / measured time to first token (1.0 = every cycle of the first token in GEMMs at the rate a
+  plain large matmul reaches).
 - peak resident memory: the process's high-water RSS during one row. Linux lets a process reset
   its high-water mark (`echo 5 > /proc/self/clear_refs`), so each row reports its own peak
   (weights resident at that point included). Where that is not possible, ru_maxrss is used and
@@ -59,13 +61,21 @@ def measure_bandwidth(mib: int = 256, repeats: int = 7) -> dict:
 
 
 def measure_gemm_flops(dtypes=("bf16", "fp32"), m: int = 1024, k: int = 2048, n: int = 8192,
-                       repeats: int = 5, slow_call_s: float = 2.0) -> dict:
+                       repeats: int = 5, slow_call_s: float = 2.0, ops: dict | None = None) -> dict:
     """{'gemm_gflops': {dtype: GFLOP/s}} of an [m, k] x [k, n] matmul on the CPU with torch's current
     thread count (2 m k n FLOP a call, best of `repeats`): the rate a large, well-shaped GEMM reaches
     here, which bounds vision and prefill (an LLM MLP-sized matrix; 34 GFLOP a call). A dtype whose 8-row
-    probe says a full call would exceed `slow_call_s` is reported at the probe's 8 rows (gemm_rows)."""
+    probe says a full call would exceed `slow_call_s` is reported at the probe's 8 rows (gemm_rows).
+    ops: {name: f(x [m, k] bf16, w [n, k] bf16)} timed at the same shape, reported under `name`: the GEMM an
+    artifact's graphs call where it is not torch's (kernels/fp32_gemm.cpp's internvl::linear_fp32)."""
     import torch
     out, used = {}, {}
+    for name, f in (ops or {}).items():
+        a, w = torch.randn(m, k).bfloat16(), torch.randn(n, k).bfloat16()
+        f(a, w)
+        best = min(_timed(f, a, w) for _ in range(repeats))
+        used[name] = m
+        out[name] = round(2 * m * k * n / best / 1e9, 1)
     for name in dtypes:
         dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
         b = torch.randn(k, n).to(dt)
@@ -88,6 +98,12 @@ def measure_gemm_flops(dtypes=("bf16", "fp32"), m: int = 1024, k: int = 2048, n:
         used[name] = rows
         out[name] = round(2 * rows * k * n / best / 1e9, 1)
     return {"gemm_gflops": out, "gemm_shape": [m, k, n], "gemm_rows": used, "threads": torch.get_num_threads()}
+
+
+def _timed(f, *args) -> float:
+    t0 = time.perf_counter()
+    f(*args)
+    return time.perf_counter() - t0
 
 
 def measure_gpu_bandwidth(mib: int = 1024, repeats: int = 10) -> dict | None:

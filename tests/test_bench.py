@@ -36,6 +36,12 @@ def test_gemm_rate_falls_back_to_a_probe_where_a_call_would_be_slow():
     assert full["gemm_rows"] == {"fp32": 64} and full["gemm_gflops"]["fp32"] > 0
     slow = measure_gemm_flops(("fp32", "bf16"), m=64, k=128, n=256, slow_call_s=0.0)
     assert slow["gemm_rows"] == {"fp32": 8, "bf16": 8} and min(slow["gemm_gflops"].values()) > 0
+    # an artifact's own GEMM op (bf16 x [m, k], w [n, k]) is timed at the full shape beside torch's
+    seen = []
+    ops = measure_gemm_flops(("fp32",), m=64, k=128, n=256, repeats=2,
+                             ops={"op": lambda x, w: seen.append((x.shape, w.shape)) or x @ w.t()})
+    assert ops["gemm_rows"] == {"op": 64, "fp32": 64} and ops["gemm_gflops"]["op"] > 0
+    assert set(seen) == {((64, 128), (256, 128))}
 
 
 def test_unfused_artifact_weights_equal_the_checkpoint(tiny_artifact, tiny_checkpoints):

@@ -374,6 +374,13 @@ def test_avx2_bf16_artifact_with_the_fp32_gemm_follows_transformers(avx2_artifac
     assert _calls(avx2_artifact, "prefill_t128_c2048", "linear_fp32") >= 4 * n_layers
     assert reports["vision_n1"]["passes"]["fp32_gemm"]["kernel"] > 0
     assert all(r["passes"]["fp32_gemm"]["kernel"] == 0 for n, r in reports.items() if n.startswith("decode"))
+    # the bench times this op beside torch's GEMMs for the first token's compute fraction; not for other artifacts
+    from internvl_aot.bench.cli import artifact_gemm_ops
+    ops = artifact_gemm_ops(avx2_artifact, manifest)
+    assert list(ops) == ["linear_fp32"] and ops["linear_fp32"](torch.ones(9, 16).bfloat16(),
+                                                               torch.ones(4, 16).bfloat16()).tolist() == [[16.0] * 4] * 9
+    assert artifact_gemm_ops(Path("unused"), {"compile": {"passes": {"prefill": {"passes": {"fp32_gemm": {
+        "kernel": 0}}}}}}) == {}
     _follows_transformers(avx2_artifact, tiny_checkpoints[SPEC].load_hf_model().to(torch.bfloat16).eval())
 
 
