@@ -3,9 +3,9 @@
 // target without native bf16 (compile/passes/fp32_gemm.py). internvl::linear_fp32_int8(x, q, s, b?) and
 // linear_fp32_int4(x, q, s, group, b?): the same over weight-only int8 / int4 weights (int8_weights.py,
 // int4_weights.py; dequantised exactly to fp32 while packed). There PyTorch's bf16 GEMM has no fast path and the pass
-// used to convert weight slices to fp32 for MKL's sgemm, which reaches about 0.73 of the AVX2 FMA peak on the
-// emulated Zen 3 (docs/performance.md, ninth and tenth rounds); this GEMM converts each weight once per call while
-// packing it and runs at the FMA rate of its micro-kernel.
+// used to convert weight slices to fp32 for MKL's sgemm: 136-186 GFLOP/s at the 2B's prefill shapes against a 2-core
+// FMA peak of 216-222 (emulated AVX2 on a Zen 4); this GEMM converts each weight once per call while packing it and
+// reaches 178-218 (docs/performance.md, eleventh round).
 //
 // The loops are those of BLIS (Van Zee and van de Geijn, "BLIS: A Framework for Rapidly Instantiating BLAS
 // Functionality", 2015), with the weights as the packed "B" side:
@@ -43,8 +43,10 @@ namespace {
 constexpr int64_t kMR = 6, kNR = 16, kMC = INTERNVL_GEMM_MC, kNC = INTERNVL_GEMM_NC, kKC = INTERNVL_GEMM_KC;
 static_assert(kMC % kMR == 0 && kNC % kNR == 0 && kKC % 8 == 0, "GEMM blocks: MC of whole panels, NC of micro-panels");
 
-// Scratch buffers per thread (slot 0: packed x, in the calling thread; 1, 2: a worker's packed weights and tile), grown to the largest size asked and kept: fresh pages on every call cost more than
-// the packing (compile/passes/fp32_gemm.py's docstring), and the OpenMP threads live as long as the process.
+// Scratch buffers per thread (slot 0: packed x, in the calling thread; 1, 2: a worker's packed weights and tile),
+// grown to the largest size asked and kept: fresh pages on every call cost more than the packing (compile/passes/
+// fp32_gemm.py's docstring), and the OpenMP threads live as long as the process (at most M x K + 2 x 256 x K floats
+// per thread: 16.8 + 8 MB for 4 vision tiles and the 2B's K = 8192).
 template <typename T>
 T* thread_scratch(int slot, size_t n) {
   thread_local scratch<T> buf[3];
