@@ -45,8 +45,8 @@ static_assert(kMC % kMR == 0 && kNC % kNR == 0 && kKC % 8 == 0, "GEMM blocks: MC
 
 // Scratch buffers per thread (slot 0: packed x, in the calling thread; 1, 2: a worker's packed weights and tile),
 // grown to the largest size asked and kept: fresh pages on every call cost more than the packing (compile/passes/
-// fp32_gemm.py's docstring), and the OpenMP threads live as long as the process (at most M x K + 2 x 256 x K floats
-// per thread: 16.8 + 8 MB for 4 vision tiles and the 2B's K = 8192).
+// fp32_gemm.py's docstring), and the OpenMP threads live as long as the process (the largest M x K floats in the
+// caller: 16.8 MB for 4 vision tiles; kNC x K in each worker: 8 MB at the 2B's K = 8192).
 template <typename T>
 T* thread_scratch(int slot, size_t n) {
   thread_local scratch<T> buf[3];
