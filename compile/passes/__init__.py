@@ -27,11 +27,13 @@ Order, and why:
    target has the kernel library, linears of <= 8 rows call its internvl::small_m_linear_int8 directly,
    elsewhere small_m_linear then reads the int8 bytes in the one-row decode graphs.
  QUANT=int4: int4_weights in the same place: group-wise int4 (128 weights a scale); linears of <= 8 rows call
-   internvl::small_m_linear_int4 where the target has the kernel library, the rest dequantise row slices.)
+   internvl::small_m_linear_int4 where the target has the kernel library, the rest dequantise row slices.
+   Without native bf16, both call the library's fp32 GEMM (linear_fp32_int8 / _int4) above 8 rows.)
 6. fp32_gemm: on a CPU target without native bf16 only, the GEMM-bound ops left (linears over
    several rows, the patch-embedding conv, SDPA) of bf16/fp16 graphs compute in fp32 from
-   bf16 storage; after small_m_linear, so the one-row linears keep their in-register
-   conversion and only real GEMMs pay for a converted copy of their weight.
+   bf16 storage: bf16 linears of more than 8 rows through the kernel library's internvl::linear_fp32
+   where the target has AVX2 + FMA (it converts each weight while packing it), the rest through a
+   converted copy; after small_m_linear, so the one-row linears keep their in-register conversion.
 """
 from __future__ import annotations
 
