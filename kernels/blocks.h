@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -143,6 +144,23 @@ void for_weight_blocks(int64_t M, int64_t N, int64_t R, const bf16* b, const flo
     dot(n, 1, acc);
     store(y, b, s, M, N, n, 1, acc);
   }
+}
+
+// x's shape with its last dimension n: a linear's output [..., n].
+inline std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return shape;
+}
+
+// int4 weights as every op that reads them takes them (int4_gemm.cpp, fp32_gemm.cpp; docs/CONTRACTS.md): uint8 q
+// [N, K / 2], fp32 s [N, K / group], group a multiple of the 64-weight chunk dividing K.
+inline void check_int4_weights(const char* op, const at::Tensor& q, const at::Tensor& s, int64_t group) {
+  TORCH_CHECK(q.scalar_type() == at::kByte && s.scalar_type() == at::kFloat && q.dim() == 2 && s.dim() == 2 &&
+                  group > 0 && group % 64 == 0 && (2 * q.size(1)) % group == 0 && s.size(0) == q.size(0) &&
+                  s.size(1) == 2 * q.size(1) / group,
+              "internvl::", op, ": uint8 q [N, K / 2], fp32 s [N, K / group], group a multiple of 64 dividing K; got ",
+              q.scalar_type(), " ", q.sizes(), ", ", s.scalar_type(), " ", s.sizes(), ", group ", group);
 }
 
 // Rows of x for the quantised paths, padded with zero rows to 1, 2, 4 or 8, so that the rows are computed in one

@@ -251,22 +251,12 @@ void check_x(const char* op, const at::Tensor& x, int64_t K, int64_t N, const st
               ": bias must be [N] in x's dtype");
 }
 
-void check_int4(const at::Tensor& q, const at::Tensor& s, int64_t group) {
-  TORCH_CHECK(q.scalar_type() == at::kByte && s.scalar_type() == at::kFloat && q.dim() == 2 && s.dim() == 2 &&
-                  group > 0 && group % 64 == 0 && (2 * q.size(1)) % group == 0 && s.size(0) == q.size(0) &&
-                  s.size(1) == 2 * q.size(1) / group,
-              "internvl::linear_fp32_int4: uint8 q [N, K / 2], fp32 s [N, K / group], group a multiple of 64 dividing "
-              "K; got ", q.scalar_type(), " ", q.sizes(), ", ", s.scalar_type(), " ", s.sizes(), ", group ", group);
-}
-
 // y = x @ w^T (+ b) in x's dtype; make(K) builds the weight source.
 template <typename Make>
 at::Tensor run(const at::Tensor& x, int64_t K, int64_t N, const std::optional<at::Tensor>& b, const Make& make) {
   const at::Tensor xc = x.contiguous();
   const std::optional<at::Tensor> bc = b ? std::optional<at::Tensor>(b->contiguous()) : std::nullopt;
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  at::Tensor y = at::empty(shape, x.options());
+  at::Tensor y = at::empty(out_shape(x, N), x.options());
   const int64_t M = y.numel() / std::max<int64_t>(N, 1);
   if (M == 0 || N == 0) return y;
   if (x.scalar_type() == at::kBFloat16) {
@@ -302,7 +292,7 @@ at::Tensor linear_fp32_int8_cpu(const at::Tensor& x, const at::Tensor& q, const 
 
 at::Tensor linear_fp32_int4_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, int64_t group,
                                 const std::optional<at::Tensor>& b) {
-  check_int4(q, s, group);
+  check_int4_weights("linear_fp32_int4", q, s, group);
   const int64_t K = 2 * q.size(1);
   check_x("linear_fp32_int4", x, K, q.size(0), b);
   const at::Tensor qc = q.contiguous(), sc = s.contiguous();

@@ -329,12 +329,6 @@ void check_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, i
               "internvl::small_m_linear_int4: bias must be bf16 [N]");
 }
 
-std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = n;
-  return shape;
-}
-
 at::Tensor small_m_linear_int4_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, int64_t group,
                                    const std::optional<at::Tensor>& b) {
   check_int4(x, q, s, group, b);
@@ -354,17 +348,8 @@ at::Tensor small_m_linear_int4_meta(const at::Tensor& x, const at::Tensor& q, co
   return at::empty(out_shape(x, q.size(0)), x.options());
 }
 
-void check_dequant(const at::Tensor& q, const at::Tensor& s, int64_t group) {
-  TORCH_CHECK(q.scalar_type() == at::kByte && s.scalar_type() == at::kFloat && q.dim() == 2 && s.dim() == 2 &&
-                  group > 0 && group % kChunk == 0 && (2 * q.size(1)) % group == 0 && s.size(0) == q.size(0) &&
-                  s.size(1) == 2 * q.size(1) / group,
-              "internvl::dequant_int4: uint8 q [N, K / 2], fp32 s [N, K / group], group a multiple of ", kChunk,
-              " dividing K; got ", q.scalar_type(), " ", q.sizes(), ", ", s.scalar_type(), " ", s.sizes(), ", group ",
-              group);
-}
-
 at::Tensor dequant_int4_cpu(const at::Tensor& q, const at::Tensor& s, int64_t group, bool fp32) {
-  check_dequant(q, s, group);
+  check_int4_weights("dequant_int4", q, s, group);
   const at::Tensor qc = q.contiguous(), sc = s.contiguous();
   const int64_t N = q.size(0), K = 2 * q.size(1);
   at::Tensor w = at::empty({N, K}, q.options().dtype(fp32 ? at::kFloat : at::kBFloat16));
@@ -377,7 +362,7 @@ at::Tensor dequant_int4_cpu(const at::Tensor& q, const at::Tensor& s, int64_t gr
 }
 
 at::Tensor dequant_int4_meta(const at::Tensor& q, const at::Tensor& s, int64_t group, bool fp32) {
-  check_dequant(q, s, group);
+  check_int4_weights("dequant_int4", q, s, group);
   return at::empty({q.size(0), 2 * q.size(1)}, q.options().dtype(fp32 ? at::kFloat : at::kBFloat16));
 }
 

@@ -424,12 +424,6 @@ void compute_int8(const bf16* x, int64_t M, int64_t K, const int8_t* q, const fl
 #endif
 }
 
-std::vector<int64_t> out_shape(const at::Tensor& x, const at::Tensor& w) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = w.size(0);
-  return shape;
-}
-
 void check(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
               "internvl::small_m_linear takes bf16 x and w, got ", x.scalar_type(), " and ", w.scalar_type());
@@ -445,7 +439,7 @@ at::Tensor small_m_linear_cpu(const at::Tensor& x, const at::Tensor& w, const st
   check(x, w, b);
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   const std::optional<at::Tensor> bc = b ? std::optional<at::Tensor>(b->contiguous()) : std::nullopt;
-  at::Tensor y = at::empty(out_shape(x, w), x.options());
+  at::Tensor y = at::empty(out_shape(x, w.size(0)), x.options());
   const int64_t K = w.size(1), N = w.size(0), M = K ? xc.numel() / K : 0;
   if (M == 0 || N == 0) return y;
   compute(xc.const_data_ptr<bf16>(), M, K, wc.const_data_ptr<bf16>(), N,
@@ -455,7 +449,7 @@ at::Tensor small_m_linear_cpu(const at::Tensor& x, const at::Tensor& w, const st
 
 at::Tensor small_m_linear_meta(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
   check(x, w, b);
-  return at::empty(out_shape(x, w), x.options());
+  return at::empty(out_shape(x, w.size(0)), x.options());
 }
 
 void check_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const std::optional<at::Tensor>& b) {
@@ -476,7 +470,7 @@ at::Tensor small_m_linear_int8_cpu(const at::Tensor& x, const at::Tensor& q, con
   check_int8(x, q, s, b);
   const at::Tensor xc = x.contiguous(), qc = q.contiguous(), sc = s.contiguous();
   const std::optional<at::Tensor> bc = b ? std::optional<at::Tensor>(b->contiguous()) : std::nullopt;
-  at::Tensor y = at::empty(out_shape(x, q), x.options());
+  at::Tensor y = at::empty(out_shape(x, q.size(0)), x.options());
   const int64_t K = q.size(1), N = q.size(0), M = K ? xc.numel() / K : 0;
   if (M == 0 || N == 0) return y;
   compute_int8(xc.const_data_ptr<bf16>(), M, K, qc.const_data_ptr<int8_t>(), sc.const_data_ptr<float>(), N,
@@ -487,7 +481,7 @@ at::Tensor small_m_linear_int8_cpu(const at::Tensor& x, const at::Tensor& q, con
 at::Tensor small_m_linear_int8_meta(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s,
                                     const std::optional<at::Tensor>& b) {
   check_int8(x, q, s, b);
-  return at::empty(out_shape(x, q), x.options());
+  return at::empty(out_shape(x, q.size(0)), x.options());
 }
 
 int64_t kernels_version() { return kVersion; }
