@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch.export import ExportedProgram
 
-from .program_edit import ProgramEditor, aten, is_op, rows, val
+from .program_edit import ProgramEditor, aten, is_op, linear_bias, rows, val
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 GEMM_OPS = (aten.linear.default, aten.conv2d.default, aten.scaled_dot_product_attention.default)
@@ -74,39 +74,36 @@ def apply(ep: ExportedProgram, native_bf16: bool | None = None, min_rows: int = 
         out = val(node)
         if node.target is aten.linear.default and val(node.args[1]).dtype == torch.bfloat16 \
                 and kernels.gemm_takes(kernel, current(), native_bf16, val(node.args[0]), _rows(node)):
-            b = node.args[2] if len(node.args) > 2 else None
-            with ed.graph.inserting_before(node):
-                gemm = ed.call(kernels.op("linear_fp32", current()), (node.args[0], node.args[1], b), like=node)
-            node.replace_all_uses_with(gemm)
-            ed.graph.erase_node(node)
+            ed.replace(node, lambda: ed.call(kernels.op("linear_fp32", current()),
+                                             (node.args[0], node.args[1], linear_bias(node)), like=node))
             report["kernel"] += 1
             continue
         if out.device.type != "cpu" or out.dtype not in LOW_PRECISION or _rows(node) < min_rows:
             report["kept"] += 1
             continue
-        with ed.graph.inserting_before(node):
-            def up(a):
-                v = val(a)
-                if isinstance(v, torch.Tensor) and v.dtype == out.dtype:
-                    return ed.call(aten._to_copy.default, (a,), {"dtype": torch.float32}, like=node)
-                return a
+
+        def up(a):
+            v = val(a)
+            if isinstance(v, torch.Tensor) and v.dtype == out.dtype:
+                return ed.call(aten._to_copy.default, (a,), {"dtype": torch.float32}, like=node)
+            return a
+
+        def widened():
             if node.target is aten.linear.default:
                 wide = _sliced_linear(ed, node, up, chunk_mb)
             else:
                 args = tuple(up(a) for a in node.args)
                 kwargs = {k: up(a) for k, a in node.kwargs.items()}
                 wide = ed.call(node.target, args, kwargs, like=node)
-            back = ed.call(aten._to_copy.default, (wide,), {"dtype": out.dtype}, like=node)
-        node.replace_all_uses_with(back)
-        ed.graph.erase_node(node)
+            return ed.call(aten._to_copy.default, (wide,), {"dtype": out.dtype}, like=node)
+        ed.replace(node, widened)
         report["lowered"] += 1
     return (ed.finish() if report["lowered"] or report["kernel"] else ep), report
 
 
 def _sliced_linear(ed: ProgramEditor, node, up, chunk_mb: float):
     """fp32 linear(x, w, b) computed in slices of w's output rows of at most chunk_mb in fp32."""
-    x, w = node.args[0], node.args[1]
-    b = node.args[2] if len(node.args) > 2 else None
+    x, w, b = node.args[0], node.args[1], linear_bias(node)
     n_out, k_in = val(w).shape
     return sliced_linear(ed, node, up(x), n_out, k_in, 4, chunk_mb,
                          lambda start, end: up(row_slice(ed, node, w, start, end, n_out)),

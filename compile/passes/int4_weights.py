@@ -31,7 +31,7 @@ from torch.export import ExportedProgram
 from ... import kernels
 from ..targets import current
 from .int8_weights import GEMM_SMALL_ROWS, SCOPE, _sliced_gemm, scoped_linears
-from .program_edit import ProgramEditor, TensorCache, aten, val, rows as _rows
+from .program_edit import ProgramEditor, TensorCache, aten, linear_bias, val, rows as _rows
 
 GROUP = 128
 CHUNK = 64           # weights per 32 bytes of the packed layout
@@ -84,23 +84,23 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, group: int = GROUP, chunk_mb:
         q_in = ed.add_parameter(f"{base}.weight_int4", q, before=w_node)
         s_in = ed.add_parameter(f"{base}.weight_scale_g{g}", scale, before=w_node)
         rows = _rows(val(x))
-        b = node.args[2] if len(node.args) > 2 else None
-        with ed.graph.inserting_before(node):
-            if kernels.takes(least, val(x), rows, None if b is None else val(b)):
-                y = ed.call(kernels.op("small_m_linear_int4", current()), (x, q_in, s_in, g, b), like=node)
-                by_kernel += 1
-            elif kernels.gemm_takes(kernel, current(), native_bf16, val(x), rows):
-                y = ed.call(kernels.op("linear_fp32_int4", current()), (x, q_in, s_in, g, b), like=node)
-                by_gemm += 1
-            else:
-                op = least is not None and val(x).device.type == "cpu"
-                deq = _dequant_op if op else _dequant
-                y = _sliced_gemm(ed, node, q_in, s_in, small_chunk_mb if rows <= GEMM_SMALL_ROWS else chunk_mb,
-                                 wide=not native_bf16, dequant=lambda *a, g=g, deq=deq: deq(*a, group=g))
-                sliced += 1
-                by_op += op
-        node.replace_all_uses_with(y)
-        ed.graph.erase_node(node)
+        b = linear_bias(node)
+        if kernels.takes(least, val(x), rows, None if b is None else val(b)):
+            ed.replace(node, lambda: ed.call(kernels.op("small_m_linear_int4", current()), (x, q_in, s_in, g, b),
+                                             like=node))
+            by_kernel += 1
+        elif kernels.gemm_takes(kernel, current(), native_bf16, val(x), rows):
+            ed.replace(node, lambda: ed.call(kernels.op("linear_fp32_int4", current()), (x, q_in, s_in, g, b),
+                                             like=node))
+            by_gemm += 1
+        else:
+            op = least is not None and val(x).device.type == "cpu"
+            deq = _dequant_op if op else _dequant
+            ed.replace(node, lambda: _sliced_gemm(ed, node, q_in, s_in,
+                                                  small_chunk_mb if rows <= GEMM_SMALL_ROWS else chunk_mb,
+                                                  wide=not native_bf16, dequant=lambda *a: deq(*a, group=g)))
+            sliced += 1
+            by_op += op
         ed.drop_input_if_unused(w_node)
         done.append(fqn)
         groups[g] = groups.get(g, 0) + 1

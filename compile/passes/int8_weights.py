@@ -40,7 +40,7 @@ from torch.export.graph_signature import InputKind
 from ... import kernels
 from ..targets import current
 from .fp32_gemm import row_slice, sliced_linear
-from .program_edit import ProgramEditor, TensorCache, aten, cast_dtype, is_op, val, rows as _rows
+from .program_edit import ProgramEditor, TensorCache, aten, cast_dtype, is_op, linear_bias, val, rows as _rows
 
 SCOPE = "language_model."
 QMAX = 127
@@ -115,12 +115,9 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
         s_in = ed.add_parameter(f"{base}.weight_scale", scale, before=w_node)
         rows = _rows(val(x))
         x_dtype = val(x).dtype
-        b = node.args[2] if len(node.args) > 2 else None
+        b = linear_bias(node)
         if kernels.takes(least, val(x), rows, None if b is None else val(b)):
-            with ed.graph.inserting_before(node):
-                y = ed.call(kernels.op("small_m_linear_int8", current()), (x, q_in, s_in, b), like=node)
-            node.replace_all_uses_with(y)
-            ed.graph.erase_node(node)
+            ed.replace(node, lambda: ed.call(kernels.op("small_m_linear_int8", current()), (x, q_in, s_in, b), like=node))
             by_kernel += 1
         elif native_bf16 and x_dtype == torch.bfloat16 and pack_min_rows <= rows <= pack_rows:
             s_x = ed.add_parameter(
@@ -128,27 +125,19 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
                 _QUANTIZED.get(base + ".scale", [scale], lambda: torch.nn.Parameter(scale.detach().to(x_dtype),
                                                                                      requires_grad=False),
                                extra_key=(x_dtype,)), before=w_node)
-            with ed.graph.inserting_before(node):
-                y = _int8pack(ed, node, q_in, s_x)
-            node.replace_all_uses_with(y)
-            ed.graph.erase_node(node)
+            ed.replace(node, lambda: _int8pack(ed, node, q_in, s_x))
             packed += 1
         elif kernels.gemm_takes(kernel, current(), native_bf16, val(x), rows):
-            with ed.graph.inserting_before(node):
-                y = ed.call(kernels.op("linear_fp32_int8", current()), (x, q_in, s_in, b), like=node)
-            node.replace_all_uses_with(y)
-            ed.graph.erase_node(node)
+            ed.replace(node, lambda: ed.call(kernels.op("linear_fp32_int8", current()), (x, q_in, s_in, b), like=node))
             by_gemm += 1
-        elif rows <= DECODE_ROWS:
+        elif rows <= DECODE_ROWS:           # small_m_linear lowers it: the linear stays, over the dequantisation
             with ed.graph.inserting_before(node):
                 wd = _dequant(ed, node, q_in, s_in, x_dtype)
             node.args = (x, wd, *node.args[2:])
         else:
-            with ed.graph.inserting_before(node):
-                y = _sliced_gemm(ed, node, q_in, s_in, small_chunk_mb if rows <= GEMM_SMALL_ROWS else chunk_mb,
-                                 wide=not native_bf16)
-            node.replace_all_uses_with(y)
-            ed.graph.erase_node(node)
+            ed.replace(node, lambda: _sliced_gemm(ed, node, q_in, s_in,
+                                                  small_chunk_mb if rows <= GEMM_SMALL_ROWS else chunk_mb,
+                                                  wide=not native_bf16))
             sliced += 1
         ed.drop_input_if_unused(w_node)
         ed.drop_input_if_unused(s_in)           # the int8 GEMM takes the scale in x's dtype instead
@@ -187,8 +176,7 @@ def _dequant(ed: ProgramEditor, node, q, s, dtype):
 
 def _int8pack(ed: ProgramEditor, node, q, s_x):
     """linear(x, dequant(q, s), b) as ATen's weight-only int8 GEMM over x flattened to 2-D."""
-    x = node.args[0]
-    b = node.args[2] if len(node.args) > 2 else None
+    x, b = node.args[0], linear_bias(node)
     lead = list(val(x).shape[:-1])
     x2 = ed.call(aten.reshape.default, (x, [math.prod(lead), val(x).shape[-1]]), like=node)
     y = ed.call(aten._weight_int8pack_mm.default, (x2, q, s_x), like=node)
@@ -202,8 +190,7 @@ def _sliced_gemm(ed: ProgramEditor, node, q, s, chunk_mb: float, wide: bool, deq
     (in fp32 if `wide` and x is bf16/fp16; the result cast back to x's dtype). dequant(ed, node, q rows,
     s rows, dtype): the weight slice as graph ops (default: this pass's int8 `_dequant`; int4_weights' own)."""
     dequant = dequant or _dequant
-    x = node.args[0]
-    b = node.args[2] if len(node.args) > 2 else None
+    x, b = node.args[0], linear_bias(node)
     out_dtype = val(x).dtype
     dtype = torch.float32 if wide else out_dtype
     if dtype != out_dtype:

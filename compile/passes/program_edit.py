@@ -72,6 +72,11 @@ def input_specs_by_name(ep: ExportedProgram) -> dict[str, InputSpec]:
     return {s.arg.name: s for s in ep.graph_signature.input_specs}
 
 
+def linear_bias(node: Node) -> Any:
+    """The bias argument of an `aten.linear` node (None if it has none)."""
+    return node.args[2] if len(node.args) > 2 else None
+
+
 def real_users(node: Node) -> list[Node]:
     """Users other than export's `_assert_tensor_metadata` checks."""
     return [u for u in node.users if not is_op(u, ASSERT_META)]
@@ -153,6 +158,15 @@ class ProgramEditor:
         with self.fake_mode:
             node.meta["val"] = target(*a, **kw)
         return node
+
+    def replace(self, node: Node, build: Callable[[], Node]) -> Node:
+        """Replace `node` by what `build()` returns, its nodes inserted right before `node`: the users move to
+        the new node and `node` is erased."""
+        with self.graph.inserting_before(node):
+            new = build()
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        return new
 
     # ------------------------------------------------------------------ result
     def finish(self) -> ExportedProgram:

@@ -37,7 +37,7 @@ from torch.export import ExportedProgram
 from ... import kernels
 from ..targets import current
 from .int8_weights import DECODE_ROWS, dequantized
-from .program_edit import ProgramEditor, aten, is_op, val, rows as _rows
+from .program_edit import ProgramEditor, aten, is_op, linear_bias, val, rows as _rows
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 FORCE_STRIDES = torch.ops.prims.inductor_force_stride_order.default   # realize with this layout
@@ -71,13 +71,12 @@ def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096,
         if not is_op(node, aten.linear.default):
             continue
         x, w = node.args[0], node.args[1]
-        b = node.args[2] if len(node.args) > 2 else None
+        b = linear_bias(node)
         xv, wv = val(x), val(w)
         rows = _rows(xv)
         deq = dequantized(w)
         if deq is None and wv.dtype == torch.bfloat16 and kernels.takes(least, xv, rows, None if b is None else val(b)):
-            with ed.graph.inserting_before(node):
-                out = ed.call(kernels.op("small_m_linear", current()), (x, w, b), like=node)
+            ed.replace(node, lambda: ed.call(kernels.op("small_m_linear", current()), (x, w, b), like=node))
             by_kernel += 1
         else:
             if deq is not None:
@@ -88,11 +87,8 @@ def apply(ep: ExportedProgram, max_rows: int = 1, max_chunk: int = 4096,
                 kept += 1
                 continue
             source, scale = deq if deq is not None else (w, None)
-            with ed.graph.inserting_before(node):
-                out = _reduction(ed, node, x, source, scale, b, xv, wv.shape, max_chunk)
+            ed.replace(node, lambda: _reduction(ed, node, x, source, scale, b, xv, wv.shape, max_chunk))
             int8 += deq is not None
-        node.replace_all_uses_with(out)
-        ed.graph.erase_node(node)
         lowered += 1
     report = {"lowered": lowered, "int8": int8, "kernel": by_kernel, "kept": kept, "max_rows": max_rows,
               "max_rows_int8": max_rows_int8, "max_chunk": max_chunk}
