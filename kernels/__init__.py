@@ -86,7 +86,8 @@ def gemm_kernel(target) -> bool:
     """Whether the compute-bound bf16 linears (vision, prefill chunks: more than MAX_ROWS rows) of graphs for
     `target` call internvl::linear_fp32 (kernels/fp32_gemm.cpp) where compile/passes/fp32_gemm.py widens them to
     fp32: on AVX2 + FMA (measured on an emulated AVX2 box, 1.1-1.5x the converted slices through MKL's sgemm,
-    2.8-4x oneDNN's bf16 GEMM at 16-48 rows; the pass's docstring). Targets with native bf16 keep oneDNN's bf16 GEMM."""
+    2.8-4x oneDNN's bf16 GEMM at 16-48 rows; the pass's docstring), AVX-512 without native bf16 (x86-64-v4)
+    included, where its micro-kernel is built in zmm. Targets with native bf16 keep oneDNN's bf16 GEMM."""
     return "avx2" in target.flags and "fma" in target.flags
 
 

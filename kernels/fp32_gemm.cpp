@@ -13,11 +13,12 @@
 // - the threads take blocks of kNC output columns; each packs its block's weights for all of K into fp32 micro-panels
 //   of kNR columns ([K][kNR] per micro-panel: 8 weights of 8 rows widened, scaled, and transposed in registers);
 // - for each block of kMC rows and each kKC slice of K, every micro-panel (kKC x kNR x 4 bytes, in L1) is multiplied
-//   into every kMR-row panel of the row block (kMC x kKC x 4 bytes, in L2) by the micro-kernel, a 6 x 16 tile of
-//   fp32 sums in 12 ymm registers (2 FMAs per broadcast element of x), added into an fp32 tile of the row block
+//   into every kMR-row panel of the row block (kMC x kKC x 4 bytes, in L2) by the micro-kernel, a 6 x kNR tile of
+//   fp32 sums in 12 vector registers (2 FMAs per broadcast element of x), added into an fp32 tile of the row block
 //   (kMC x kNC, in L2) that becomes y, + b, rounded to y's dtype, after the last slice of K.
-// Built for AVX2 + FMA (and the AVX-512 builds, which run the same ymm code; their graphs use oneDNN's bf16 GEMM and
-// do not call this op), else a plain loop: correct, not fast (tests only).
+// Built for AVX2 + FMA (6 x 16 in ymm) and AVX-512 (6 x 32 in zmm: the x86-64-v4 target, AVX-512 without native bf16
+// (Skylake-SP, Ice Lake), calls this op too, and its cores with two 512-bit FMA units do twice a ymm loop's FLOPs a
+// cycle; the packing stays ymm), else a plain loop: correct, not fast (tests only).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -40,7 +41,12 @@ namespace {
 #ifndef INTERNVL_GEMM_KC
 #define INTERNVL_GEMM_KC 256
 #endif
-constexpr int64_t kMR = 6, kNR = 16, kMC = INTERNVL_GEMM_MC, kNC = INTERNVL_GEMM_NC, kKC = INTERNVL_GEMM_KC;
+#if defined(__AVX512F__)
+constexpr int64_t kNR = 32;   // two zmm a row of the micro-kernel's tile
+#else
+constexpr int64_t kNR = 16;   // two ymm
+#endif
+constexpr int64_t kMR = 6, kMC = INTERNVL_GEMM_MC, kNC = INTERNVL_GEMM_NC, kKC = INTERNVL_GEMM_KC;
 static_assert(kMC % kMR == 0 && kNC % kNR == 0 && kKC % 8 == 0, "GEMM blocks: MC of whole panels, NC of micro-panels");
 
 // Scratch buffers per thread (slot 0: packed x, in the calling thread; 1, 2: a worker's packed weights and tile),
@@ -152,13 +158,18 @@ struct Int4Weights {
 };
 
 // Weight rows [n0, n0 + cols) (cols <= kNR; the rest of the micro-panel zero) -> bp[k][kNR] in fp32, for all of K.
+// 8 rows at a time along all of K, not all kNR rows in step: 32 rows read side by side (the zmm build's micro-panel)
+// packed 20-30% slower at 9-48 rows of x, where the packing is a large share (Zen 4, 2 threads, K = 2048, N = 8192,
+// GFLOP/s at M = 9 / 16 / 48: 59-62 / 92-93 / 143-157 in step, 78-88 / 109-125 / 167-181 8 rows at a time; the ymm
+// build's 16 rows 63-74 / 96-121 / 163-174).
 template <typename W>
 void pack_w(const W& w, int64_t K, int64_t n0, int64_t cols, float* bp) {
   int64_t k = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   if (cols == kNR) {
-    for (; k + 8 <= K; k += 8)
-      for (int64_t h = 0; h < kNR; h += 8) {
+    const int64_t k8 = K / 8 * 8;
+    for (int64_t h = 0; h < kNR; h += 8)
+      for (k = 0; k < k8; k += 8) {
         __m256 r[8];
         for (int64_t i = 0; i < 8; ++i) r[i] = w.load8(n0 + h + i, k);
         transpose8(r);
@@ -172,7 +183,25 @@ void pack_w(const W& w, int64_t K, int64_t n0, int64_t cols, float* bp) {
 
 // c[kMR][ldc] (+)= a[kc][kMR] @ b[kc][kNR]: the micro-kernel.
 inline void micro(const float* a, const float* b, int64_t kc, float* c, int64_t ldc, bool first) {
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+  __m512 acc[kMR][2];
+#pragma GCC unroll 6
+  for (int64_t i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k, a += kMR, b += kNR) {
+    const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+#pragma GCC unroll 6
+    for (int64_t i = 0; i < kMR; ++i) {
+      const __m512 x = _mm512_set1_ps(a[i]);
+      acc[i][0] = _mm512_fmadd_ps(x, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(x, b1, acc[i][1]);
+    }
+  }
+  for (int64_t i = 0; i < kMR; ++i)
+    for (int64_t h = 0; h < 2; ++h) {
+      float* p = c + i * ldc + h * 16;
+      _mm512_store_ps(p, first ? acc[i][h] : _mm512_add_ps(_mm512_load_ps(p), acc[i][h]));
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
   // 12 accumulators in registers (the loops over rows unrolled: GCC keeps the array out of memory)
   __m256 acc[kMR][2];
 #pragma GCC unroll 6

@@ -44,7 +44,7 @@ def check_fp32_gemm(op):
     """internvl::linear_fp32 (the prefill and vision GEMM for targets without native bf16) and its int8 / int4
     weight forms against F.linear in float64 over the (dequantised) weights: rows past one 6-row panel and one
     144-row block with a remainder, K past a 256-slice and not a multiple of the 8 x 8 transposes, N past a
-    256-column block and not a multiple of the 16-column micro-panel; x, b and y bf16 (y rounded once) or fp32.
+    256-column block and not a multiple of the micro-panel (16 columns, 32 in AVX-512 builds); x, b and y bf16 (y rounded once) or fp32.
     `op` is torch.ops.internvl.linear_fp32 of the library under test (its _int8 / _int4 siblings beside it)."""
     from internvl_aot.compile.passes import int4_weights, int8_weights
     ops = torch.ops.internvl
@@ -246,16 +246,18 @@ def test_decode_attention_kernel_matches_dense_attention():
 
 
 def test_the_other_targets_builds_match_the_gemm():
-    """The library built for x86-64-v3 (its AVX2 + FMA loops, what an AVX2 box's artifact ships), for
-    x86-64-v4-bf16 (AVX512-BF16 without VBMI: the int8 op's sign-extend + convert path) and for plain x86-64 (the
-    scalar loops), each in a process of its own (one library per process)."""
+    """The library built for x86-64-v3 (its AVX2 + FMA loops, what an AVX2 box's artifact ships), for x86-64-v4
+    (AVX-512 without native bf16: the fp32 GEMM's zmm micro-kernel, which its graphs call), for x86-64-v4-bf16
+    (AVX512-BF16 without VBMI: the int8 op's sign-extend + convert path) and for plain x86-64 (the scalar loops),
+    each in a process of its own (one library per process)."""
     import subprocess
     import sys
     from internvl_aot.runtime.isa import cpu_flags, get_target
     if not {"avx2", "fma"} <= cpu_flags():
         pytest.skip("this CPU cannot run x86-64-v3 code")
-    names = ["x86-64", "x86-64-v3"] + (["x86-64-v4-bf16"] if {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags()
-                             else [])
+    v4 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= cpu_flags()
+    names = ["x86-64", "x86-64-v3"] + (["x86-64-v4"] if v4 else []) + \
+        (["x86-64-v4-bf16"] if v4 and "avx512_bf16" in cpu_flags() else [])
     for name in names:
         lib = kernels.cached_build(["-march=x86-64", "-mtune=generic"]) if name == "x86-64" else \
             kernels.library_for(get_target(name))
