@@ -91,14 +91,18 @@ def gemm_kernel(target) -> bool:
     return "avx2" in target.flags and "fma" in target.flags
 
 
-def gemm_takes(kernel: bool | None, target, native_bf16: bool, x, rows: int) -> bool:
-    """Whether a linear over `rows` rows of x (a fake tensor) calls internvl::linear_fp32 / _int8 / _int4: a graph
-    for a target without native bf16, the pass's `kernel` option (None: gemm_kernel(target); True: any target;
-    False: never), bf16 activations on the CPU, more than MAX_ROWS rows (fewer: the small-M ops)."""
+def gemm_takes(kernel: bool | None, target, native_bf16: bool, x, rows: int, quantized: bool = False) -> bool:
+    """Whether a linear over `rows` rows of x (a fake tensor) calls internvl::linear_fp32 / _int8 / _int4: the pass's
+    `kernel` option (None: gemm_kernel(target); True: any target; False: never), a CPU graph, more than MAX_ROWS
+    rows (fewer: the small-M ops), and either bf16 x in a graph for a target without native bf16 or, with
+    `quantized` (int8 / int4 weights), fp32 x on any target: there the op replaces dequantised slices through
+    MKL's sgemm (Zen 4, 2 threads, int8 weights, M = 473 / 48: 190-214 / 168-171 GFLOP/s against 146-180 / 99-100,
+    docs/performance.md, twelfth round)."""
     import torch
     use = gemm_kernel(target) if kernel is None else kernel
-    return (not native_bf16 and use and x.device.type == "cpu" and x.dtype == torch.bfloat16
-            and rows > MAX_ROWS)
+    if not use or x.device.type != "cpu" or rows <= MAX_ROWS:
+        return False
+    return (x.dtype == torch.bfloat16 and not native_bf16) or (quantized and x.dtype == torch.float32)
 
 
 def least_rows(kernel: bool | None, target) -> int | None:

@@ -549,9 +549,17 @@ def test_int8_weights_call_the_int8_kernel_up_to_8_rows():
                          (native_target(["sse2", "avx"]), False)):
         with targets.activate(target):
             assert (run_passes(two, names)[1]["int8_weights"]["kernel"] > 0) == used, target.name
-    # fp32 activations keep the reduction / sliced GEMMs (the kernel takes bf16 x)
-    assert run_passes(programs("qwen2", torch.float32)["decode_b1_c32"], names,
-                      {"int8_weights": {"kernel": True}})[1]["int8_weights"]["kernel"] == 0
+    # fp32 activations: up to 8 rows the reduction / sliced GEMMs (the small-M kernel takes bf16 x); a prefill chunk's
+    # linears internvl::linear_fp32_int8 on any target, native bf16 or not (fp32 arithmetic either way)
+    fp32 = programs("qwen2", torch.float32)
+    assert run_passes(fp32["decode_b1_c32"], names, {"int8_weights": {"kernel": True}})[1]["int8_weights"]["kernel"] == 0
+    for native in (True, False):
+        new, reports = run_passes(fp32["prefill_t16_c64"], names, {"int8_weights": {"kernel": True,
+                                                                                    "native_bf16": native}})
+        r = reports["int8_weights"]
+        assert r["gemm_kernel"] == count_targets(new, torch.ops.internvl.linear_fp32_int8.default) == 4 * LAYERS
+        got, _, _ = run(new, graph_inputs("prefill_t16_c64", torch.float32))
+        torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- weight-only int4
@@ -605,7 +613,10 @@ def test_int4_weights_match_dequantized_weights(arch, dtype):
             op = torch.ops.internvl.small_m_linear_int4.default if kernel and bf16 else None
             n_kernel = 0 if op is None else (3 * LAYERS + 1 if rows <= 8 else 1)    # prefill: its one-row head
             assert r["kernel"] == n_kernel == (count_targets(new, op) if op else 0)
-            assert r["gemm_sliced"] == 3 * LAYERS + 1 - n_kernel
+            # an fp32 prefill chunk (16 rows): its linears through internvl::linear_fp32_int4 where kernel allows it
+            n_gemm = 3 * LAYERS if kernel and not bf16 and rows > 8 else 0
+            assert r["gemm_kernel"] == n_gemm == count_targets(new, torch.ops.internvl.linear_fp32_int4.default)
+            assert r["gemm_sliced"] == 3 * LAYERS + 1 - n_kernel - n_gemm
             # the slices dequantised by internvl::dequant_int4 where the kernel library may be used, else graph ops
             deq = torch.ops.internvl.dequant_int4.default
             assert r["dequant_op"] == (r["gemm_sliced"] if kernel else 0)

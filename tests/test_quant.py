@@ -3,7 +3,8 @@
 Weight-only int8 changes the weights, not the arithmetic: transformers' InternVLForConditionalGeneration
 with every LLM linear weight replaced by its per-row int8 rounding (q * scale) is the model the int8
 artifact must run. In fp32 the greedy tokens must be identical, for an image prompt, two images, text
-and a batch of all three (the decode graphs read the int8 bytes; prefill GEMMs dequantise slices).
+and a batch of all three (the decode graphs read the int8 bytes; prefill GEMMs go through internvl::linear_fp32_int8
+where the box has AVX2 + FMA, else dequantised slices).
 """
 from __future__ import annotations
 
