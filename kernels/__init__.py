@@ -93,16 +93,20 @@ def gemm_kernel(target) -> bool:
 
 def gemm_takes(kernel: bool | None, target, native_bf16: bool, x, rows: int, quantized: bool = False) -> bool:
     """Whether a linear over `rows` rows of x (a fake tensor) calls internvl::linear_fp32 / _int8 / _int4: the pass's
-    `kernel` option (None: gemm_kernel(target); True: any target; False: never), a CPU graph, more than MAX_ROWS
-    rows (fewer: the small-M ops), and either bf16 x in a graph for a target without native bf16 or, with
-    `quantized` (int8 / int4 weights), fp32 x on any target: there the op replaces dequantised slices through
-    MKL's sgemm (Zen 4, 2 threads, int8 weights, M = 473 / 48: 190-214 / 168-171 GFLOP/s against 146-180 / 99-100,
-    docs/performance.md, twelfth round)."""
+    `kernel` option (None: gemm_kernel(target); True: any target; False: never), a CPU graph, and either bf16 x of
+    more than MAX_ROWS rows (fewer: the small-M ops) in a graph for a target without native bf16 or, with `quantized`
+    (int8 / int4 weights), fp32 x at any rows on any target (a caller with a better one-row lowering, int8's
+    reduction over the int8 bytes, takes that first). For fp32 x the op replaces dequantised slices through MKL's
+    sgemm: Zen 4, int8 weights, K = 2048, N = 8192, 2 threads, M = 473 / 48: 190-214 / 168-171 GFLOP/s against
+    146-180 / 99-100; 1 thread, M = 2 / 4 / 8: 5.7 / 5.6 / 7.2 ms against 34.8 / 36.7 / 11.8 (docs/performance.md,
+    twelfth round)."""
     import torch
     use = gemm_kernel(target) if kernel is None else kernel
-    if not use or x.device.type != "cpu" or rows <= MAX_ROWS:
+    if not use or x.device.type != "cpu":
         return False
-    return (x.dtype == torch.bfloat16 and not native_bf16) or (quantized and x.dtype == torch.float32)
+    if x.dtype == torch.bfloat16:
+        return not native_bf16 and rows > MAX_ROWS
+    return quantized and x.dtype == torch.float32
 
 
 def least_rows(kernel: bool | None, target) -> int | None:

@@ -549,17 +549,19 @@ def test_int8_weights_call_the_int8_kernel_up_to_8_rows():
                          (native_target(["sse2", "avx"]), False)):
         with targets.activate(target):
             assert (run_passes(two, names)[1]["int8_weights"]["kernel"] > 0) == used, target.name
-    # fp32 activations: up to 8 rows the reduction / sliced GEMMs (the small-M kernel takes bf16 x); a prefill chunk's
-    # linears internvl::linear_fp32_int8 on any target, native bf16 or not (fp32 arithmetic either way)
+    # fp32 activations: one row the reduction over the int8 bytes (the small-M kernel takes bf16 x), 2+ rows (decode
+    # batches, the prefill chunk) internvl::linear_fp32_int8 on any target, native bf16 or not
     fp32 = programs("qwen2", torch.float32)
-    assert run_passes(fp32["decode_b1_c32"], names, {"int8_weights": {"kernel": True}})[1]["int8_weights"]["kernel"] == 0
-    for native in (True, False):
-        new, reports = run_passes(fp32["prefill_t16_c64"], names, {"int8_weights": {"kernel": True,
-                                                                                    "native_bf16": native}})
-        r = reports["int8_weights"]
-        assert r["gemm_kernel"] == count_targets(new, torch.ops.internvl.linear_fp32_int8.default) == 4 * LAYERS
-        got, _, _ = run(new, graph_inputs("prefill_t16_c64", torch.float32))
-        torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4)
+    for name, n_gemm, n_reduced in (("decode_b1_c32", 0, 4 * LAYERS + 1), ("decode_b2_c64", 4 * LAYERS + 1, 0),
+                                    ("prefill_t16_c64", 4 * LAYERS, 1)):
+        for native in (True, False):
+            new, reports = run_passes(fp32[name], names, {"int8_weights": {"kernel": True, "native_bf16": native}})
+            r = reports["int8_weights"]
+            assert r["kernel"] == 0 and reports["small_m_linear"]["int8"] == n_reduced
+            assert r["gemm_kernel"] == count_targets(new, torch.ops.internvl.linear_fp32_int8.default) == n_gemm
+            expect, _, _ = run(ref[name], graph_inputs(name, torch.float32))
+            got, _, _ = run(new, graph_inputs(name, torch.float32))
+            torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 # ---------------------------------------------------------------- weight-only int4
@@ -613,8 +615,8 @@ def test_int4_weights_match_dequantized_weights(arch, dtype):
             op = torch.ops.internvl.small_m_linear_int4.default if kernel and bf16 else None
             n_kernel = 0 if op is None else (3 * LAYERS + 1 if rows <= 8 else 1)    # prefill: its one-row head
             assert r["kernel"] == n_kernel == (count_targets(new, op) if op else 0)
-            # an fp32 prefill chunk (16 rows): its linears through internvl::linear_fp32_int4 where kernel allows it
-            n_gemm = 3 * LAYERS if kernel and not bf16 and rows > 8 else 0
+            # fp32 graphs: every int4 linear through internvl::linear_fp32_int4 where kernel allows it
+            n_gemm = 3 * LAYERS + 1 if kernel and not bf16 else 0
             assert r["gemm_kernel"] == n_gemm == count_targets(new, torch.ops.internvl.linear_fp32_int4.default)
             assert r["gemm_sliced"] == 3 * LAYERS + 1 - n_kernel - n_gemm
             # the slices dequantised by internvl::dequant_int4 where the kernel library may be used, else graph ops

@@ -15,8 +15,8 @@ artifact's dtype. Lowered by rows:
 - bf16 CPU linears of up to kernels.MAX_ROWS (8) rows where the target has the kernel library (kernels.min_rows(
   target): AVX512-BF16 or AVX2 + FMA, no AMX): `internvl::small_m_linear_int4(x, q, s, group, b)`,
   which widens the nibbles in registers once for all rows and scales each group's partial sum.
-- More than kernels.MAX_ROWS rows (prefill chunks) of bf16 activations on a target without native bf16, or of fp32
-  activations on any target with AVX2 + FMA: `internvl::linear_fp32_int4(x, q, s, group, b)` (kernels/fp32_gemm.cpp,
+- More than kernels.MAX_ROWS rows (prefill chunks) of bf16 activations on a target without native bf16, or any rows
+  of fp32 activations on any target with AVX2 + FMA: `internvl::linear_fp32_int4(x, q, s, group, b)` (kernels/fp32_gemm.cpp,
   the nibbles dequantised to fp32 as they are packed; kernels.gemm_takes).
 - Everything else (prefill chunks, larger batches, other targets) dequantises slices of output
   rows right before their GEMM (int8_weights' sliced GEMM, in fp32 on a target without native bf16): through the
@@ -69,7 +69,7 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, group: int = GROUP, chunk_mb:
     """native_bf16 (default: the compile target's): without it the dequantised GEMMs of bf16/fp16 graphs run in
     fp32 (fp32_gemm.py). kernel: bf16 linears of up to kernels.MAX_ROWS rows call internvl::small_m_linear_int4
     (None: the target decides; True: from 1 row on any target, for tests; False: never), and those over more rows
-    of a bf16 graph without native bf16 or of an fp32 graph internvl::linear_fp32_int4 (kernels.gemm_takes)."""
+    of a bf16 graph without native bf16 or of an fp32 graph (any rows) internvl::linear_fp32_int4 (kernels.gemm_takes)."""
     if native_bf16 is None:
         native_bf16 = current().native_bf16
     least = kernels.least_rows(kernel, current())

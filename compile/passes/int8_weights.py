@@ -19,9 +19,9 @@ and the linear's weight input becomes the dequantisation `(q.float() * s[:, None
   that reads the int8 bytes and applies `s` after the sum: decode never writes a dequantised copy.
 - bf16 graphs on a native-bf16 target, PACK_MIN_ROWS..PACK_ROWS rows (decode batches 2-8): ATen's
   weight-only int8 GEMM (`_weight_int8pack_mm`), which reads the int8 matrix once per 4 rows.
-- More than kernels.MAX_ROWS rows (prefill chunks) of bf16 activations on a target without native bf16, or of fp32
-  activations on any target with AVX2 + FMA: `internvl::linear_fp32_int8(x, q, s, b)`, kernels/fp32_gemm.cpp's GEMM,
-  which dequantises the int8 bytes to fp32 as it packs them (kernels.gemm_takes).
+- More than kernels.MAX_ROWS rows (prefill chunks) of bf16 activations on a target without native bf16, or 2+ rows
+  of fp32 activations on any target with AVX2 + FMA: `internvl::linear_fp32_int8(x, q, s, b)`, kernels/fp32_gemm.cpp's
+  GEMM, which dequantises the int8 bytes to fp32 as it packs them (kernels.gemm_takes).
 - Other linears of more rows (larger decode batches, prefill chunks) dequantise slices of at most `chunk_mb` of output rows
   into a scratch buffer and run the GEMM per slice (results concatenated): a whole dequantised
   matrix would be a fresh allocation above glibc's mmap threshold every call, whose page faults
@@ -102,8 +102,8 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
     ATen's int8 GEMM is not used. pack_min_rows..pack_rows: the rows at which bf16 linears on a
     native-bf16 target take ATen's int8 GEMM (pack_rows=0: never). kernel: bf16 linears of up to
     kernels.MAX_ROWS rows call internvl::small_m_linear_int8 (None: the target decides; True: from 1 row on
-    any target, for tests; False: never), and those over more rows of a bf16 graph without native bf16 or of an fp32
-    graph internvl::linear_fp32_int8 (kernels.gemm_takes: fp32 from the int8 bytes, instead of dequantised slices
+    any target, for tests; False: never), and those over more rows of a bf16 graph without native bf16 or over 2+ rows
+    of an fp32 graph internvl::linear_fp32_int8 (kernels.gemm_takes: fp32 from the int8 bytes, instead of dequantised slices
     through MKL's sgemm)."""
     if native_bf16 is None:
         native_bf16 = current().native_bf16
@@ -131,13 +131,13 @@ def apply(ep: ExportedProgram, scope: str = SCOPE, chunk_mb: float = 8.0, small_
                                extra_key=(x_dtype,)), before=w_node)
             ed.replace(node, lambda: _int8pack(ed, node, q_in, s_x))
             packed += 1
-        elif kernels.gemm_takes(kernel, current(), native_bf16, val(x), rows, quantized=True):
-            ed.replace(node, lambda: ed.call(kernels.op("linear_fp32_int8", current()), (x, q_in, s_in, b), like=node))
-            by_gemm += 1
         elif rows <= DECODE_ROWS:           # small_m_linear lowers it: the linear stays, over the dequantisation
             with ed.graph.inserting_before(node):
                 wd = _dequant(ed, node, q_in, s_in, x_dtype)
             node.args = (x, wd, *node.args[2:])
+        elif kernels.gemm_takes(kernel, current(), native_bf16, val(x), rows, quantized=True):
+            ed.replace(node, lambda: ed.call(kernels.op("linear_fp32_int8", current()), (x, q_in, s_in, b), like=node))
+            by_gemm += 1
         else:
             ed.replace(node, lambda: _sliced_gemm(ed, node, q_in, s_in,
                                                   small_chunk_mb if rows <= GEMM_SMALL_ROWS else chunk_mb,
