@@ -41,11 +41,29 @@ namespace {
 #ifndef INTERNVL_GEMM_KC
 #define INTERNVL_GEMM_KC 256
 #endif
+// The micro-kernel's vector: a tile row is two of them (kNR columns).
 #if defined(__AVX512F__)
-constexpr int64_t kNR = 32;   // two zmm a row of the micro-kernel's tile
+using Vec = __m512;
+constexpr int64_t kLanes = 16;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm512_load_ps(p); }
+inline Vec vset1(float v) { return _mm512_set1_ps(v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline void vstore(float* p, Vec v) { _mm512_store_ps(p, v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+using Vec = __m256;
+constexpr int64_t kLanes = 8;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm256_load_ps(p); }
+inline Vec vset1(float v) { return _mm256_set1_ps(v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline void vstore(float* p, Vec v) { _mm256_store_ps(p, v); }
 #else
-constexpr int64_t kNR = 16;   // two ymm
+constexpr int64_t kLanes = 8;
 #endif
+constexpr int64_t kNR = 2 * kLanes;
 constexpr int64_t kMR = 6, kMC = INTERNVL_GEMM_MC, kNC = INTERNVL_GEMM_NC, kKC = INTERNVL_GEMM_KC;
 static_assert(kMC % kMR == 0 && kNC % kNR == 0 && kKC % 8 == 0, "GEMM blocks: MC of whole panels, NC of micro-panels");
 
@@ -183,42 +201,24 @@ void pack_w(const W& w, int64_t K, int64_t n0, int64_t cols, float* bp) {
 
 // c[kMR][ldc] (+)= a[kc][kMR] @ b[kc][kNR]: the micro-kernel.
 inline void micro(const float* a, const float* b, int64_t kc, float* c, int64_t ldc, bool first) {
-#if defined(__AVX512F__)
-  __m512 acc[kMR][2];
-#pragma GCC unroll 6
-  for (int64_t i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k, a += kMR, b += kNR) {
-    const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
-#pragma GCC unroll 6
-    for (int64_t i = 0; i < kMR; ++i) {
-      const __m512 x = _mm512_set1_ps(a[i]);
-      acc[i][0] = _mm512_fmadd_ps(x, b0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(x, b1, acc[i][1]);
-    }
-  }
-  for (int64_t i = 0; i < kMR; ++i)
-    for (int64_t h = 0; h < 2; ++h) {
-      float* p = c + i * ldc + h * 16;
-      _mm512_store_ps(p, first ? acc[i][h] : _mm512_add_ps(_mm512_load_ps(p), acc[i][h]));
-    }
-#elif defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__)
   // 12 accumulators in registers (the loops over rows unrolled: GCC keeps the array out of memory)
-  __m256 acc[kMR][2];
+  Vec acc[kMR][2];
 #pragma GCC unroll 6
-  for (int64_t i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = vzero();
   for (int64_t k = 0; k < kc; ++k, a += kMR, b += kNR) {
-    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+    const Vec b0 = vload(b), b1 = vload(b + kLanes);
 #pragma GCC unroll 6
     for (int64_t i = 0; i < kMR; ++i) {
-      const __m256 x = _mm256_broadcast_ss(a + i);
-      acc[i][0] = _mm256_fmadd_ps(x, b0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(x, b1, acc[i][1]);
+      const Vec x = vset1(a[i]);
+      acc[i][0] = vfma(x, b0, acc[i][0]);
+      acc[i][1] = vfma(x, b1, acc[i][1]);
     }
   }
   for (int64_t i = 0; i < kMR; ++i)
     for (int64_t h = 0; h < 2; ++h) {
-      float* p = c + i * ldc + h * 8;
-      _mm256_store_ps(p, first ? acc[i][h] : _mm256_add_ps(_mm256_load_ps(p), acc[i][h]));
+      float* p = c + i * ldc + h * kLanes;
+      vstore(p, first ? acc[i][h] : vadd(vload(p), acc[i][h]));
     }
 #else
   float t[kMR][kNR] = {};
