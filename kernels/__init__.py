@@ -98,8 +98,8 @@ def gemm_takes(kernel: bool | None, target, native_bf16: bool, x, rows: int, qua
     (int8 / int4 weights), fp32 x at any rows on any target (a caller with a better one-row lowering, int8's
     reduction over the int8 bytes, takes that first). For fp32 x the op replaces dequantised slices through MKL's
     sgemm: Zen 4, int8 weights, K = 2048, N = 8192, 2 threads, M = 473 / 48: 190-214 / 168-171 GFLOP/s against
-    146-180 / 99-100; 1 thread, M = 2 / 4 / 8: 5.7 / 5.6 / 7.2 ms against 34.8 / 36.7 / 11.8 (docs/performance.md,
-    twelfth round)."""
+    146-180 / 99-100; up to 8 rows (the op's unpacked small-M loop), 2 threads, M = 2 / 4 / 8: 1.3 / 1.6 / 3.5 ms
+    against 7.4 / 9.5 / 11.0 (docs/performance.md, twelfth round)."""
     import torch
     use = gemm_kernel(target) if kernel is None else kernel
     if not use or x.device.type != "cpu":

@@ -16,6 +16,7 @@
 //   into every kMR-row panel of the row block (kMC x kKC x 4 bytes, in L2) by the micro-kernel, a 6 x kNR tile of
 //   fp32 sums in 12 vector registers (2 FMAs per broadcast element of x), added into an fp32 tile of the row block
 //   (kMC x kNC, in L2) that becomes y, + b, rounded to y's dtype, after the last slice of K.
+// Up to 8 rows of x (decode batches of fp32 graphs with QUANT) skip the packing: small_m below.
 // Built for AVX2 + FMA (6 x 16 in ymm) and AVX-512 (6 x 32 in zmm: the x86-64-v4 target, AVX-512 without native bf16
 // (Skylake-SP, Ice Lake), calls this op too, and its cores with two 512-bit FMA units do twice a ymm loop's FLOPs a
 // cycle; the packing stays ymm), else a plain loop: correct, not fast (tests only).
@@ -26,6 +27,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "blocks.h"
@@ -233,6 +235,67 @@ inline void micro(const float* a, const float* b, int64_t kc, float* c, int64_t 
 template <typename Y>
 inline Y from_float(float v) { return Y(v); }   // bf16: rounded to nearest even (c10::BFloat16)
 
+// kSmallM rows of x or fewer (the decode batches of fp32 graphs with QUANT, kernels.gemm_takes): no packing; each
+// weight row is read once for all rows of x, 8 weights at a time converted in registers (W::load8), one fp32 sum a row
+// of x. Packing every weight into fp32 panels cost more than the products there: 2B fp32 + int8, 2 threads, a decode
+// step at batch 4 / 8 348-457 / 472-561 ms packed, 199-206 / 333-375 unpacked (docs/performance.md, twelfth round).
+constexpr int64_t kSmallM = 8;
+
+template <int R, typename W>
+void small_m_rows(const float* xf, int64_t K, const W& w, int64_t n, float* sums) {
+  int64_t k = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[R];
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m) acc[m] = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    const __m256 wv = w.load8(n, k);
+#pragma GCC unroll 8
+    for (int m = 0; m < R; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xf + m * K + k), wv, acc[m]);
+  }
+  for (int m = 0; m < R; ++m) sums[m] = hsum(acc[m]);
+#else
+  for (int m = 0; m < R; ++m) sums[m] = 0.f;
+#endif
+  for (; k < K; ++k) {
+    const float wk = w.at(n, k);
+    for (int m = 0; m < R; ++m) sums[m] += xf[m * K + k] * wk;
+  }
+}
+
+template <int R, typename X, typename W>
+void small_m(const float* xf, int64_t K, const W& w, int64_t N, const X* b, X* y) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    float sums[R];
+    for (int64_t n = n0; n < n1; ++n) {
+      small_m_rows<R>(xf, K, w, n, sums);
+      for (int m = 0; m < R; ++m) y[m * N + n] = from_float<X>(sums[m] + (b ? to_float(b[n]) : 0.f));
+    }
+  });
+}
+
+template <typename X, typename W>
+void small_m_any(const X* x, int64_t M, int64_t K, const W& w, int64_t N, const X* b, X* y) {
+  const float* xf;
+  if constexpr (std::is_same_v<X, float>) {
+    xf = x;
+  } else {
+    float* t = thread_scratch<float>(0, size_t(M * K));
+    for (int64_t i = 0; i < M * K; ++i) t[i] = to_float(x[i]);
+    xf = t;
+  }
+  switch (M) {
+    case 1: return small_m<1>(xf, K, w, N, b, y);
+    case 2: return small_m<2>(xf, K, w, N, b, y);
+    case 3: return small_m<3>(xf, K, w, N, b, y);
+    case 4: return small_m<4>(xf, K, w, N, b, y);
+    case 5: return small_m<5>(xf, K, w, N, b, y);
+    case 6: return small_m<6>(xf, K, w, N, b, y);
+    case 7: return small_m<7>(xf, K, w, N, b, y);
+    default: return small_m<8>(xf, K, w, N, b, y);
+  }
+}
+
 template <typename X, typename W>
 void gemm(const X* x, int64_t M, int64_t K, const W& w, int64_t N, const X* b, X* y) {
   if (K == 0) {     // an empty sum: y = b
@@ -240,6 +303,7 @@ void gemm(const X* x, int64_t M, int64_t K, const W& w, int64_t N, const X* b, X
       for (int64_t n = 0; n < N; ++n) y[m * N + n] = b ? b[n] : from_float<X>(0.f);
     return;
   }
+  if (M <= kSmallM) return small_m_any(x, M, K, w, N, b, y);
   const int64_t panels = (M + kMR - 1) / kMR;
   float* ap = thread_scratch<float>(0, size_t(panels * kMR * K));
   pack_x(x, M, K, ap);
