@@ -84,17 +84,12 @@ def measure_gemm_flops(dtypes=("bf16", "fp32"), m: int = 1024, k: int = 2048, n:
         # then, and `gemm_rows` says so.
         probe = torch.randn(8, k).to(dt)
         for _ in range(2):                                  # the second call: past oneDNN's primitive creation
-            t0 = time.perf_counter()
-            torch.mm(probe, b)
-            probe_s = time.perf_counter() - t0
+            probe_s = _timed(torch.mm, probe, b)
         rows, best = (m, float("inf")) if probe_s * m / 8 < slow_call_s else (8, probe_s)
         if rows == m:
             a = torch.randn(m, k).to(dt)
             torch.mm(a, b)                                  # first call at this shape
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                torch.mm(a, b)
-                best = min(best, time.perf_counter() - t0)
+            best = min(_timed(torch.mm, a, b) for _ in range(repeats))
         used[name] = rows
         out[name] = round(2 * rows * k * n / best / 1e9, 1)
     return {"gemm_gflops": out, "gemm_shape": [m, k, n], "gemm_rows": used, "threads": torch.get_num_threads()}
