@@ -28,7 +28,8 @@ Order, and why:
    elsewhere small_m_linear then reads the int8 bytes in the one-row decode graphs.
  QUANT=int4: int4_weights in the same place: group-wise int4 (128 weights a scale); linears of <= 8 rows call
    internvl::small_m_linear_int4 where the target has the kernel library, the rest dequantise row slices.
-   Without native bf16, both call the library's fp32 GEMM (linear_fp32_int8 / _int4) above 8 rows.)
+   Both call the library's fp32 GEMM (linear_fp32_int8 / _int4) above 8 rows of bf16 graphs without native
+   bf16, and from 2 rows (int8; int4 from 1) of fp32 graphs.)
 6. fp32_gemm: on a CPU target without native bf16 only, the GEMM-bound ops left (linears over
    several rows, the patch-embedding conv, SDPA) of bf16/fp16 graphs compute in fp32 from
    bf16 storage: bf16 linears of more than 8 rows through the kernel library's internvl::linear_fp32
